@@ -1,0 +1,1 @@
+"""Command-line front end of steermoe (Typer): argument parsing and printing only."""

@@ -1,0 +1,40 @@
+"""Rich progress bars shared by the subcommands."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class Bar:
+    """A progress task that also shows training figures (loss, lr, samples/s) when given them."""
+
+    def __init__(self, progress: Progress, task):
+        self.progress, self.task = progress, task
+
+    def update(self, completed: int | None = None, loss: float | None = None, lr: float | None = None, sps: float | None = None) -> None:
+        parts = []
+        if loss is not None:
+            parts.append(f"loss {loss:.3f}")
+        if lr is not None:
+            parts.append(f"lr {lr:.2e}")
+        if sps is not None:
+            parts.append(f"{sps:.1f} samples/s")
+        fields = {"info": " · ".join(parts)} if parts else {}
+        self.progress.update(self.task, completed=completed, **fields)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+
+@contextlib.contextmanager
+def step_progress(console: Console, total: int, label: str = "training") -> Iterator[Bar]:
+    progress = Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+    )
+    with progress:
+        yield Bar(progress, progress.add_task(label, total=total, info=""))

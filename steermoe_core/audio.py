@@ -1,0 +1,101 @@
+"""``load_audio(path)`` -> float32 mono 16 kHz (DESIGN.md section 4).
+
+soundfile reads WAV/FLAC/OGG already at 16 kHz directly; everything else (MP3, M4A, video, other
+sample rates) goes through ffmpeg via pydub, which also does the resampling. When no ffmpeg is on
+PATH, the binary shipped in the ``imageio-ffmpeg`` wheel is used, so ``pip install`` is enough.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+SOUNDFILE_SUFFIXES = {".wav", ".flac", ".ogg", ".oga"}
+AUDIO_SUFFIXES = SOUNDFILE_SUFFIXES | {".mp3", ".m4a", ".aac", ".opus", ".wma", ".webm", ".mp4", ".mkv", ".mov", ".aiff", ".aif"}
+SILENCE_PEAK = 1e-4  # -80 dBFS: below this a clip carries nothing to transcribe
+
+
+class AudioError(ValueError):
+    """One line naming the file and what is wrong with it."""
+
+
+@functools.lru_cache(maxsize=1)
+def ffmpeg_binary() -> str:
+    on_path = shutil.which("ffmpeg")
+    if on_path:
+        return on_path
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception:
+        raise AudioError("no ffmpeg found: install ffmpeg or the imageio-ffmpeg package") from None
+
+
+def _via_soundfile(path: Path) -> np.ndarray | None:
+    """Audio if soundfile can read it at 16 kHz; None to fall through to ffmpeg."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+    except Exception:
+        return None
+    if info.samplerate != SAMPLE_RATE:
+        return None
+    try:
+        audio, _ = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as e:
+        raise AudioError(f"{path}: damaged or truncated {info.format} file ({str(e).strip().splitlines()[-1]})") from None
+    if info.frames and len(audio) < info.frames:
+        raise AudioError(f"{path}: truncated {info.format} file ({len(audio)} of {info.frames} samples)")
+    return audio.mean(axis=1)
+
+
+def _via_ffmpeg(path: Path) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from pydub import AudioSegment
+    AudioSegment.converter = ffmpeg_binary()
+    try:
+        seg = AudioSegment.from_file(str(path), parameters=["-ac", "1", "-ar", str(SAMPLE_RATE)])
+    except Exception as e:
+        detail = str(e).strip().splitlines()
+        reason = next((ln for ln in reversed(detail) if "Invalid data" in ln or "Error" in ln), detail[-1] if detail else "")
+        raise AudioError(f"{path}: not audio, or unreadable ({reason.strip()[:160]})") from None
+    samples = np.array(seg.get_array_of_samples(), dtype=np.float32)
+    samples /= float(1 << (8 * seg.sample_width - 1))
+    if seg.channels > 1:
+        samples = samples.reshape(-1, seg.channels).mean(axis=1)
+    if seg.frame_rate != SAMPLE_RATE:  # ffmpeg was asked for 16 kHz; trust but verify
+        raise AudioError(f"{path}: ffmpeg returned {seg.frame_rate} Hz instead of {SAMPLE_RATE}")
+    return samples
+
+
+def load_audio(path: str | Path, allow_silent: bool = False) -> np.ndarray:
+    """Float32 mono at 16 kHz, or an AudioError that says which file and why."""
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    audio = _via_soundfile(path)
+    if audio is None:
+        audio = _via_ffmpeg(path)
+    if audio.size == 0:
+        raise AudioError(f"{path}: contains no audio samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{path}: contains NaN or infinite samples")
+    if not allow_silent and float(np.abs(audio).max()) < SILENCE_PEAK:
+        raise AudioError(f"{path}: silent (peak below -80 dBFS)")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def is_audio_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in AUDIO_SUFFIXES

@@ -1,0 +1,289 @@
+"""Typed recipe: the TOML a user writes, loaded into dataclasses that reject anything unexpected.
+
+Every field carries its documentation in ``metadata["doc"]`` so the shipped recipes, the README and
+``steermoe train --help-recipe`` can all be generated from one place and never drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class RecipeError(ValueError):
+    """A recipe problem, phrased as one line that names the offending key."""
+
+
+def doc(default: Any, text: str, **kw: Any) -> Any:
+    """A dataclass field with its documentation attached (mutable defaults handled)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": text, **kw})
+    return field(default=default, metadata={"doc": text, **kw})
+
+
+@dataclass
+class EncoderConfig:
+    kind: Literal["whisper", "conformer"] = doc("whisper", "Audio encoder family.")
+    path: str = doc("openai/whisper-large-v3", "Hub id, local HF folder, or faster-whisper/CTranslate2 folder (model.bin + config.json).")
+    trim_padding: bool = doc(True, "Encode only the real frames instead of Whisper's fixed 30 s (masked inside a batch).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen encoder weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+
+
+@dataclass
+class LLMConfig:
+    path: str = doc("Qwen/Qwen2.5-7B-Instruct", "Hub id, local HF folder, or a .gguf file (dequantised to a dense module).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
+    trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")
+
+
+@dataclass
+class SteeringConfig:
+    placement: Literal["layer_wise", "post_encoder", "none"] = doc("layer_wise", "layer_wise = SteerMoE; post_encoder = one steering MoE after the last layer; none = linear adapter only.")
+    router: Literal["shared", "per_layer"] = doc("shared", "shared = one Linear(D, L*E) sliced per layer (the paper); per_layer = L separate Linear(D, E).")
+    num_experts: int = doc(8, "Steering vectors per layer (E).", min=1)
+    top_k: int = doc(0, "Keep only the k largest gates and renormalise; 0 = dense softmax.", min=0)
+    temperature: float = doc(1.0, "Softmax temperature of the router.", gt=0.0)
+    scale_init: float = doc(0.1, "Initial per-layer steering scale s_l.")
+    vector_init_std: float = doc(0.01, "Std of the N(0, std^2) init of the steering vectors.", min=0.0)
+    load_balance_weight: float = doc(0.0, "Weight of the Switch-style load-balancing auxiliary loss.", min=0.0)
+    z_loss_weight: float = doc(0.0, "Weight of the router z-loss (mean squared logsumexp of router logits).", min=0.0)
+
+
+@dataclass
+class ProjectorConfig:
+    pooling: Literal["avg", "max", "stack"] = doc("avg", "How k encoder frames become one audio token; stack concatenates (D*k -> H).")
+    stride: int = doc(4, "Frames per audio token (4: Whisper's 50 Hz -> 12.5 Hz).", min=1)
+
+
+@dataclass
+class ModelConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    steering: SteeringConfig = field(default_factory=SteeringConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class DataConfig:
+    train: str = doc("", "Prepared dataset folder for training (Parquet shards + manifest.json).")
+    valid: str = doc("", "Prepared dataset folder for validation; empty = no validation.")
+    prompt: str = doc("Transcribe the audio.", "Prompt used when an example has no prompt of its own.")
+    batch_size: int = doc(8, "Examples per micro-batch.", min=1)
+    max_batch_seconds: float = doc(0.0, "If > 0, cap on summed audio seconds per micro-batch (length-bucketed batches).", min=0.0)
+    max_duration: float = doc(30.0, "Training clips longer than this (seconds) are skipped and counted.", gt=0.0, max=30.0)
+    max_target_tokens: int = doc(256, "Targets are truncated to this many tokens.", min=1)
+    num_workers: int = doc(2, "DataLoader worker processes decoding FLAC.", min=0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = doc(1000, "Optimizer steps to run.", min=1)
+    lr: float = doc(1e-3, "Base learning rate (AdamW).", gt=0.0)
+    lr_steering: float = doc(0.0, "LR of the steering vectors; 0 = use lr.", min=0.0)
+    lr_router: float = doc(0.0, "LR of the router; 0 = use lr.", min=0.0)
+    lr_scales: float = doc(0.0, "LR of the per-layer scales; 0 = use lr.", min=0.0)
+    lr_projector: float = doc(0.0, "LR of the projector; 0 = use lr.", min=0.0)
+    weight_decay: float = doc(0.0, "AdamW weight decay (projector weights only).", min=0.0)
+    betas: list[float] = doc([0.9, 0.999], "AdamW betas.")
+    warmup_steps: int = doc(100, "Linear warmup steps before the cosine decay.", min=0)
+    min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
+    grad_accum: int = doc(1, "Micro-batches per optimizer step.", min=1)
+    clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
+    precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Autocast precision for the forward pass; the adapter keeps fp32 master weights.")
+    gradient_checkpointing: bool = doc(False, "Recompute LLM activations in the backward pass (saves memory, costs time).")
+    compile: bool = doc(False, "torch.compile the encoder layers and LLM.")
+    seed: int = doc(0, "Seed for init, data order and dropout-free determinism.")
+    device: str = doc("auto", "auto, cpu, cuda or cuda:N.")
+    log_every: int = doc(10, "Steps between metric lines.", min=1)
+    eval_every: int = doc(0, "Steps between validations; 0 = only at the end.", min=0)
+    save_every: int = doc(0, "Steps between checkpoints; 0 = only at the end.", min=0)
+
+
+@dataclass
+class EvalConfig:
+    metric: Literal["wer", "cer", "qa"] = doc("wer", "Headline metric: wer (English normaliser), cer (Chinese rules) or qa.")
+    batch_size: int = doc(8, "Examples per generation batch.", min=1)
+    max_new_tokens: int = doc(128, "Generation budget per example.", min=1)
+    num_beams: int = doc(1, "1 = greedy; >1 = beam search.", min=1)
+    max_examples: int = doc(0, "0 = the full set; >0 = the first N (quick checks during training).", min=0)
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage when --gpus > 1 (3 also shards the frozen backbones).", min=0, max=3)
+    backend: Literal["deepspeed", "ddp"] = doc("deepspeed", "Multi-device launcher: deepspeed, or torchrun/DDP (gloo on CPU).")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(c) for c in typing.get_args(hint))
+            raise RecipeError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint)
+        return [_check_value(f"{key}[{i}]", v, item, {}) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+    if "min" in meta and value < meta["min"]:
+        raise RecipeError(f"{key}: {value!r} is below the minimum {meta['min']}")
+    if "max" in meta and value > meta["max"]:
+        raise RecipeError(f"{key}: {value!r} is above the maximum {meta['max']}")
+    if "gt" in meta and not value > meta["gt"]:
+        raise RecipeError(f"{key}: {value!r} must be greater than {meta['gt']}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise RecipeError(f"{key}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _check_value(key, value, hint, dict(fields[name].metadata))
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item}: expected key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings need no quotes on the command line
+    return key.strip().split("."), value
+
+
+def recipe_from_dict(data: dict, overrides: list[str] | None = None) -> Recipe:
+    """Validate a nested dict (plus ``key=value`` overrides) into a Recipe."""
+    data = _deep_copy(data)
+    for item in overrides or []:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item}: {part} is not a table")
+        node[path[-1]] = value
+    recipe = _build(Recipe, data, "")
+    _check_consistency(recipe)
+    return recipe
+
+
+def _deep_copy(d: Any) -> Any:
+    return {k: _deep_copy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def _check_consistency(r: Recipe) -> None:
+    if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):
+        raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {r.train.betas}")
+    if r.model.steering.top_k > r.model.steering.num_experts:
+        raise RecipeError(
+            f"model.steering.top_k: {r.model.steering.top_k} exceeds model.steering.num_experts "
+            f"({r.model.steering.num_experts})"
+        )
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a TOML recipe; every problem becomes a one-line RecipeError naming file and key."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: no such recipe file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    try:
+        return recipe_from_dict(data, overrides)
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as TOML, with each field's documentation as a comment."""
+    lines: list[str] = []
+
+    def emit(obj: Any, prefix: str) -> None:
+        scalars = [f for f in dataclasses.fields(obj) if not dataclasses.is_dataclass(getattr(obj, f.name))]
+        if scalars:
+            lines.append(f"[{prefix}]")
+            for f in scalars:
+                lines.append(f"# {f.metadata.get('doc', '')}")
+                lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
+            lines.append("")
+        for f in dataclasses.fields(obj):
+            sub = getattr(obj, f.name)
+            if dataclasses.is_dataclass(sub):
+                emit(sub, f"{prefix}.{f.name}" if prefix else f.name)
+
+    emit(recipe, "")
+    return "\n".join(lines)
+
+
+def iter_fields(cls: type = Recipe, prefix: str = "") -> typing.Iterator[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every leaf field: used by --help output and docs."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from iter_fields(hints[f.name], key)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield key, default, f.metadata.get("doc", "")
+

@@ -1,0 +1,188 @@
+"""SteerMoE end to end: frozen encoder -> steering -> pool -> projector -> frozen LLM.
+
+The model takes raw 16 kHz waveforms: log-mel features are computed on the model's device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .encoders.whisper import encode, final_norm, whisper_dims
+from .features import MAX_FRAMES, batch_log_mel, num_frames
+from .prompt import PromptLayout, source_index
+from .steering import SteeringMoE, pool_frames, pooled_lengths
+
+
+@dataclass
+class AudioBatch:
+    waves: torch.Tensor  # (B, S) float32, right-padded with zeros
+    lengths: torch.Tensor  # (B,) samples, on the host
+    prompts: list[str]
+    targets: list[str] | None = None
+
+
+class SteerMoEModel(nn.Module):
+    def __init__(self, encoder: nn.Module, llm: nn.Module, tokenizer, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.llm, self.tokenizer = encoder, llm, tokenizer
+        self.layout = PromptLayout(tokenizer)
+        layers, dim, self.n_mels = whisper_dims(encoder)
+        place = cfg.steering.placement
+        self.steering = None if place == "none" else SteeringMoE(layers if place == "layer_wise" else 1, dim, cfg.steering)
+        k = cfg.projector.stride
+        in_dim = dim * k if cfg.projector.pooling == "stack" else dim
+        self.projector = nn.Linear(in_dim, llm.get_input_embeddings().embedding_dim)
+        self.max_target_tokens = 256
+        self.grad_checkpointing = False
+
+    # -- training-mode bookkeeping: the backbones never leave eval mode (no dropout, ever) --
+    def train(self, mode: bool = True) -> SteerMoEModel:
+        super().train(mode)
+        self.encoder.eval()
+        self.llm.train(mode and self.grad_checkpointing)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """HF checkpoints only modules in training mode; our LLMs have no active dropout, so it is safe."""
+        for key in ("attention_dropout", "hidden_dropout", "dropout"):
+            if getattr(self.llm.config, key, 0.0):
+                setattr(self.llm.config, key, 0.0)
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.grad_checkpointing = True
+
+    def adapter_modules(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in (("steering", self.steering), ("projector", self.projector)) if m is not None}
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v.detach() for name, m in self.adapter_modules().items() for k, v in m.state_dict().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_state_dict()
+        missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or extra:
+            raise ValueError(f"adapter weights do not match the recipe (missing {missing[:3]}, unexpected {extra[:3]})")
+        for k, v in state.items():
+            if own[k].shape != v.shape:
+                raise ValueError(f"adapter weight {k}: shape {tuple(v.shape)} but the recipe builds {tuple(own[k].shape)}")
+        for name, m in self.adapter_modules().items():
+            m.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Named groups so each can take its own learning rate."""
+        groups = {"projector": list(self.projector.parameters())}
+        if self.steering is not None:
+            groups["steering_vectors"] = [self.steering.vectors]
+            groups["router"] = list(self.steering.router.parameters())
+            groups["scales"] = [self.steering.scales]
+        return groups
+
+    def parameter_counts(self) -> dict[str, int]:
+        counts = {k: sum(p.numel() for p in ps) for k, ps in self.parameter_groups().items()}
+        order = ["steering_vectors", "router", "scales", "projector"]
+        out = {k: counts.get(k, 0) for k in order}
+        out["total"] = sum(out.values())
+        return out
+
+    # -- audio side --
+    def audio_token_counts(self, lengths: torch.Tensor) -> list[int]:
+        """Audio tokens per clip, from sample counts alone (host arithmetic, no device sync)."""
+        k = self.cfg.projector.stride
+        if not self.cfg.encoder.trim_padding:
+            return [pooled_lengths(torch.tensor(MAX_FRAMES // 2), k).item()] * len(lengths)
+        frames = torch.tensor([min(num_frames(int(n)), MAX_FRAMES) for n in lengths])
+        return pooled_lengths((frames + 1) // 2, k).tolist()
+
+    def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, T', H) audio embeddings (padded positions are garbage-free zeros)."""
+        trim = self.cfg.encoder.trim_padding
+        feats, frames = batch_log_mel(waves, lengths, self.n_mels, pad_to=None if trim else MAX_FRAMES)
+        place = self.cfg.steering.placement
+        hook = self.steering if place == "layer_wise" else None
+        x, mask = encode(self.encoder, feats, frames, trim_padding=trim, hook=hook)
+        if place == "post_encoder":
+            x = self.steering(0, x, mask)
+        z = final_norm(self.encoder, x)
+        pooled, _ = pool_frames(z, mask, self.cfg.projector.stride, self.cfg.projector.pooling)
+        return self.projector(pooled)
+
+    def _embed(self, batch: AudioBatch, targets: list[str] | None):
+        audio = self.encode_audio(batch.waves, batch.lengths)
+        n_audio = self.audio_token_counts(batch.lengths)
+        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens)
+        dev = audio.device
+        emb_layer = self.llm.get_input_embeddings()
+        embeds = emb_layer(lb.input_ids.to(dev))
+        b, s, h = embeds.shape
+        src = audio.reshape(-1, h).index_select(0, source_index(n_audio, audio.shape[1]).to(dev))
+        flat = embeds.reshape(-1, h).index_copy(0, lb.audio_index.to(dev), src.to(embeds.dtype))
+        return flat.view(b, s, h), lb
+
+    # -- training loss --
+    def forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
+        """Cross-entropy on target tokens only: logits are never formed for prompt or audio positions."""
+        if batch.targets is None:
+            raise ValueError("forward() needs targets; use generate() for inference")
+        if self.steering is not None:
+            self.steering.reset_aux()
+        embeds, lb = self._embed(batch, batch.targets)
+        dev = embeds.device
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=lb.attention_mask.to(dev), use_cache=False)
+        hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, lb.target_index.to(dev))
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        ce = F.cross_entropy(logits, lb.target_labels.to(dev))
+        aux = self.steering.aux_loss if self.steering is not None and self.steering.aux_loss is not None else None
+        loss = ce if aux is None else ce + aux
+        return {"loss": loss, "ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
+
+    # -- inference --
+    @torch.no_grad()
+    def generate(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1) -> list[str]:
+        """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn."""
+        from transformers import GenerationConfig
+
+        embeds, lb = self._embed(batch, None)
+        gen = GenerationConfig(
+            do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            eos_token_id=self.layout.stop_ids, pad_token_id=self.layout.pad_id,
+            temperature=None, top_p=None, top_k=None, use_cache=True,
+        )
+        ids = self.llm.generate(
+            inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device), generation_config=gen
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16/fp16 autocast on the model's device; fp32 means no autocast."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def backbone_identity(model: SteerMoEModel) -> dict:
+    """What a checkpoint must match: backbone paths, shape-defining config, and a weight fingerprint."""
+    ec, lc = model.encoder.config, model.llm.config
+    enc = {k: getattr(ec, k, None) for k in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins")}
+    llm = {k: getattr(lc, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+
+    def fingerprint(t: torch.Tensor) -> str:  # rounded to bf16: the same weights in any load dtype
+        return hashlib.sha256(t.detach().flatten()[:4096].to(torch.bfloat16).float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+    return {
+        "encoder": {"path": model.cfg.encoder.path, "config": enc, "config_hash": _hash(enc), "weights": fingerprint(model.encoder.conv1.weight)},
+        "llm": {"path": model.cfg.llm.path, "config": llm, "config_hash": _hash(llm), "weights": fingerprint(model.llm.get_input_embeddings().weight)},
+    }
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

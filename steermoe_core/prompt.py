@@ -1,0 +1,125 @@
+"""How an example becomes one LLM sequence (DESIGN.md section 3).
+
+    [chat prefix ... user turn: ] [audio tokens] [\\n prompt, end of user turn, assistant header] [target <eot>]
+
+The chat template is rendered as text around a placeholder, split there, and each side tokenised
+once per distinct prompt. Audio embeddings are later written into the placeholder's positions.
+Everything here is host-side bookkeeping: the indices it returns let the device splice embeddings
+and pick target positions without a single data-dependent sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PLACEHOLDER = "<|steermoe_audio|>"
+_MARK = "STEERMOEANSWERMARK"
+
+
+@dataclass
+class LLMBatch:
+    input_ids: torch.Tensor  # (B, S); audio positions hold the pad id
+    attention_mask: torch.Tensor  # (B, S) 1 = real token (audio included)
+    audio_index: torch.Tensor  # flat positions in B*S that receive audio embeddings, example-major
+    target_index: torch.Tensor  # flat positions whose hidden state predicts a target token
+    target_labels: torch.Tensor  # the token each of those positions must predict
+    labels: torch.Tensor  # (B, S) -100 except target and end-of-turn tokens (for HF-style losses)
+
+
+class PromptLayout:
+    """Per-tokenizer state: the template pieces, cached per prompt, and the end-of-turn token."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.chat = bool(getattr(tokenizer, "chat_template", None))
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eot_id = self._end_of_turn()
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _end_of_turn(self) -> int:
+        if self.chat:
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+            text = self.tok.apply_chat_template(msgs, tokenize=False)
+            rest = text.split(_MARK, 1)[1] if _MARK in text else ""
+            ids = self._encode(rest)
+            if ids and ids[0] in set(self.tok.all_special_ids):
+                return ids[0]
+        if self.tok.eos_token_id is None:
+            raise ValueError("the LLM's tokenizer has neither a chat template end-of-turn nor an eos token")
+        return self.tok.eos_token_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        ids = [self.eot_id]
+        if self.tok.eos_token_id is not None and self.tok.eos_token_id != self.eot_id:
+            ids.append(self.tok.eos_token_id)
+        return ids
+
+    def around_audio(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the audio for a given prompt."""
+        if prompt not in self._cache:
+            if self.chat:
+                msgs = [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}]
+                text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+                pre, post = text.split(PLACEHOLDER, 1)
+                self._cache[prompt] = (self._encode(pre), self._encode(post))
+            else:
+                bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+                self._cache[prompt] = (bos + self._encode("Audio:"), self._encode(f"\n{prompt}\nAnswer:"))
+        return self._cache[prompt]
+
+    def target_ids(self, text: str, max_tokens: int) -> list[int]:
+        return self._encode(text)[:max_tokens] + [self.eot_id]
+
+    def build(
+        self,
+        n_audio: list[int],
+        prompts: list[str],
+        targets: list[str] | None = None,
+        max_target_tokens: int = 256,
+    ) -> LLMBatch:
+        """Training batches (targets given) are right-padded; generation batches are left-padded.
+
+        ``audio_index`` pairs, token for token, with ``source_index`` over the pooled audio tensor.
+        """
+        rows, audio_spans, tgt_spans = [], [], []
+        for i, (n, p) in enumerate(zip(n_audio, prompts)):
+            pre, post = self.around_audio(p)
+            tgt = self.target_ids(targets[i], max_target_tokens) if targets is not None else []
+            rows.append(pre + [self.pad_id] * n + post + tgt)
+            audio_spans.append((len(pre), n))
+            tgt_spans.append((len(pre) + n + len(post), len(tgt)))
+        width = max(len(r) for r in rows)
+        b = len(rows)
+        ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        labels = torch.full((b, width), -100, dtype=torch.long)
+        audio_index, target_index, target_labels = [], [], []
+        for i, r in enumerate(rows):
+            off = 0 if targets is not None else width - len(r)  # left padding for generation
+            ids[i, off : off + len(r)] = torch.tensor(r)
+            mask[i, off : off + len(r)] = 1
+            a0, n = audio_spans[i]
+            audio_index.extend(range(i * width + off + a0, i * width + off + a0 + n))
+            t0, nt = tgt_spans[i]
+            if nt:
+                labels[i, off + t0 : off + t0 + nt] = torch.tensor(r[t0 : t0 + nt])
+                target_index.extend(range(i * width + off + t0 - 1, i * width + off + t0 + nt - 1))
+                target_labels.extend(r[t0 : t0 + nt])
+        return LLMBatch(
+            input_ids=ids, attention_mask=mask,
+            audio_index=torch.tensor(audio_index, dtype=torch.long),
+            target_index=torch.tensor(target_index, dtype=torch.long),
+            target_labels=torch.tensor(target_labels, dtype=torch.long),
+            labels=labels,
+        )
+
+
+def source_index(n_audio: list[int], stride: int) -> torch.Tensor:
+    """Flat indices of the real audio tokens inside a (B, stride, H) pooled tensor, example-major."""
+    return torch.tensor([i * stride + j for i, n in enumerate(n_audio) for j in range(n)], dtype=torch.long)

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random backbones on disk and a tiny prepared dataset, built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from steermoe_core.config import recipe_from_dict  # noqa: E402
+from steermoe_core.prep.shards import Row, write_manifest, write_shard  # noqa: E402
+from steermoe_core.random_backbones import write_llm, write_whisper  # noqa: E402
+
+TEXTS = ["hello world", "good morning", "the quick brown fox", "one two three"]
+
+
+def tone_clip(idx: int, seconds: float = 1.0) -> np.ndarray:
+    """A distinct, deterministic chord per utterance: enough for a tiny model to tell clips apart."""
+    t = np.arange(int(16_000 * seconds)) / 16_000
+    freqs = [200 + 150 * idx, 900 + 310 * idx, 2500 - 170 * idx]
+    wave = sum(np.sin(2 * np.pi * f * t) for f in freqs) / 4
+    return (wave * np.hanning(len(t)) ** 0.1).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("backbones")
+    return {"whisper": write_whisper(root / "whisper"), "llm": write_llm(root / "llm", init_std=0.2)}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "tones"
+    out.mkdir()
+    rows = [Row(f"utt{i}", tone_clip(i, 0.8 + 0.3 * i), TEXTS[i]) for i in range(len(TEXTS))]
+    info = write_shard(rows, out / "shard-00000.parquet")
+    write_manifest(out, "test", "train", {"shard-00000.parquet": info}, [])
+    return out
+
+
+def tiny_recipe_dict(backbones: dict[str, Path], data: Path | None = None) -> dict:
+    return {
+        "model": {
+            "encoder": {"path": str(backbones["whisper"])},
+            "llm": {"path": str(backbones["llm"])},
+            "steering": {"num_experts": 4},
+        },
+        "data": {"train": str(data or ""), "valid": str(data or ""), "batch_size": 4, "num_workers": 0},
+        "train": {"max_steps": 80, "lr": 3e-2, "warmup_steps": 5, "precision": "fp32", "log_every": 10, "device": "cpu"},
+        "eval": {"batch_size": 4, "max_new_tokens": 12},
+    }
+
+
+@pytest.fixture()
+def tiny_recipe(backbones, tiny_data):
+    return recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
