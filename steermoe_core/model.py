@@ -186,3 +186,20 @@ def backbone_identity(model: SteerMoEModel) -> dict:
 
 def _hash(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def count_adapter_parameters(num_layers: int, dim: int, hidden: int, cfg: ModelConfig) -> dict[str, int]:
+    """The parameter breakdown for any backbone shapes, without loading a backbone (meta tensors)."""
+    with torch.device("meta"):
+        place = cfg.steering.placement
+        steer = None if place == "none" else SteeringMoE(num_layers if place == "layer_wise" else 1, dim, cfg.steering)
+        k = cfg.projector.stride
+        proj = nn.Linear(dim * k if cfg.projector.pooling == "stack" else dim, hidden)
+    out = {
+        "steering_vectors": steer.vectors.numel() if steer else 0,
+        "router": sum(p.numel() for p in steer.router.parameters()) if steer else 0,
+        "scales": steer.scales.numel() if steer else 0,
+        "projector": sum(p.numel() for p in proj.parameters()),
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,52 @@
+"""Our Whisper forward: equal to HF's at 30 s, and with trim_padding a clip is unchanged by its batch."""
+
+import numpy as np
+import torch
+from transformers import WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from conftest import tone_clip
+from steermoe_core.encoders.whisper import encode, load_whisper_encoder
+from steermoe_core.features import batch_log_mel, log_mel
+
+
+def test_features_match_whisper_feature_extractor():
+    audio = tone_clip(1, 2.0)
+    ref = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="np").input_features[0]
+    padded = np.zeros(480_000, np.float32)
+    padded[: len(audio)] = audio
+    ours = log_mel(torch.from_numpy(padded), 80).numpy()
+    assert ours.shape == ref.shape == (80, 3000)
+    np.testing.assert_allclose(ours, ref, atol=2e-3)
+
+
+def test_full_30s_forward_equals_hf_encoder(backbones):
+    enc = load_whisper_encoder(str(backbones["whisper"]), torch.float32)
+    hf = WhisperEncoder(enc.config)
+    hf.load_state_dict(enc.state_dict())
+    hf.eval()
+    torch.manual_seed(0)
+    feats = torch.randn(2, 80, 3000)
+    ours, mask = encode(enc, feats, torch.tensor([3000, 3000]), trim_padding=False)
+    ours = enc.layer_norm(ours)
+    ref = hf(feats).last_hidden_state
+    assert mask.all()
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_trimmed_clip_is_the_same_alone_and_beside_a_longer_clip(backbones):
+    enc = load_whisper_encoder(str(backbones["whisper"]), torch.float32)
+    short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
+    waves = torch.zeros(2, len(long_))
+    waves[0, : len(short)] = torch.from_numpy(short)
+    waves[1] = torch.from_numpy(long_)
+    feats, frames = batch_log_mel(waves, torch.tensor([len(short), len(long_)]), 80)
+    batched, mask = encode(enc, feats, frames, trim_padding=True)
+    f1, n1 = batch_log_mel(torch.from_numpy(short)[None], torch.tensor([len(short)]), 80)
+    alone, mask1 = encode(enc, f1, n1, trim_padding=True)
+    t = alone.shape[1]
+    assert int(mask[0].sum()) == t == (len(short) // 160 + 1) // 2
+    torch.testing.assert_close(batched[0, :t], alone[0], atol=1e-5, rtol=1e-4)
+    # without the mask the padding would leak into the short clip's frames
+    unmasked, _ = encode(enc, feats, torch.tensor([frames[1], frames[1]]), trim_padding=True)
+    assert (unmasked[0, :t] - alone[0]).abs().max() > 1e-3

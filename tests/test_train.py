@@ -1,0 +1,145 @@
+"""Training on tiny random backbones: what trains, what must not change, and that it learns."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from steermoe_cli.main import app
+from steermoe_core.builder import build_model
+from steermoe_core.checkpoint import load_checkpoint
+from steermoe_core.evaluate import evaluate
+from steermoe_core.train import Callbacks, make_optimizer, train
+
+
+@pytest.fixture(scope="module")
+def trained(backbones, tiny_data, tmp_path_factory):
+    from conftest import tiny_recipe_dict
+    from steermoe_core.config import recipe_from_dict
+
+    recipe = recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
+    untrained = build_model(recipe.model, torch.device("cpu"), recipe.train.seed)
+    before = {k: v.clone() for k, v in untrained.state_dict().items()}
+    base = evaluate(untrained, tiny_data, recipe)
+    out = tmp_path_factory.mktemp("run")
+    result = train(recipe, out)
+    return {"recipe": recipe, "out": out, "result": result, "before": before, "untrained_wer": base["wer"]}
+
+
+def test_loss_falls_by_more_than_half_and_wer_drops(trained, tiny_data):
+    losses = [r["loss"] for r in trained["result"].history if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0], losses
+    model, recipe, _ = load_checkpoint(trained["result"].model_dir)
+    wer = evaluate(model, tiny_data, recipe)["wer"]
+    assert trained["untrained_wer"] >= 0.9
+    assert wer <= 0.25 < trained["untrained_wer"], (wer, trained["untrained_wer"])
+
+
+def test_only_the_adapter_changes_backbones_bit_identical(trained):
+    model, _, _ = load_checkpoint(trained["result"].model_dir)
+    after = model.state_dict()
+    changed = {k for k, v in trained["before"].items() if not torch.equal(v, after[k])}
+    assert changed == {"steering.vectors", "steering.scales", "steering.router.weight", "steering.router.bias", "projector.weight", "projector.bias"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == changed
+
+
+def test_backbone_gradients_are_never_computed(backbones, tiny_data):
+    from conftest import tiny_recipe_dict
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.data import ShardedDataset, collate
+
+    recipe = recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
+    model = build_model(recipe.model, torch.device("cpu")).train()
+    ds = ShardedDataset(tiny_data)
+    model(collate([ds[i] for i in range(len(ds))], "Transcribe the audio."))["loss"].backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {n for n, p in model.named_parameters() if n.startswith(("steering.", "projector."))}
+    assert not model.encoder.training and not model.llm.training
+
+
+def test_checkpoint_is_small_and_reloads_to_identical_generations(trained, tiny_data):
+    ckpt = trained["result"].model_dir
+    assert (ckpt / "adapter.safetensors").stat().st_size < 100_000
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["parameters"]["total"] == sum(v for k, v in meta["parameters"].items() if k != "total")
+    assert meta["backbones"]["llm"]["config"]["hidden_size"] == 64
+    a, recipe, _ = load_checkpoint(ckpt)
+    b, _, _ = load_checkpoint(ckpt)
+    from steermoe_core.evaluate import predict_dataset
+    from steermoe_core.data import ShardedDataset
+
+    ds = ShardedDataset(tiny_data)
+    pa = [p["prediction"] for p in predict_dataset(a, ds, recipe)]
+    pb = [p["prediction"] for p in predict_dataset(b, ds, recipe)]
+    assert pa == pb and any(pa)
+
+
+def test_checkpoint_refuses_other_backbones(trained, tmp_path):
+    from steermoe_core.checkpoint import CheckpointError
+    from steermoe_core.random_backbones import write_llm
+
+    other = write_llm(tmp_path / "other", init_std=0.2, seed=5)
+    with pytest.raises(CheckpointError, match="llm weights differ"):
+        load_checkpoint(trained["result"].model_dir, overrides=[f"model.llm.path={other}"])
+
+
+def test_per_group_learning_rates_apply(tiny_recipe):
+    tiny_recipe.train.lr_router = 0.5
+    tiny_recipe.train.lr_scales = 0.25
+    model = build_model(tiny_recipe.model, torch.device("cpu"))
+    opt = make_optimizer(model, tiny_recipe.train, torch.device("cpu"))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"projector": 3e-2, "steering_vectors": 3e-2, "router": 0.5, "scales": 0.25}
+    # one SGD-like Adam step moves each group by its own lr (Adam's first step is lr * sign(grad))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.ones_like(p)
+    before = model.steering.scales.detach().clone(), model.steering.router.bias.detach().clone()
+    opt.step()
+    torch.testing.assert_close(before[0] - model.steering.scales, torch.full_like(before[0], 0.25), atol=1e-4, rtol=0)
+    torch.testing.assert_close(before[1] - model.steering.router.bias, torch.full_like(before[1], 0.5), atol=1e-4, rtol=0)
+
+
+def test_resume_continues_from_the_checkpoint(backbones, tiny_data, tmp_path):
+    from conftest import tiny_recipe_dict
+    from steermoe_core.config import recipe_from_dict
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["train"].update(max_steps=20, save_every=10, log_every=5)
+    d["data"]["valid"] = ""
+    full = train(recipe_from_dict(d), tmp_path / "full")
+
+    def kill(path):
+        raise KeyboardInterrupt  # killed right after the step-10 checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe_from_dict(d), tmp_path / "part", callbacks=Callbacks(on_save=kill))
+    resumed = train(recipe_from_dict(d), tmp_path / "part", resume=True)
+    assert [r["step"] for r in resumed.history] == [15, 20]
+    a = load_checkpoint(full.model_dir)[0].adapter_state_dict()
+    b = load_checkpoint(resumed.model_dir)[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_train_then_eval(backbones, tiny_data, tmp_path):
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny_random.toml"
+    sets = [f"model.encoder.path={backbones['whisper']}", f"model.llm.path={backbones['llm']}",
+            f"data.train={tiny_data}", f"data.valid={tiny_data}"]
+    runner = CliRunner()
+    args = ["train", str(recipe), "--out", str(tmp_path / "run")]
+    r = runner.invoke(app, args + [x for s in sets for x in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "model" / "adapter.safetensors").exists()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["step"] == 10 and "samples_per_s" in lines[0]
+    preds = tmp_path / "preds.jsonl"
+    r = runner.invoke(app, ["eval", str(tmp_path / "run" / "model"), "--data", str(tiny_data), "--json", "--predictions", str(preds)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["examples"] == 4 and summary["wer"] <= 0.25
+    assert len(preds.read_text().splitlines()) == 4
