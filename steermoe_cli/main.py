@@ -31,6 +31,8 @@ def friendly(fn):
 
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # click's Exit is a RuntimeError: let deliberate exit codes through
+            raise
         except USER_ERRORS as e:
             if os.environ.get("STEERMOE_DEBUG"):
                 raise

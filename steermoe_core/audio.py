@@ -1,15 +1,18 @@
 """``load_audio(path)`` -> float32 mono 16 kHz (DESIGN.md section 4).
 
 soundfile reads WAV/FLAC/OGG already at 16 kHz directly; everything else (MP3, M4A, video, other
-sample rates) goes through ffmpeg via pydub, which also does the resampling. When no ffmpeg is on
-PATH, the binary shipped in the ``imageio-ffmpeg`` wheel is used, so ``pip install`` is enough.
+sample rates) is decoded and resampled by ffmpeg. When no ffmpeg is on PATH, the binary shipped in
+the ``imageio-ffmpeg`` wheel is used, so ``pip install`` is enough. ffmpeg is called directly, as
+Whisper does, rather than through pydub: pydub probes every non-WAV file with ``ffprobe``, which
+that wheel does not ship, so it would fail on exactly the machines this fallback exists for.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import shutil
-import warnings
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -57,23 +60,18 @@ def _via_soundfile(path: Path) -> np.ndarray | None:
 
 
 def _via_ffmpeg(path: Path) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pydub import AudioSegment
-    AudioSegment.converter = ffmpeg_binary()
-    try:
-        seg = AudioSegment.from_file(str(path), parameters=["-ac", "1", "-ar", str(SAMPLE_RATE)])
-    except Exception as e:
-        detail = str(e).strip().splitlines()
-        reason = next((ln for ln in reversed(detail) if "Invalid data" in ln or "Error" in ln), detail[-1] if detail else "")
-        raise AudioError(f"{path}: not audio, or unreadable ({reason.strip()[:160]})") from None
-    samples = np.array(seg.get_array_of_samples(), dtype=np.float32)
-    samples /= float(1 << (8 * seg.sample_width - 1))
-    if seg.channels > 1:
-        samples = samples.reshape(-1, seg.channels).mean(axis=1)
-    if seg.frame_rate != SAMPLE_RATE:  # ffmpeg was asked for 16 kHz; trust but verify
-        raise AudioError(f"{path}: ffmpeg returned {seg.frame_rate} Hz instead of {SAMPLE_RATE}")
-    return samples
+    cmd = [ffmpeg_binary(), "-nostdin", "-v", "error", "-threads", "0", "-i", str(path),
+           "-map", "0:a:0", "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
+    proc = subprocess.run(cmd, capture_output=True)
+    if proc.returncode != 0:
+        # drop ffmpeg's "[demuxer @ 0x55...]" prefixes: the message must not vary from run to run
+        text = re.sub(r"\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", proc.stderr.decode(errors="replace"))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "Invalid data" in ln), lines[-1] if lines else f"ffmpeg exit code {proc.returncode}")
+        if "matches no streams" in reason:
+            reason = "no audio stream"
+        raise AudioError(f"{path}: not audio, or unreadable ({reason[-160:]})")
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
 
 
 def load_audio(path: str | Path, allow_silent: bool = False) -> np.ndarray:

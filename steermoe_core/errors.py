@@ -12,8 +12,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .checkpoint import CheckpointError
     from .config import RecipeError
     from .data import DataError
+    from .prep.sources import SourceError
 
-    return (UsageError, RecipeError, DataError, CheckpointError, AudioError, FileNotFoundError, NotImplementedError, RuntimeError, ValueError)
+    return (UsageError, RecipeError, DataError, CheckpointError, AudioError, SourceError, FileNotFoundError, NotImplementedError, RuntimeError, ValueError)
 
 
 USER_ERRORS = _user_errors()

@@ -22,10 +22,11 @@ SAMPLE_RATE = 16_000
 @dataclass
 class Row:
     id: str
-    audio: np.ndarray  # float32 mono 16 kHz
+    audio: np.ndarray | bytes  # float32 mono 16 kHz, or FLAC bytes already in the stored format
     text: str
     prompt: str | None = None
     language: str | None = None
+    extra: dict | None = None  # source-specific (ClothoAQA: every answer with its confidence)
 
 
 def encode_flac(audio: np.ndarray) -> bytes:
@@ -33,34 +34,45 @@ def encode_flac(audio: np.ndarray) -> bytes:
     import soundfile as sf
 
     buf = io.BytesIO()
-    pcm = np.clip(np.round(audio * 32767.0), -32768, 32767).astype(np.int16)
+    pcm = np.clip(np.round(audio * 32768.0), -32768, 32767).astype(np.int16)  # soundfile scales by 2^15
     sf.write(buf, pcm, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     return buf.getvalue()
 
 
-def schema():
+def schema(metadata: dict[bytes, bytes] | None = None):
     import pyarrow as pa
 
     return pa.schema([
         ("id", pa.string()), ("audio", pa.binary()), ("duration", pa.float32()),
         ("text", pa.string()), ("prompt", pa.string()), ("language", pa.string()),
-    ])
+        ("extra", pa.string()),  # JSON or null; beyond DESIGN's columns, ignored by readers that don't know it
+    ], metadata=metadata)
 
 
-def write_shard(rows: list[Row], path: Path) -> dict:
+def _flac_and_duration(audio: np.ndarray | bytes) -> tuple[bytes, float]:
+    if isinstance(audio, bytes):
+        import soundfile as sf
+
+        return audio, sf.info(io.BytesIO(audio)).frames / SAMPLE_RATE
+    return encode_flac(audio), len(audio) / SAMPLE_RATE
+
+
+def write_shard(rows: list[Row], path: Path, metadata: dict[bytes, bytes] | None = None) -> dict:
     """Write one shard; returns its counts for the manifest."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    encoded = [_flac_and_duration(r.audio) for r in rows]
     cols = {
         "id": [r.id for r in rows],
-        "audio": [encode_flac(r.audio) for r in rows],
-        "duration": [len(r.audio) / SAMPLE_RATE for r in rows],
+        "audio": [e[0] for e in encoded],
+        "duration": [e[1] for e in encoded],
         "text": [r.text for r in rows],
         "prompt": [r.prompt for r in rows],
         "language": [r.language for r in rows],
+        "extra": [json.dumps(r.extra, ensure_ascii=False, sort_keys=True) if r.extra else None for r in rows],
     }
-    table = pa.table(cols, schema=schema())
+    table = pa.table(cols, schema=schema(metadata))
     with atomic_file(path) as f:
         pq.write_table(table, f, compression="none", row_group_size=256, write_statistics=False)
     return {"examples": len(rows), "seconds": float(sum(cols["duration"]))}

@@ -1,0 +1,208 @@
+"""`steermoe prep`: each corpus's real layout in, the prepared layout out, every bad input listed."""
+
+import json
+import subprocess
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from steermoe_cli.main import app
+from steermoe_core.audio import ffmpeg_binary
+from steermoe_core.data import ShardedDataset
+
+runner = CliRunner()
+
+
+def clip(seed, seconds=0.6, sr=16000):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(sr * seconds)) / sr
+    x = 0.3 * np.sin(2 * np.pi * (150 + 40 * seed) * t) + 0.02 * rng.standard_normal(len(t))
+    return (np.round(x * 32768) / 32768).astype(np.float32)  # exactly representable at 16 bit
+
+
+def prep(*args):
+    return runner.invoke(app, ["prep", *map(str, args)])
+
+
+def read_back(folder):
+    rows = {}
+    for shard in sorted(folder.glob("*.parquet")):
+        for r in pq.read_table(shard).to_pylist():
+            audio, sr = sf.read(__import__("io").BytesIO(r["audio"]), dtype="float32")
+            assert sr == 16000
+            rows[r["id"]] = (audio, r)
+    return rows
+
+
+@pytest.fixture()
+def librispeech_tree(tmp_path):
+    root = tmp_path / "LibriSpeech" / "dev-clean"
+    texts = {}
+    for spk, ch in [("84", "121123"), ("174", "50561")]:
+        d = root / spk / ch
+        d.mkdir(parents=True)
+        lines = []
+        for k in range(3):
+            uid = f"{spk}-{ch}-{k:04d}"
+            sf.write(d / f"{uid}.flac", clip(int(spk) + k), 16000, subtype="PCM_16")
+            lines.append(f"{uid} WORDS FOR {uid}")
+            texts[uid] = f"WORDS FOR {uid}"
+        (d / f"{spk}-{ch}.trans.txt").write_text("\n".join(lines) + "\n")
+    d = root / "84" / "121123"
+    (d / "84-121123-0001.flac").write_bytes(b"\x00garbage not flac")  # corrupt
+    (d / "84-121123-0002.flac").write_bytes(b"")  # empty
+    with open(d / "84-121123.trans.txt", "a") as f:
+        f.write("84-121123-0009 A LINE WITH NO AUDIO\n")
+    sf.write(d / "84-121123-0077.flac", clip(77), 16000, subtype="PCM_16")  # audio with no transcript
+    return tmp_path / "LibriSpeech", texts
+
+
+def test_librispeech_roundtrip_and_skips(librispeech_tree, tmp_path):
+    src, texts = librispeech_tree
+    out = tmp_path / "prepared"
+    r = prep("librispeech", src, "--out", out, "--subset", "dev-clean", "--shard-size", "2", "--workers", "2")
+    assert r.exit_code == 0, r.output
+    assert "4 input(s) skipped" in r.output
+    rows = read_back(out)
+    good = {"84-121123-0000", "174-50561-0000", "174-50561-0001", "174-50561-0002"}
+    assert set(rows) == good
+    for uid in good:
+        audio, row = rows[uid]
+        spk, _, k = uid.split("-")
+        np.testing.assert_array_equal(audio, clip(int(spk) + int(k)))  # FLAC is lossless at 16 bit
+        assert row["text"] == texts[uid] and row["language"] == "en"
+        assert row["duration"] == pytest.approx(0.6)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["examples"] == 4 and m["source"] == "librispeech" and m["split"] == "dev-clean"
+    assert m["hours"] == pytest.approx(4 * 0.6 / 3600, rel=1e-3)
+    reasons = {s["id"]: s["reason"] for s in m["skipped"]}
+    assert set(reasons) == {"84-121123-0001", "84-121123-0002", "84-121123-0009", "84-121123-0077"}
+    assert "empty file" in reasons["84-121123-0002"]
+    assert "without audio" in reasons["84-121123-0009"] and "without transcript" in reasons["84-121123-0077"]
+    assert len(m["skipped"]) == 4
+    # the core's reader takes it as is
+    ds = ShardedDataset(out)
+    assert len(ds) == 4 and ds[0].audio.dtype == np.float32
+
+
+def test_rerun_is_byte_identical_and_resume_keeps_shards(librispeech_tree, tmp_path):
+    src, _ = librispeech_tree
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert prep("librispeech", src, "--out", a, "--shard-size", "2", "--workers", "1").exit_code == 0
+    assert prep("librispeech", src, "--out", b, "--shard-size", "2", "--workers", "2").exit_code == 0
+    names = sorted(p.name for p in a.glob("*.parquet"))
+    assert names == sorted(p.name for p in b.glob("*.parquet")) and len(names) == 3  # 6 inputs, 2 a shard
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes()
+    assert json.loads((a / "manifest.json").read_text()) == json.loads((b / "manifest.json").read_text())
+    # a half-finished run: one shard gone, the manifest gone; --resume redoes only that shard
+    (a / names[1]).unlink()
+    (a / "manifest.json").unlink()
+    kept = (a / names[0]).stat().st_mtime_ns
+    assert prep("librispeech", src, "--out", a, "--shard-size", "2", "--resume").exit_code == 0
+    assert (a / names[0]).stat().st_mtime_ns == kept
+    assert (a / names[1]).read_bytes() == (b / names[1]).read_bytes()
+    assert json.loads((a / "manifest.json").read_text()) == json.loads((b / "manifest.json").read_text())
+
+
+def test_strict_fails_when_anything_was_skipped(librispeech_tree, tmp_path):
+    src, _ = librispeech_tree
+    r = prep("librispeech", src, "--out", tmp_path / "s", "--strict")
+    assert r.exit_code == 2 and "--strict" in r.output
+
+
+def test_aishell_layout(tmp_path):
+    src = tmp_path / "aishell"
+    lines = []
+    for split, spk in [("train", "S0002"), ("dev", "S0724"), ("test", "S0764")]:
+        d = src / "wav" / split / spk
+        d.mkdir(parents=True)
+        for k in range(2):
+            uid = f"BAC009{spk}W{k:04d}"
+            sf.write(d / f"{uid}.wav", clip(k + len(split)), 16000, subtype="PCM_16")
+            lines.append(f"{uid} 而 对 楼市 成交 抑制 作用 最 大 的")
+    (src / "wav" / "train" / "S0002" / "BAC009S0002W0099.wav").write_bytes(b"RIFF")  # no transcript, corrupt
+    (src / "transcript").mkdir()
+    (src / "transcript" / "aishell_transcript_v0.8.txt").write_text("\n".join(lines + ["BAC009S0002W0500 没有 音频"]) + "\n")
+    out = tmp_path / "out"
+    r = prep("aishell", src, "--out", out)
+    assert r.exit_code == 0, r.output
+    for split in ("train", "dev", "test"):
+        rows = read_back(out / split)
+        assert len(rows) == 2
+        assert all(row["text"] == "而对楼市成交抑制作用最大的" and row["language"] == "zh" for _, row in rows.values())
+    skipped = json.loads((out / "train" / "manifest.json").read_text())["skipped"]
+    assert {s["id"] for s in skipped} == {"BAC009S0002W0099", "BAC009S0002W0500"}
+
+
+def test_clothoaqa_keeps_every_answer(tmp_path):
+    src = tmp_path / "clotho"
+    (src / "audio_files").mkdir(parents=True)
+    sf.write(src / "audio_files" / "birds.wav", clip(1, 1.0), 16000, subtype="PCM_16")
+    sf.write(src / "audio_files" / "rain.wav", clip(2, 1.0), 16000, subtype="PCM_16")
+    csv = "file_name,QuestionText,answer,confidence\n"
+    for ans, conf in [("yes", "yes"), ("yes", "maybe"), ("no", "yes")]:
+        csv += f"birds.wav,Are birds singing?,{ans},{conf}\n"
+    for ans in ["rain", "rain", "water"]:
+        csv += f"rain.wav,What is falling?,{ans},yes\n"
+    csv += "gone.wav,Is it loud?,yes,yes\n"
+    (src / "clotho_aqa_train.csv").write_text(csv)
+    out = tmp_path / "out"
+    r = prep("clothoaqa", src, "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = read_back(out / "train")
+    by_q = {row["prompt"]: row for _, row in rows.values()}
+    assert by_q["Are birds singing?"]["text"] == "yes" and by_q["What is falling?"]["text"] == "rain"
+    answers = json.loads(by_q["Are birds singing?"]["extra"])["answers"]
+    assert answers == [{"answer": "yes", "confidence": "yes"}, {"answer": "yes", "confidence": "maybe"}, {"answer": "no", "confidence": "yes"}]
+    skipped = json.loads((out / "train" / "manifest.json").read_text())["skipped"]
+    assert len(skipped) == 1 and "gone.wav" in skipped[0]["input"]
+
+
+def test_folder_of_mixed_formats_and_a_manifest(tmp_path):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    for k, fmt in enumerate(["wav", "flac", "ogg", "mp3"]):
+        wav = tmp_path / f"tmp{k}.wav"
+        sf.write(wav, clip(k, 1.0, 22050), 22050, subtype="PCM_16")
+        subprocess.run([ffmpeg_binary(), "-y", "-v", "error", "-i", str(wav), str(src / f"u{k}.{fmt}")], check=True)
+        (src / f"u{k}.txt").write_text(f"utterance {k}\n")
+    (src / "broken.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (src / "broken.txt").write_text("broken\n")
+    (src / "orphan.txt").write_text("no audio here\n")
+    out = tmp_path / "out"
+    r = prep("folder", src, "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = read_back(out)
+    assert sorted(rows) == ["u0", "u1", "u2", "u3"]
+    for uid, (audio, row) in rows.items():
+        assert abs(len(audio) - 16000) < 1200 and row["text"] == f"utterance {uid[1]}"
+    skipped = {s["id"]: s["reason"] for s in json.loads((out / "manifest.json").read_text())["skipped"]}
+    assert set(skipped) == {"broken", "orphan"}
+    # the same clips through a jsonl manifest with prompts
+    man = tmp_path / "m.jsonl"
+    man.write_text("\n".join(json.dumps({"path": str(src / f"u{k}.wav"), "text": "t", "prompt": "Q?"}) for k in range(1)) + "\n")
+    r = prep("folder", man, "--out", tmp_path / "out2")
+    assert r.exit_code == 0, r.output
+    ((audio, row),) = read_back(tmp_path / "out2").values()
+    assert row["prompt"] == "Q?"
+
+
+def test_synth_makes_speech_with_several_voices(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello there\nthe cat sat on the mat\n\n")
+    out = tmp_path / "out"
+    r = prep("synth", texts, "--out", out, "--voice", "flite:slt", "--voice", "espeak:en-us", "--copies", "2")
+    assert r.exit_code == 0, r.output
+    rows = read_back(out)
+    assert len(rows) == 4
+    assert {row["text"] for _, row in rows.values()} == {"hello there", "the cat sat on the mat"}
+    assert all(0.3 < row["duration"] < 5 for _, row in rows.values())
+
+
+def test_missing_source_is_one_line(tmp_path):
+    r = prep("aishell", tmp_path / "nope", "--out", tmp_path / "o")
+    assert r.exit_code == 1 and "aishell_transcript_v0.8.txt: missing" in r.output and "Traceback" not in r.output
