@@ -145,20 +145,30 @@ class SteerMoEModel(nn.Module):
 
     # -- inference --
     @torch.no_grad()
-    def generate(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1) -> list[str]:
-        """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn."""
+    def generate(
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options
+    ) -> list[str]:
+        """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn.
+
+        A fresh GenerationConfig is used, so the LLM's own generation_config can never switch
+        sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
+        """
+        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, **options)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_ids(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options) -> torch.Tensor:
         from transformers import GenerationConfig
 
         embeds, lb = self._embed(batch, None)
         gen = GenerationConfig(
             do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
             eos_token_id=self.layout.stop_ids, pad_token_id=self.layout.pad_id,
-            temperature=None, top_p=None, top_k=None, use_cache=True,
+            temperature=None, top_p=None, top_k=None, use_cache=True, **options,
         )
-        ids = self.llm.generate(
-            inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device), generation_config=gen
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device), generation_config=gen, streamer=streamer
         )
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def autocast(device: torch.device, precision: str):

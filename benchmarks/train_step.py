@@ -1,0 +1,174 @@
+"""Training-step speed at any shape, random weights, CPU or GPU.
+
+    python benchmarks/train_step.py --whisper large-v3 --llm qwen2.5-7b --layout librispeech
+    python benchmarks/train_step.py --whisper large-v3 --llm qwen2.5-7b --layout reference --batch 4
+    python benchmarks/train_step.py --smoke            # tiny shapes on CPU (what CI runs)
+
+Prints step time, samples/s, audio hours per hour, target tokens/s, peak memory, FLOPs per sample,
+model FLOP utilisation against --peak-tflops, and a split of one step into its phases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import build, librispeech_batches, reference_batches, step_flops  # noqa: E402
+
+from steermoe_core.config import TrainConfig  # noqa: E402
+from steermoe_core.model import autocast  # noqa: E402
+from steermoe_core.train import make_optimizer  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def to_device(batch, device):
+    batch.waves = batch.waves.to(device, non_blocking=True)
+    return batch
+
+
+def train_step(model, opt, batch, device, precision: str) -> torch.Tensor:
+    with autocast(device, precision):
+        out = model(to_device(batch, device))
+    out["loss"].backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out["ce"]
+
+
+def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
+    """One step cut into phases with a sync between each (slower than a real step; for proportions)."""
+    times = {}
+    sync(device)
+    t = time.perf_counter()
+    batch = to_device(batch, device)
+    sync(device)
+    times["data_h2d"] = time.perf_counter() - t
+    real_encode = model.encode_audio
+    t = time.perf_counter()
+    with autocast(device, precision):
+        audio = real_encode(batch.waves, batch.lengths)
+    sync(device)
+    times["encoder_steering_fwd"] = time.perf_counter() - t
+    leaf = audio.detach().requires_grad_()
+    model.encode_audio = lambda *a: leaf
+    t = time.perf_counter()
+    with autocast(device, precision):
+        out = model(batch)
+    sync(device)
+    times["llm_fwd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    out["loss"].backward()
+    sync(device)
+    times["llm_bwd"] = time.perf_counter() - t
+    t = time.perf_counter()
+    audio.backward(leaf.grad)
+    sync(device)
+    times["encoder_steering_bwd"] = time.perf_counter() - t
+    model.encode_audio = real_encode
+    t = time.perf_counter()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync(device)
+    times["optimizer"] = time.perf_counter() - t
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--whisper", default="large-v3")
+    ap.add_argument("--llm", default="qwen2.5-7b")
+    ap.add_argument("--layout", choices=["librispeech", "reference"], default="librispeech")
+    ap.add_argument("--batch", type=int, default=4, help="reference layout: clips per batch")
+    ap.add_argument("--batch-seconds", type=float, default=480.0, help="librispeech layout: padded seconds per batch")
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--utterances", type=int, default=400, help="librispeech layout: clips drawn")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (0 = all batches once)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
+    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile encoder layers and LLM layers")
+    ap.add_argument("--peak-tflops", type=float, default=778.0, help="measured bf16 matmul ceiling of the card")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, 3 steps")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    if args.smoke:
+        args.whisper, args.llm, args.device, args.utterances, args.steps, args.warmup = "tiny", "smollm2-135m", "cpu", 12, 2, 1
+        args.batch_seconds, args.batch = 60.0, 2
+    device = torch.device(args.device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    trim = args.layout == "librispeech"
+    model = build(args.whisper, args.llm, device, trim)
+    model.max_target_tokens = 448
+    if args.grad_ckpt:
+        model.enable_gradient_checkpointing()
+    if args.compile:
+        for i, layer in enumerate(model.encoder.layers):
+            model.encoder.layers[i] = torch.compile(layer, dynamic=True)
+        for i, layer in enumerate(model.llm.base_model.layers):
+            model.llm.base_model.layers[i] = torch.compile(layer, dynamic=True)
+    model.train()
+    opt = make_optimizer(model, TrainConfig(lr=1e-4), device)
+
+    if trim:
+        work = librispeech_batches(args.utterances, args.batch_seconds, args.max_batch, device)
+    else:
+        work = reference_batches(max(args.steps, 1) + args.warmup, args.batch, device)
+    batches = work.batches
+    warm, timed = batches[: args.warmup], batches[args.warmup :]
+    if args.steps:
+        timed = (timed * (args.steps // max(len(timed), 1) + 1))[: args.steps]
+    for b in warm:
+        train_step(model, opt, b, device, precision)
+    split = phase_split(model, opt, timed[0], device, precision)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    flops = sum(step_flops(model, b) for b in timed)
+    samples = sum(len(b.lengths) for b in timed)
+    audio_s = sum(float(b.lengths.sum()) / 16000 for b in timed)
+    tokens = sum(len(model.layout.target_ids(t, 448)) for b in timed for t in b.targets)
+    sync(device)
+    t0 = time.perf_counter()
+    for b in timed:
+        train_step(model, opt, b, device, precision)
+    sync(device)
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    res = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "layout": args.layout,
+        "precision": precision, "steps": len(timed), "samples": samples, "mean_batch": samples / len(timed),
+        "step_s": wall / len(timed), "samples_per_s": samples / wall, "audio_hours_per_hour": audio_s / wall,
+        "target_tokens_per_s": tokens / wall, "peak_mem_gib": peak, "tflop_per_sample": flops / samples / 1e12,
+        "achieved_tflops": flops / wall / 1e12, "mfu": flops / wall / 1e12 / args.peak_tflops,
+        "split_s": split, "grad_ckpt": args.grad_ckpt, "compile": args.compile,
+    }
+    if args.layout == "librispeech":
+        res["librispeech960_epoch_h"] = 281_241 / res["samples_per_s"] / 3600
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+    width = max(len(k) for k in res)
+    for k, v in res.items():
+        if isinstance(v, dict):
+            v = "  ".join(f"{a}={b * 1000:.1f}ms" for a, b in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()
