@@ -23,10 +23,11 @@ from .steering import SteeringMoE, pool_frames, pooled_lengths
 
 @dataclass
 class AudioBatch:
-    waves: torch.Tensor  # (B, S) float32, right-padded with zeros
-    lengths: torch.Tensor  # (B,) samples, on the host
-    prompts: list[str]
+    waves: torch.Tensor  # (N, S) float32 clips, right-padded with zeros
+    lengths: torch.Tensor  # (N,) samples, on the host
+    prompts: list[str]  # one per example
     targets: list[str] | None = None
+    clips_per_example: list[int] | None = None  # long audio: an example's windows, in order; None = 1 each
 
 
 class SteerMoEModel(nn.Module):
@@ -116,13 +117,17 @@ class SteerMoEModel(nn.Module):
 
     def _embed(self, batch: AudioBatch, targets: list[str] | None):
         audio = self.encode_audio(batch.waves, batch.lengths)
-        n_audio = self.audio_token_counts(batch.lengths)
+        per_clip = self.audio_token_counts(batch.lengths)
+        src_index = source_index(per_clip, audio.shape[1])  # clip-major, so windows stay in order
+        groups = batch.clips_per_example or [1] * len(per_clip)
+        bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
+        n_audio = [sum(per_clip[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
         lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens)
         dev = audio.device
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(lb.input_ids.to(dev))
         b, s, h = embeds.shape
-        src = audio.reshape(-1, h).index_select(0, source_index(n_audio, audio.shape[1]).to(dev))
+        src = audio.reshape(-1, h).index_select(0, src_index.to(dev))
         flat = embeds.reshape(-1, h).index_copy(0, lb.audio_index.to(dev), src.to(embeds.dtype))
         return flat.view(b, s, h), lb
 
