@@ -39,6 +39,7 @@ class LLMConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
     trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")
+    system_prompt: str = doc("", "System message before the user turn; empty = whatever the chat template puts there by default.")
 
 
 @dataclass

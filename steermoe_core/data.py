@@ -162,5 +162,6 @@ def make_loader(ds: ShardedDataset, batches: list[list[int]], prompt: str, num_w
         torch.utils.data.DataLoader(
             ds, batch_sampler=batches, collate_fn=_Collate(prompt), num_workers=num_workers,
             persistent_workers=False, prefetch_factor=4 if num_workers else None,
+            pin_memory=torch.cuda.is_available(),
         )
     )

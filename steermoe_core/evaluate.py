@@ -32,7 +32,7 @@ def predict_dataset(
     order = [i for b in batches for i in b]
     out: dict[int, dict] = {}
     model.eval()
-    for bidx, (batch, examples) in zip(range(len(batches)), make_loader(ds, batches, recipe.data.prompt, 0)):
+    for bidx, (batch, examples) in enumerate(make_loader(ds, batches, recipe.data.prompt, 0)):
         with autocast(device, recipe.train.precision):
             hyps = model.generate(batch, recipe.eval.max_new_tokens, recipe.eval.num_beams)
         for i, e, h, p in zip(batches[bidx], examples, hyps, batch.prompts):

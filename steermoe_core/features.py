@@ -19,13 +19,15 @@ MAX_FRAMES = 3000  # 30 s, Whisper's window
 
 
 @functools.lru_cache(maxsize=8)
-def _mel_filters(n_mels: int) -> np.ndarray:
+def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
+    """Cached per device: copying them up for every clip would sync the GPU every clip."""
     from transformers.audio_utils import mel_filter_bank
 
-    return mel_filter_bank(
+    bank = mel_filter_bank(
         num_frequency_bins=1 + N_FFT // 2, num_mel_filters=n_mels, min_frequency=0.0,
         max_frequency=8000.0, sampling_rate=SAMPLE_RATE, norm="slaney", mel_scale="slaney",
-    ).astype(np.float32)
+    )
+    return torch.from_numpy(bank.astype(np.float32)).to(device)
 
 
 def num_frames(num_samples: int) -> int:
@@ -41,7 +43,7 @@ def log_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
     window = torch.hann_window(N_FFT, device=wave.device)
     stft = torch.stft(wave, N_FFT, HOP, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2
-    filters = torch.from_numpy(_mel_filters(n_mels)).to(wave.device)
+    filters = _mel_filters(n_mels, wave.device)
     mel = filters.T @ power
     logspec = mel.clamp_min(1e-10).log10()
     logspec = torch.maximum(logspec, logspec.max() - 8.0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .config import LLMConfig
-from .weights import quiet_transformers, resolve_model_dir
+from .weights import quiet_transformers, resolve_model_dir, resolve_path
 
 
 def load_llm(cfg: LLMConfig, dtype: torch.dtype) -> tuple[nn.Module, object]:
@@ -16,7 +16,7 @@ def load_llm(cfg: LLMConfig, dtype: torch.dtype) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    p = Path(cfg.path).expanduser()
+    p = Path(resolve_path(cfg.path)).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such GGUF file")

@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .decoding import trim_loops
 from .encoders.whisper import encode, final_norm, whisper_dims
 from .features import MAX_FRAMES, batch_log_mel, num_frames
 from .prompt import PromptLayout, source_index
 from .steering import SteeringMoE, pool_frames, pooled_lengths
+from .weights import to_device
 
 
 @dataclass
@@ -29,21 +31,40 @@ class AudioBatch:
     targets: list[str] | None = None
     clips_per_example: list[int] | None = None  # long audio: an example's windows, in order; None = 1 each
 
+    def pin_memory(self) -> AudioBatch:
+        """Called by DataLoader(pin_memory=True): lets the step copy waveforms without a stream sync."""
+        self.waves = self.waves.pin_memory()
+        return self
+
 
 class SteerMoEModel(nn.Module):
     def __init__(self, encoder: nn.Module, llm: nn.Module, tokenizer, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         self.encoder, self.llm, self.tokenizer = encoder, llm, tokenizer
-        self.layout = PromptLayout(tokenizer)
+        self.layout = PromptLayout(tokenizer, cfg.llm.system_prompt)
         layers, dim, self.n_mels = whisper_dims(encoder)
         place = cfg.steering.placement
         self.steering = None if place == "none" else SteeringMoE(layers if place == "layer_wise" else 1, dim, cfg.steering)
         k = cfg.projector.stride
         in_dim = dim * k if cfg.projector.pooling == "stack" else dim
         self.projector = nn.Linear(in_dim, llm.get_input_embeddings().embedding_dim)
+        self._init_projector()
         self.max_target_tokens = 256
         self.grad_checkpointing = False
+
+    @torch.no_grad()
+    def _init_projector(self) -> None:
+        """Start audio tokens at the loudness of the LLM's own token embeddings.
+
+        The encoder's layer-normed output has unit scale; PyTorch's default init would make audio
+        tokens several times louder than text tokens (SmolLM2's embeddings have RMS 0.14), and the
+        adapter would spend its first hundreds of steps just turning them down.
+        """
+        emb = self.llm.get_input_embeddings().weight
+        rms = emb.float().pow(2).mean().sqrt().item()
+        self.projector.weight.normal_(0.0, rms / self.projector.in_features**0.5)
+        self.projector.bias.zero_()
 
     # -- training-mode bookkeeping: the backbones never leave eval mode (no dropout, ever) --
     def train(self, mode: bool = True) -> SteerMoEModel:
@@ -53,10 +74,13 @@ class SteerMoEModel(nn.Module):
         return self
 
     def enable_gradient_checkpointing(self) -> None:
-        """HF checkpoints only modules in training mode; our LLMs have no active dropout, so it is safe."""
-        for key in ("attention_dropout", "hidden_dropout", "dropout"):
-            if getattr(self.llm.config, key, 0.0):
-                setattr(self.llm.config, key, 0.0)
+        """HF checkpoints only modules in training mode, so the LLM must be in it; every dropout in
+        it is zeroed first, so "training mode" changes nothing but the checkpointing."""
+        for m in self.llm.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.grad_checkpointing = True
 
@@ -125,10 +149,10 @@ class SteerMoEModel(nn.Module):
         lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens)
         dev = audio.device
         emb_layer = self.llm.get_input_embeddings()
-        embeds = emb_layer(lb.input_ids.to(dev))
+        embeds = emb_layer(to_device(lb.input_ids, dev))
         b, s, h = embeds.shape
-        src = audio.reshape(-1, h).index_select(0, src_index.to(dev))
-        flat = embeds.reshape(-1, h).index_copy(0, lb.audio_index.to(dev), src.to(embeds.dtype))
+        src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))
+        flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
         return flat.view(b, s, h), lb
 
     # -- training loss --
@@ -140,10 +164,10 @@ class SteerMoEModel(nn.Module):
             self.steering.reset_aux()
         embeds, lb = self._embed(batch, batch.targets)
         dev = embeds.device
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=lb.attention_mask.to(dev), use_cache=False)
-        hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, lb.target_index.to(dev))
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, dev), use_cache=False)
+        hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, to_device(lb.target_index, dev))
         logits = self.llm.get_output_embeddings()(hidden).float()
-        ce = F.cross_entropy(logits, lb.target_labels.to(dev))
+        ce = F.cross_entropy(logits, to_device(lb.target_labels, dev))
         aux = self.steering.aux_loss if self.steering is not None and self.steering.aux_loss is not None else None
         loss = ce if aux is None else ce + aux
         return {"loss": loss, "ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
@@ -159,7 +183,14 @@ class SteerMoEModel(nn.Module):
         sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
         """
         ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, **options)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        stops, pad = set(self.layout.stop_ids), self.layout.pad_id
+        rows = []
+        for row in ids.tolist():
+            while row and row[-1] == pad and pad not in stops:
+                row.pop()
+            # an output that never reached end-of-turn ran out of budget: cut a runaway loop
+            rows.append(row if row and row[-1] in stops else trim_loops(row))
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_ids(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options) -> torch.Tensor:

@@ -31,8 +31,9 @@ class LLMBatch:
 class PromptLayout:
     """Per-tokenizer state: the template pieces, cached per prompt, and the end-of-turn token."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, system_prompt: str = ""):
         self.tok = tokenizer
+        self.system = [{"role": "system", "content": system_prompt}] if system_prompt else []
         self.chat = bool(getattr(tokenizer, "chat_template", None))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eot_id = self._end_of_turn()
@@ -64,7 +65,7 @@ class PromptLayout:
         """Token ids before and after the audio for a given prompt."""
         if prompt not in self._cache:
             if self.chat:
-                msgs = [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}]
+                msgs = self.system + [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}]
                 text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
                 pre, post = text.split(PLACEHOLDER, 1)
                 self._cache[prompt] = (self._encode(pre), self._encode(post))

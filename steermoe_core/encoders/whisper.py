@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..weights import load_prefixed_state, resolve_model_dir
+from ..weights import load_prefixed_state, resolve_model_dir, to_device
 
 LayerHook = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -76,7 +76,7 @@ def encode(
     b = x.shape[0]
     enc_frames = (frames.cpu() + 1) // 2  # frame counts live on the host: no device sync below
     uniform = bool((enc_frames >= t).all())
-    enc_frames = enc_frames.to(x.device, non_blocking=True)
+    enc_frames = to_device(enc_frames, x.device)
     if trim_padding:
         mask = torch.arange(t, device=x.device)[None, :] < enc_frames[:, None]
     else:

@@ -1,0 +1,167 @@
+"""The embedded default: prep -> train -> eval -> infer with real pretrained backbones, offline.
+
+Every stage leaves its result in the work folder and is skipped when that result exists, so a
+second run reuses the data and checkpoints (and re-prints the table).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .atomic import write_text
+from .config import load_recipe
+from .demo_text import demo_sentences
+
+REPO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"
+REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
+
+
+@dataclass
+class DemoConfig:
+    """Sized for at most 10 minutes of training on 2 CPU cores; CI uses a much smaller one."""
+
+    workdir: Path
+    train_sentences: int = 3000
+    valid_sentences: int = 60
+    steps: int = 170
+    recipe: Path = REPO_RECIPE
+    voices: tuple[str, ...] = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16", "espeak:en-us", "espeak:en-gb")
+    workers: int = 0
+
+
+Log = Callable[[str], None]
+
+
+def _prep_synth(texts: list[str], out: Path, voices: list[str], workers: int, log: Log) -> None:
+    from .prep.pipeline import run_prep
+    from .prep.synth import DEFAULT_SPEEDS, synth_items
+
+    if (out / "manifest.json").exists():
+        log(f"reusing {out}")
+        return
+    txt = out.with_suffix(".txt")
+    write_text(txt, "\n".join(texts) + "\n")
+    items, skipped = synth_items(txt, voices, DEFAULT_SPEEDS, copies=1, prefix=out.name)
+    m = run_prep(items, out, f"synth:{txt.name}", out.name, skipped, workers=workers, shard_size=500).manifest
+    log(f"synthesised {m['examples']} utterances ({m['hours'] * 60:.1f} min of speech) into {out}")
+
+
+def _prep_real(out: Path, log: Log) -> None:
+    from .prep.pipeline import run_prep
+    from .prep.sources import folder
+    from .weights import resolve_path
+
+    if (out / "manifest.json").exists():
+        return
+    items, skipped = folder(Path(resolve_path(REAL_CLIPS)))
+    run_prep(items, out, "pytest-audioeval:en", "test", skipped, workers=1)
+    log(f"real English clips: {len(items)} from pytest-audioeval")
+
+
+def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> Path:
+    from .train import Callbacks, train
+
+    run = cfg.workdir / name
+    if (run / "model" / "adapter.safetensors").exists():
+        log(f"reusing {run / 'model'}")
+        return run / "model"
+    recipe = load_recipe(cfg.recipe, [
+        f"data.train={data / 'train'}", f"data.valid={data / 'valid'}", f"train.max_steps={cfg.steps}",
+        f"model.steering.placement={placement}", "train.eval_every=0",
+    ])
+    log(f"training {name} ({placement}) for {cfg.steps} steps")
+    cb = Callbacks(on_step=lambda r: log(f"  {name} step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
+    resume = (run / "checkpoints" / "latest").exists()
+    return train(recipe, run, resume=resume, callbacks=cb).model_dir
+
+
+def _wer_of(model, ds_dir: Path, recipe) -> tuple[float, list[dict]]:
+    from .data import ShardedDataset
+    from .evaluate import predict_dataset
+    from .metrics import word_error_rate
+
+    preds = predict_dataset(model, ShardedDataset(ds_dir), recipe)
+    return word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds]), preds
+
+
+def _infer_clips(model, precision: str, workdir: Path, log: Log) -> list[dict]:
+    """What `steermoe infer` prints for the real clips and for a freshly synthesised one."""
+    import soundfile as sf
+
+    from .infer import SteerMoE
+    from .prep.synth import synthesize
+    from .weights import resolve_path
+
+    clip = workdir / "synth_clip.wav"
+    if not clip.exists():
+        sf.write(clip, synthesize("Good morning everyone, the meeting starts at ten.", "flite", "slt", 1.0), 16000)
+    real = sorted(Path(resolve_path(REAL_CLIPS)).glob("*.wav"))
+    results = SteerMoE(model, precision).transcribe([str(p) for p in real + [clip]], max_new_tokens=48)
+    refs = {p.name: p.with_suffix(".txt").read_text().strip() for p in real}
+    refs[clip.name] = "Good morning everyone, the meeting starts at ten."
+    out = [{"file": Path(r.path).name, "reference": refs[Path(r.path).name], "steermoe": r.text, "rtf": r.rtf} for r in results]
+    for o in out:
+        log(f"  infer {o['file']}: {o['steermoe']!r}")
+    return out
+
+
+def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
+    from .builder import build_model
+    from .checkpoint import load_checkpoint
+    from .data import ShardedDataset
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    data = cfg.workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    sentences = demo_sentences(cfg.train_sentences + cfg.valid_sentences)
+    _prep_synth(sentences[: cfg.train_sentences], data / "train", list(cfg.voices), cfg.workers, log)
+    _prep_synth(sentences[cfg.train_sentences :], data / "valid", list(cfg.voices), cfg.workers, log)
+    _prep_real(data / "real", log)
+
+    ckpts = {
+        "steermoe": _train(cfg, "steermoe", "layer_wise", data, log),
+        "linear": _train(cfg, "linear", "none", data, log),
+    }
+    sets = {"held-out synth": data / "valid", "real clips": data / "real"}
+    table: dict[str, dict[str, float]] = {}
+    shown: dict[str, list[dict]] = {}
+
+    steer, recipe, _ = load_checkpoint(ckpts["steermoe"], torch.device("cpu"))
+    untrained = build_model(recipe.model, torch.device("cpu"), recipe.train.seed)  # same init as step 0
+    for name, model in (("untrained adapter", untrained), ("steermoe", steer)):
+        table[name] = {}
+        for set_name, path in sets.items():
+            table[name][set_name], preds = _wer_of(model, path, recipe)
+            shown[f"{name}/{set_name}"] = preds
+    del untrained
+    linear, lrecipe, _ = load_checkpoint(ckpts["linear"], torch.device("cpu"), model=None)
+    table["linear-only adapter"] = {s: _wer_of(linear, p, lrecipe)[0] for s, p in sets.items()}
+    del linear
+
+    from .baseline import WhisperDecoderBaseline
+
+    whisper = WhisperDecoderBaseline(recipe.model.encoder.path)
+    table["whisper tiny.en decoder"] = {}
+    for set_name, path in sets.items():
+        ds = ShardedDataset(path)
+        exs = [ds[i] for i in range(len(ds))]
+        hyps = [h for k in range(0, len(exs), 16) for h in whisper.transcribe([e.audio for e in exs[k : k + 16]])]
+        from .metrics import word_error_rate
+
+        table["whisper tiny.en decoder"][set_name] = word_error_rate([e.text for e in exs], hyps)
+    inferred = _infer_clips(steer, recipe.train.precision, cfg.workdir, log)
+    order = ["untrained adapter", "linear-only adapter", "steermoe", "whisper tiny.en decoder"]
+    result = {
+        "steps": cfg.steps, "train_utterances": cfg.train_sentences,
+        "wer": {k: table[k] for k in order},
+        "transcripts": inferred,
+        "checkpoint": str(ckpts["steermoe"]),
+        "parameters": steer.parameter_counts(),
+    }
+    write_text(cfg.workdir / "results.json", json.dumps(result, indent=2))
+    return result

@@ -1,0 +1,22 @@
+"""The benchmark scripts' CPU smoke modes run and print their figures (no timing is asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,expect", [
+    ("train_step.py", ["--smoke"], ["samples_per_s", "tflop_per_sample", "mfu", "encoder_steering_bwd"]),
+    ("infer.py", ["--smoke"], ["single_stream_decode_tokens_per_s", "batched_real_time_factor"]),
+    ("prep_throughput.py", ["--utterances", "30", "--workers", "1"], ["real-time factor", "MB per hour"]),
+])
+def test_benchmark_smoke(script, args, expect):
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for word in expect:
+        assert word in r.stdout
