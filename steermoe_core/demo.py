@@ -27,7 +27,7 @@ class DemoConfig:
 
     workdir: Path
     train_sentences: int = 3000
-    valid_sentences: int = 60
+    valid_sentences: int = 200
     steps: int = 170
     recipe: Path = REPO_RECIPE
     voices: tuple[str, ...] = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16", "espeak:en-us", "espeak:en-gb")
