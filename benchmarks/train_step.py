@@ -36,14 +36,17 @@ def to_device(batch, device):
     return batch
 
 
+def optimizer_step(opt) -> None:
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_step(model, opt, batch, device, precision: str) -> torch.Tensor:
     with autocast(device, precision):
         out = model(to_device(batch, device))
     out["loss"].backward()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(opt)
     return out["ce"]
 
 
@@ -78,10 +81,7 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     times["encoder_steering_bwd"] = time.perf_counter() - t
     model.encode_audio = real_encode
     t = time.perf_counter()
-    params = [p for g in opt.param_groups for p in g["params"]]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    optimizer_step(opt)
     sync(device)
     times["optimizer"] = time.perf_counter() - t
     return times

@@ -168,7 +168,7 @@ def demo(
     import time
 
     from steermoe_core.demo import DemoConfig, run_demo
-    from steermoe_core.gguf_llm import cache_root
+    from steermoe_core.weights import cache_root
 
     t0 = time.perf_counter()
     cfg = DemoConfig(workdir or cache_root() / "demo", train_sentences=sentences, steps=steps, workers=workers)

@@ -20,8 +20,7 @@ class WhisperDecoderBaseline:
         from transformers import WhisperForConditionalGeneration
 
         from .encoders.ctranslate2 import convert_ct2_folder
-        from .gguf_llm import cache_root
-        from .weights import resolve_model_dir
+        from .weights import cache_root, resolve_model_dir
 
         src = resolve_model_dir(str(folder))
         hf = convert_ct2_folder(src, cache_root() / "ct2") if (src / "model.bin").exists() else src

@@ -8,30 +8,20 @@ instead of a dequantisation pass.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .atomic import atomic_dir
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("STEERMOE_CACHE", Path.home() / ".cache" / "steermoe"))
-
-
-def _file_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+from .weights import cache_root, file_key
 
 
 def gguf_to_hf_folder(path: Path) -> Path:
     """Convert once into ``$STEERMOE_CACHE/gguf/<name>-<key>/`` and return that folder."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_root() / "gguf" / f"{path.stem}-{_file_key(path)}"
+    out = cache_root() / "gguf" / f"{path.stem}-{file_key(path)}"
     if (out / "config.json").exists():
         return out
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

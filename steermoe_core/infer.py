@@ -58,7 +58,7 @@ def default_model_path() -> Path:
     env = os.environ.get("STEERMOE_MODEL")
     if env:
         return Path(env)
-    from .gguf_llm import cache_root
+    from .weights import cache_root
 
     demo = cache_root() / "demo" / "steermoe" / "model"
     if (demo / "adapter.safetensors").exists():

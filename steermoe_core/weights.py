@@ -5,10 +5,23 @@ Weights are read through safetensors or ``torch.load(weights_only=True)``; nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
+
+
+def cache_root() -> Path:
+    """Where converted backbones (CTranslate2, GGUF) and the demo live: $STEERMOE_CACHE or ~/.cache/steermoe."""
+    return Path(os.environ.get("STEERMOE_CACHE", Path.home() / ".cache" / "steermoe"))
+
+
+def file_key(path: Path) -> str:
+    """Identifies a source file's version (path, size, mtime): a cached conversion is redone when it changes."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def resolve_path(path: str) -> str:

@@ -8,7 +8,6 @@ safetensors reads.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import struct
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_dir
+from ..weights import cache_root, file_key
 
 _DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
 
@@ -149,15 +149,13 @@ def convert_ct2_folder(folder: Path, cache: Path) -> Path:
     from transformers import WhisperConfig
 
     model_bin = folder / "model.bin"
-    st = model_bin.stat()
-    key = hashlib.sha256(f"{folder.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache / f"{folder.resolve().name}-{key}"
+    out = cache / f"{folder.resolve().name}-{file_key(model_bin)}"
     if (out / "model.safetensors").exists():
         return out
     state, cfg = ct2_to_hf_state(read_ct2(model_bin))
     config = WhisperConfig(**cfg, **_special_ids(folder))
     with atomic_dir(out) as tmp:
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in state.items()}
+        tensors = {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in state.items()}  # a writable copy
         save_file(tensors, str(tmp / "model.safetensors"))
         config.save_pretrained(tmp)
         for name in ("tokenizer.json", "vocabulary.txt", "config.json"):
@@ -171,7 +169,6 @@ def whisper_encoder_from_ct2(folder: Path, attn_implementation: str = "sdpa"):
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-    from ..gguf_llm import cache_root
     from ..weights import load_prefixed_state
 
     hf = convert_ct2_folder(folder, cache_root() / "ct2")

