@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,onnx,demo]"
+	$(PIP) install -e ".[dev,demo]"
 	touch $@
 
 # flite / espeak-ng synthesise the demo's and the tests' speech.
