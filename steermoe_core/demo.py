@@ -80,13 +80,25 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
     return train(recipe, run, resume=resume, callbacks=cb).model_dir
 
 
-def _wer_of(model, ds_dir: Path, recipe) -> tuple[float, list[dict]]:
+def _wer_of(model, ds_dir: Path, recipe) -> float:
     from .data import ShardedDataset
     from .evaluate import predict_dataset
     from .metrics import word_error_rate
 
     preds = predict_dataset(model, ShardedDataset(ds_dir), recipe)
-    return word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds]), preds
+    return word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds])
+
+
+def _whisper_wer(encoder_path: str, ds_dir: Path) -> float:
+    from .baseline import WhisperDecoderBaseline
+    from .data import ShardedDataset
+    from .metrics import word_error_rate
+
+    whisper = WhisperDecoderBaseline(encoder_path)
+    ds = ShardedDataset(ds_dir)
+    exs = [ds[i] for i in range(len(ds))]
+    hyps = [h for k in range(0, len(exs), 16) for h in whisper.transcribe([e.audio for e in exs[k : k + 16]])]
+    return word_error_rate([e.text for e in exs], hyps)
 
 
 def _infer_clips(model, precision: str, workdir: Path, log: Log) -> list[dict]:
@@ -111,11 +123,9 @@ def _infer_clips(model, precision: str, workdir: Path, log: Log) -> list[dict]:
 
 
 def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
-    from .builder import build_model
-    from .checkpoint import load_checkpoint
-    from .data import ShardedDataset
+    from .checkpoint import load_checkpoint, read_checkpoint
+    from .model import SteerMoEModel
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     data = cfg.workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     sentences = demo_sentences(cfg.train_sentences + cfg.valid_sentences)
@@ -128,32 +138,18 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         "linear": _train(cfg, "linear", "none", data, log),
     }
     sets = {"held-out synth": data / "valid", "real clips": data / "real"}
-    table: dict[str, dict[str, float]] = {}
-    shown: dict[str, list[dict]] = {}
-
     steer, recipe, _ = load_checkpoint(ckpts["steermoe"], torch.device("cpu"))
-    untrained = build_model(recipe.model, torch.device("cpu"), recipe.train.seed)  # same init as step 0
-    for name, model in (("untrained adapter", untrained), ("steermoe", steer)):
-        table[name] = {}
-        for set_name, path in sets.items():
-            table[name][set_name], preds = _wer_of(model, path, recipe)
-            shown[f"{name}/{set_name}"] = preds
-    del untrained
-    linear, lrecipe, _ = load_checkpoint(ckpts["linear"], torch.device("cpu"), model=None)
-    table["linear-only adapter"] = {s: _wer_of(linear, p, lrecipe)[0] for s, p in sets.items()}
-    del linear
 
-    from .baseline import WhisperDecoderBaseline
+    def sibling(cfg) -> SteerMoEModel:
+        """A fresh adapter on the already-loaded frozen backbones: no second load of either."""
+        torch.manual_seed(recipe.train.seed)  # the same init build_model gives at step 0
+        return SteerMoEModel(steer.encoder, steer.llm, steer.tokenizer, cfg)
 
-    whisper = WhisperDecoderBaseline(recipe.model.encoder.path)
-    table["whisper tiny.en decoder"] = {}
-    for set_name, path in sets.items():
-        ds = ShardedDataset(path)
-        exs = [ds[i] for i in range(len(ds))]
-        hyps = [h for k in range(0, len(exs), 16) for h in whisper.transcribe([e.audio for e in exs[k : k + 16]])]
-        from .metrics import word_error_rate
-
-        table["whisper tiny.en decoder"][set_name] = word_error_rate([e.text for e in exs], hyps)
+    linear_recipe = read_checkpoint(ckpts["linear"])[0]
+    linear, _, _ = load_checkpoint(ckpts["linear"], model=sibling(linear_recipe.model))
+    models = {"untrained adapter": sibling(recipe.model).eval(), "linear-only adapter": linear, "steermoe": steer}
+    table = {name: {s: _wer_of(m, p, recipe) for s, p in sets.items()} for name, m in models.items()}
+    table["whisper tiny.en decoder"] = {s: _whisper_wer(recipe.model.encoder.path, p) for s, p in sets.items()}
     inferred = _infer_clips(steer, recipe.train.precision, cfg.workdir, log)
     order = ["untrained adapter", "linear-only adapter", "steermoe", "whisper tiny.en decoder"]
     result = {
