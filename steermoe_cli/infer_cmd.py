@@ -62,12 +62,10 @@ def infer(
         raise UsageError("--format srt with several inputs needs --out FOLDER (one .srt per input)")
 
     sm = SteerMoE.load(model, device)
-    streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(sm.model.tokenizer, skip_special_tokens=True)
-    if stream:
         results = sm.ask([str(p) for p in paths], text_prompt, transcribe, 1, max_new_tokens, beams, streamer)
     else:
         with step_progress(console, 1, label="decoding") as bar:

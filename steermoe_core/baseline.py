@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .features import MAX_FRAMES, HOP, log_mel
+from .features import MAX_FRAMES, batch_log_mel
+from .model import pad_clips
 
 
 class WhisperDecoderBaseline:
@@ -39,13 +40,9 @@ class WhisperDecoderBaseline:
     def transcribe(self, audios: list[np.ndarray], max_new_tokens: int = 96) -> list[str]:
         from transformers.generation.utils import GenerationMixin
 
-        feats = []
-        for a in audios:
-            padded = np.zeros(MAX_FRAMES * HOP, np.float32)
-            padded[: min(len(a), len(padded))] = a[: len(padded)]
-            feats.append(log_mel(torch.from_numpy(padded), self.n_mels))
+        feats, _ = batch_log_mel(*pad_clips(audios), self.n_mels, pad_to=MAX_FRAMES)  # Whisper's 30 s layout
         ids = GenerationMixin.generate(
-            self.model, input_features=torch.stack(feats),
+            self.model, input_features=feats,
             decoder_input_ids=torch.tensor([self.prompt] * len(audios)),
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             eos_token_id=self.model.config.eos_token_id, pad_token_id=self.model.config.eos_token_id,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import AudioBatch
+from .model import AudioBatch, pad_clips
 
 COLUMNS = ("id", "duration", "text", "prompt", "language")
 
@@ -136,10 +136,7 @@ def length_bucketed_batches(
 
 
 def collate(examples: list[Example], default_prompt: str) -> AudioBatch:
-    lengths = torch.tensor([len(e.audio) for e in examples], dtype=torch.long)
-    waves = torch.zeros(len(examples), int(lengths.max()))
-    for i, e in enumerate(examples):
-        waves[i, : len(e.audio)] = torch.from_numpy(e.audio)
+    waves, lengths = pad_clips([e.audio for e in examples])
     return AudioBatch(
         waves=waves, lengths=lengths,
         prompts=[e.prompt or default_prompt for e in examples],

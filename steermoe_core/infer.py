@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, is_audio_file, load_audio
-from .model import AudioBatch, SteerMoEModel, autocast
+from .model import AudioBatch, SteerMoEModel, autocast, pad_clips
 from .windows import SAMPLE_RATE, split_points
 
 TASK_PROMPTS = {
@@ -119,10 +119,7 @@ class SteerMoE:
         return len(pre) + sum(self.model.audio_token_counts(lengths)) + len(post)
 
     def _run(self, clips: list[np.ndarray], groups: list[int], prompts: list[str], max_new_tokens: int, num_beams: int, streamer=None) -> list[str]:
-        lengths = torch.tensor([len(c) for c in clips])
-        waves = torch.zeros(len(clips), int(lengths.max()))
-        for i, c in enumerate(clips):
-            waves[i, : len(c)] = torch.from_numpy(c)
+        waves, lengths = pad_clips(clips)
         batch = AudioBatch(waves.to(self.device), lengths, prompts, clips_per_example=groups)
         with autocast(self.device, self.precision):
             return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer)

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +38,40 @@ class AudioBatch:
         return self
 
 
+def pad_clips(clips: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 mono clips -> right-padded (N, S) waveforms and their (N,) lengths, as AudioBatch wants."""
+    lengths = torch.tensor([len(c) for c in clips], dtype=torch.long)
+    waves = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        waves[i, : len(c)] = torch.from_numpy(c)
+    return waves, lengths
+
+
+def build_adapter(num_layers: int, dim: int, hidden: int, cfg: ModelConfig) -> tuple[SteeringMoE | None, nn.Linear]:
+    """The trainable part for an encoder of ``num_layers`` x ``dim`` and an LLM of width ``hidden``."""
+    place = cfg.steering.placement
+    steering = None if place == "none" else SteeringMoE(num_layers if place == "layer_wise" else 1, dim, cfg.steering)
+    in_dim = dim * cfg.projector.stride if cfg.projector.pooling == "stack" else dim
+    return steering, nn.Linear(in_dim, hidden)
+
+
+def parameter_groups(steering: SteeringMoE | None, projector: nn.Linear) -> dict[str, list[nn.Parameter]]:
+    """Named groups so each can take its own learning rate (and be counted apart)."""
+    groups = {"projector": list(projector.parameters())}
+    if steering is not None:
+        groups["steering_vectors"] = [steering.vectors]
+        groups["router"] = list(steering.router.parameters())
+        groups["scales"] = [steering.scales]
+    return groups
+
+
+def parameter_counts(steering: SteeringMoE | None, projector: nn.Linear) -> dict[str, int]:
+    counts = {k: sum(p.numel() for p in ps) for k, ps in parameter_groups(steering, projector).items()}
+    out = {k: counts.get(k, 0) for k in ("steering_vectors", "router", "scales", "projector")}
+    out["total"] = sum(out.values())
+    return out
+
+
 class SteerMoEModel(nn.Module):
     def __init__(self, encoder: nn.Module, llm: nn.Module, tokenizer, cfg: ModelConfig):
         super().__init__()
@@ -44,11 +79,7 @@ class SteerMoEModel(nn.Module):
         self.encoder, self.llm, self.tokenizer = encoder, llm, tokenizer
         self.layout = PromptLayout(tokenizer, cfg.llm.system_prompt)
         layers, dim, self.n_mels = whisper_dims(encoder)
-        place = cfg.steering.placement
-        self.steering = None if place == "none" else SteeringMoE(layers if place == "layer_wise" else 1, dim, cfg.steering)
-        k = cfg.projector.stride
-        in_dim = dim * k if cfg.projector.pooling == "stack" else dim
-        self.projector = nn.Linear(in_dim, llm.get_input_embeddings().embedding_dim)
+        self.steering, self.projector = build_adapter(layers, dim, llm.get_input_embeddings().embedding_dim, cfg)
         self._init_projector()
         self.max_target_tokens = 256
         self.grad_checkpointing = False
@@ -102,20 +133,10 @@ class SteerMoEModel(nn.Module):
             m.load_state_dict({k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")})
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Named groups so each can take its own learning rate."""
-        groups = {"projector": list(self.projector.parameters())}
-        if self.steering is not None:
-            groups["steering_vectors"] = [self.steering.vectors]
-            groups["router"] = list(self.steering.router.parameters())
-            groups["scales"] = [self.steering.scales]
-        return groups
+        return parameter_groups(self.steering, self.projector)
 
     def parameter_counts(self) -> dict[str, int]:
-        counts = {k: sum(p.numel() for p in ps) for k, ps in self.parameter_groups().items()}
-        order = ["steering_vectors", "router", "scales", "projector"]
-        out = {k: counts.get(k, 0) for k in order}
-        out["total"] = sum(out.values())
-        return out
+        return parameter_counts(self.steering, self.projector)
 
     # -- audio side --
     def audio_token_counts(self, lengths: torch.Tensor) -> list[int]:
@@ -203,7 +224,7 @@ class SteerMoEModel(nn.Module):
             temperature=None, top_p=None, top_k=None, use_cache=True, **options,
         )
         return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device), generation_config=gen, streamer=streamer
+            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device), generation_config=gen, streamer=streamer
         )
 
 
@@ -237,15 +258,4 @@ def _hash(d: dict) -> str:
 def count_adapter_parameters(num_layers: int, dim: int, hidden: int, cfg: ModelConfig) -> dict[str, int]:
     """The parameter breakdown for any backbone shapes, without loading a backbone (meta tensors)."""
     with torch.device("meta"):
-        place = cfg.steering.placement
-        steer = None if place == "none" else SteeringMoE(num_layers if place == "layer_wise" else 1, dim, cfg.steering)
-        k = cfg.projector.stride
-        proj = nn.Linear(dim * k if cfg.projector.pooling == "stack" else dim, hidden)
-    out = {
-        "steering_vectors": steer.vectors.numel() if steer else 0,
-        "router": sum(p.numel() for p in steer.router.parameters()) if steer else 0,
-        "scales": steer.scales.numel() if steer else 0,
-        "projector": sum(p.numel() for p in proj.parameters()),
-    }
-    out["total"] = sum(out.values())
-    return out
+        return parameter_counts(*build_adapter(num_layers, dim, hidden, cfg))
