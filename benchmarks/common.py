@@ -10,9 +10,11 @@ import numpy as np
 import torch
 
 from steermoe_core.config import ModelConfig
-from steermoe_core.model import AudioBatch, SteerMoEModel
-from steermoe_core.random_backbones import write_tokenizer
-from steermoe_core.shapes import random_llm, random_whisper_encoder
+from steermoe_core.data.batch import AudioBatch
+from steermoe_core.encoders.whisper import WhisperAudioEncoder
+from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.testing.random_backbones import write_tokenizer
+from steermoe_core.testing.shapes import random_llm, random_whisper_encoder
 
 PROMPT = "Transcribe the audio."
 TOKENS_PER_SECOND = 3.5  # LibriSpeech: about 3.5 target tokens per second of audio
@@ -20,7 +22,7 @@ TOKENS_PER_SECOND = 3.5  # LibriSpeech: about 3.5 target tokens per second of au
 
 def build(whisper: str, llm: str, device: torch.device, trim: bool, experts: int = 8, attn: str = "sdpa") -> SteerMoEModel:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    enc = random_whisper_encoder(whisper, device, dtype, attn)
+    enc = WhisperAudioEncoder(random_whisper_encoder(whisper, device, dtype, attn), trim_padding=trim)
     lm = random_llm(llm, device, dtype, attn)
     tok = write_tokenizer(Path(tempfile.mkdtemp()))  # token ids only need to be < the LLM's vocab
     cfg = ModelConfig()
@@ -102,7 +104,7 @@ def step_flops(model: SteerMoEModel, batch: AudioBatch) -> float:
         lin = 2 * t * per_enc_layer
         att = 4 * t * t * d
         total += n_layers * (lin + att) + (n_layers - 1) * (lin + 2 * att)
-        conv = 2 * (2 * t) * (enc.conv1.weight.numel()) + 2 * t * enc.conv2.weight.numel()
+        conv = 2 * (2 * t) * (enc.model.conv1.weight.numel()) + 2 * t * enc.model.conv2.weight.numel()
         total += conv
     h = llm.config.hidden_size
     per_llm_layer = linear_params(llm.base_model.layers[0])

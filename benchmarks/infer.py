@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, TOKENS_PER_SECOND, build, librispeech_durations, make_batch  # noqa: E402
+from common import TOKENS_PER_SECOND, build, librispeech_durations, make_batch  # noqa: E402
 
-from steermoe_core.model import AudioBatch, autocast  # noqa: E402
+from steermoe_core.data.batch import AudioBatch  # noqa: E402
+from steermoe_core.runtime import autocast, resolve_precision  # noqa: E402
 
 
 def sync(device):
@@ -52,13 +53,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="batched transcription: clips per batch")
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--static-cache", action="store_true", help="static KV cache (transformers compiles the decode step)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.smoke:
         args.whisper, args.llm, args.device, args.tokens, args.batch, args.batches = "tiny", "smollm2-135m", "cpu", 16, 4, 1
     device = torch.device(args.device)
-    precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(args.precision, device)
+    print(f"precision: {precision}")
     model = build(args.whisper, args.llm, device, trim=True).eval()
     options = {"cache_implementation": "static"} if args.static_cache else {}
 
@@ -82,7 +85,7 @@ def main() -> None:
         audio += float(sum(durs_b))
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "static_cache": args.static_cache,
+        "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "static_cache": args.static_cache, "precision": precision.name,
         "single_stream_prefill_s": prefill, "single_stream_decode_tokens_per_s": decode_tps,
         "single_stream_end_to_end_tokens_per_s": args.tokens / total,
         "batched_clips": args.batch * args.batches, "batch": args.batch, "batched_real_time_factor": audio / wall,

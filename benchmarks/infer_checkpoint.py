@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from steermoe_core.data import ShardedDataset
-from steermoe_core.infer import SteerMoE
-from steermoe_core.metrics import word_error_rate
+from steermoe_core.data.dataset import ShardedDataset
+from steermoe_core.evaluation.metrics import word_error_rate
+from steermoe_core.inference import SteerMoE
 
 
 def main() -> None:

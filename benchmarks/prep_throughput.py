@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from steermoe_core.prep.pipeline import run_prep
-from steermoe_core.prep.sources import librispeech
+from steermoe_core.data.prep.pipeline import run_prep
+from steermoe_core.data.prep.sources import librispeech
 
 REFERENCE_MB_PER_UTT = 1.5  # the reference stores 128 x 3000 float32 log-mel per utterance
 

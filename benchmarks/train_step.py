@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import build, librispeech_batches, reference_batches, step_flops  # noqa: E402
 
 from steermoe_core.config import TrainConfig  # noqa: E402
-from steermoe_core.model import autocast  # noqa: E402
-from steermoe_core.train import make_optimizer  # noqa: E402
+from steermoe_core.runtime import autocast, resolve_precision  # noqa: E402
+from steermoe_core.training.loop import train_step  # noqa: E402
+from steermoe_core.training.optim import make_optimizer  # noqa: E402
+from steermoe_core.training.strategy import SingleDevice  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -31,31 +33,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def to_device(batch, device):
-    batch.waves = batch.waves.to(device, non_blocking=True)
-    return batch
-
-
-def optimizer_step(opt) -> None:
-    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def train_step(model, opt, batch, device, precision: str) -> torch.Tensor:
-    with autocast(device, precision):
-        out = model(to_device(batch, device))
-    out["loss"].backward()
-    optimizer_step(opt)
-    return out["ce"]
+def step(model, opt, batch, precision) -> torch.Tensor:
+    """The product's own training step (steermoe_core.training.loop.train_step), one micro-batch."""
+    return train_step(model, opt, [batch], precision, clip_grad=1.0)["ce"]
 
 
 def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
-    """One step cut into phases with a sync between each (slower than a real step; for proportions)."""
+    """One step cut into phases with a sync between each (slower than a real step; for proportions).
+
+    The phases call the same model methods and optimizer step as ``train_step``; only the timing
+    boundaries are added."""
     times = {}
     sync(device)
     t = time.perf_counter()
-    batch = to_device(batch, device)
+    batch.waves = batch.waves.to(device, non_blocking=True)
     sync(device)
     times["data_h2d"] = time.perf_counter() - t
     real_encode = model.encode_audio
@@ -81,7 +72,7 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     times["encoder_steering_bwd"] = time.perf_counter() - t
     model.encode_audio = real_encode
     t = time.perf_counter()
-    optimizer_step(opt)
+    SingleDevice().optimizer_step(opt, 1.0)
     sync(device)
     times["optimizer"] = time.perf_counter() - t
     return times
@@ -99,7 +90,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="timed steps (0 = all batches once)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default=None, choices=["bf16", "fp32"])
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile encoder layers and LLM layers")
     ap.add_argument("--peak-tflops", type=float, default=778.0, help="measured bf16 matmul ceiling of the card")
@@ -110,7 +101,8 @@ def main() -> None:
         args.whisper, args.llm, args.device, args.utterances, args.steps, args.warmup = "tiny", "smollm2-135m", "cpu", 12, 2, 1
         args.batch_seconds, args.batch = 60.0, 2
     device = torch.device(args.device)
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = resolve_precision(args.precision, device)
+    print(f"precision: {precision}")
     trim = args.layout == "librispeech"
     model = build(args.whisper, args.llm, device, trim)
     model.max_target_tokens = 448
@@ -133,7 +125,7 @@ def main() -> None:
     if args.steps:
         timed = (timed * (args.steps // max(len(timed), 1) + 1))[: args.steps]
     for b in warm:
-        train_step(model, opt, b, device, precision)
+        step(model, opt, b, precision)
     split = phase_split(model, opt, timed[0], device, precision)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -144,14 +136,14 @@ def main() -> None:
     sync(device)
     t0 = time.perf_counter()
     for b in timed:
-        train_step(model, opt, b, device, precision)
+        step(model, opt, b, precision)
     sync(device)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "layout": args.layout,
-        "precision": precision, "steps": len(timed), "samples": samples, "mean_batch": samples / len(timed),
+        "precision": precision.name, "steps": len(timed), "samples": samples, "mean_batch": samples / len(timed),
         "step_s": wall / len(timed), "samples_per_s": samples / wall, "audio_hours_per_hour": audio_s / wall,
         "target_tokens_per_s": tokens / wall, "peak_mem_gib": peak, "tflop_per_sample": flops / samples / 1e12,
         "achieved_tflops": flops / wall / 1e12, "mfu": flops / wall / 1e12 / args.peak_tflops,

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-console = Console(stderr=True)
+from .common import console, friendly
 
 
 class Task(str, Enum):
@@ -27,6 +26,7 @@ class Format(str, Enum):
     srt = "srt"
 
 
+@friendly
 def infer(
     inputs: Annotated[list[str], typer.Argument(help="Audio files, folders (recursive) and globs")],
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: $STEERMOE_MODEL, else the demo's)")] = None,
@@ -40,10 +40,12 @@ def infer(
     beams: Annotated[int, typer.Option(help="1 = greedy")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (one file)")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Let the LLM's own Python code run (never read from a checkpoint)")] = False,
 ):
     """Ask a trained model about audio files, folders and long recordings."""
     from steermoe_core.errors import UsageError
-    from steermoe_core.infer import TASK_PROMPTS, SteerMoE, expand_inputs, to_srt
+    from steermoe_core.inference import SteerMoE, expand_inputs, to_srt
+    from steermoe_core.inference.api import TASK_PROMPTS
 
     from .progress import step_progress
 
@@ -61,11 +63,11 @@ def infer(
     if fmt == Format.srt and len(paths) > 1 and (out is None or out.suffix):
         raise UsageError("--format srt with several inputs needs --out FOLDER (one .srt per input)")
 
-    sm = SteerMoE.load(model, device)
+    sm = SteerMoE.load(model, device, trust_remote_code)
     if stream:
         from transformers import TextStreamer
 
-        streamer = TextStreamer(sm.model.tokenizer, skip_special_tokens=True)
+        streamer = TextStreamer(sm.backend.tokenizer, skip_special_tokens=True)
         results = sm.ask([str(p) for p in paths], text_prompt, transcribe, 1, max_new_tokens, beams, streamer)
     else:
         with step_progress(console, 1, label="decoding") as bar:

@@ -6,13 +6,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from .common import console, friendly, stdout
 from .progress import step_progress
 
 prep_app = typer.Typer(help="Prepare a dataset (Parquet shards of FLAC + manifest.json).", no_args_is_help=True)
-console = Console(stderr=True)
 
 Out = Annotated[Path, typer.Option("--out", help="Output folder")]
 Workers = Annotated[int, typer.Option(help="Parallel worker processes (0 = all cores)")]
@@ -22,7 +21,7 @@ ShardSize = Annotated[int, typer.Option(help="Utterances per Parquet shard")]
 
 
 def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, strict: bool, shard_size: int, nested: bool) -> None:
-    from steermoe_core.prep.pipeline import run_prep
+    from steermoe_core.data.prep.pipeline import run_prep
 
     table = Table(title=f"prepared {source}")
     for col in ("split", "folder", "examples", "hours", "skipped"):
@@ -35,7 +34,7 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
         m = res.manifest
         table.add_row(split, str(dest), str(m["examples"]), f"{m['hours']:.3f}", str(len(res.skipped)))
         all_skipped += res.skipped
-    Console().print(table)
+    stdout.print(table)
     if all_skipped:
         console.print(f"[yellow]warning:[/] {len(all_skipped)} input(s) skipped (all listed in manifest.json):")
         for s in all_skipped[:20]:
@@ -47,12 +46,6 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
             raise typer.Exit(2)
 
 
-def _friendly(fn):
-    from .main import friendly
-
-    return friendly(fn)
-
-
 @prep_app.command()
 def librispeech(
     src: Annotated[Path, typer.Argument(help="LibriSpeech root (or one subset folder)")],
@@ -61,13 +54,13 @@ def librispeech(
     workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
     """LibriSpeech: SUBSET/SPEAKER/CHAPTER/*.flac with *.trans.txt; all subsets given go in one dataset."""
-    from steermoe_core.prep.sources import librispeech as read
+    from steermoe_core.data.prep.sources import librispeech as read
 
     def go():
         items, skipped, split = read(src, subset)
         _run({split: (items, skipped)}, out, "librispeech", workers, resume, strict, shard_size, nested=False)
 
-    _friendly(go)()
+    friendly(go)()
 
 
 @prep_app.command()
@@ -76,9 +69,9 @@ def aishell(
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
     """AISHELL-1: one dataset per split under OUT/train, OUT/dev, OUT/test."""
-    from steermoe_core.prep.sources import aishell as read
+    from steermoe_core.data.prep.sources import aishell as read
 
-    _friendly(lambda: _run(read(src), out, "aishell", workers, resume, strict, shard_size, nested=True))()
+    friendly(lambda: _run(read(src), out, "aishell", workers, resume, strict, shard_size, nested=True))()
 
 
 @prep_app.command()
@@ -87,9 +80,9 @@ def clothoaqa(
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
     """ClothoAQA: every question of a clip, with all answers and confidences; OUT/train, OUT/val, OUT/test."""
-    from steermoe_core.prep.sources import clothoaqa as read
+    from steermoe_core.data.prep.sources import clothoaqa as read
 
-    _friendly(lambda: _run(read(src), out, "clothoaqa", workers, resume, strict, shard_size, nested=True))()
+    friendly(lambda: _run(read(src), out, "clothoaqa", workers, resume, strict, shard_size, nested=True))()
 
 
 @prep_app.command()
@@ -98,13 +91,13 @@ def folder(
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
     """Any audio (WAV/FLAC/OGG/MP3/M4A/...) with sidecar .txt files, or a manifest of path,text[,prompt,language]."""
-    from steermoe_core.prep.sources import folder as read
+    from steermoe_core.data.prep.sources import folder as read
 
     def go():
         items, skipped = read(src)
         _run({"all": (items, skipped)}, out, f"folder:{src}", workers, resume, strict, shard_size, nested=False)
 
-    _friendly(go)()
+    friendly(go)()
 
 
 @prep_app.command()
@@ -117,10 +110,14 @@ def synth(
     workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
     """Synthesise speech from text with flite / espeak-ng (offline training data)."""
-    from steermoe_core.prep.synth import DEFAULT_SPEEDS, DEFAULT_VOICES, synth_items
+    from steermoe_core.data.prep.synth import (
+        DEFAULT_SPEEDS,
+        DEFAULT_VOICES,
+        synth_items,
+    )
 
     def go():
         items, skipped = synth_items(texts, voice or DEFAULT_VOICES, speed or DEFAULT_SPEEDS, copies)
         _run({"synth": (items, skipped)}, out, f"synth:{texts.name}", workers, resume, strict, shard_size, nested=False)
 
-    _friendly(go)()
+    friendly(go)()

@@ -7,15 +7,14 @@ Every field carries its documentation in ``metadata["doc"]`` so the shipped reci
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 
-class RecipeError(ValueError):
-    """A recipe problem, phrased as one line that names the offending key."""
+from steermoe_core.errors import RecipeError
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -27,7 +26,7 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 @dataclass
 class EncoderConfig:
-    kind: Literal["whisper", "conformer"] = doc("whisper", "Audio encoder family.")
+    kind: Literal["whisper"] = doc("whisper", "Audio encoder family (see steermoe_core.encoders).")
     path: str = doc("openai/whisper-large-v3", "Hub id, local HF folder, or faster-whisper/CTranslate2 folder (model.bin + config.json).")
     trim_padding: bool = doc(True, "Encode only the real frames instead of Whisper's fixed 30 s (masked inside a batch).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen encoder weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
@@ -95,7 +94,7 @@ class TrainConfig:
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
     grad_accum: int = doc(1, "Micro-batches per optimizer step.", min=1)
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
-    precision: Literal["bf16", "fp16", "fp32"] = doc("bf16", "Autocast precision for the forward pass; the adapter keeps fp32 master weights.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer; auto = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. The adapter keeps fp32 master weights.")
     gradient_checkpointing: bool = doc(False, "Recompute LLM activations in the backward pass (saves memory, costs time).")
     compile: bool = doc(False, "torch.compile the encoder layers and LLM.")
     seed: int = doc(0, "Seed for init, data order and dropout-free determinism.")
@@ -111,13 +110,13 @@ class EvalConfig:
     batch_size: int = doc(8, "Examples per generation batch.", min=1)
     max_new_tokens: int = doc(128, "Generation budget per example.", min=1)
     num_beams: int = doc(1, "1 = greedy; >1 = beam search.", min=1)
-    max_examples: int = doc(0, "0 = the full set; >0 = the first N (quick checks during training).", min=0)
+    max_examples: int = doc(0, "0 = the full set (eval and validation); >0 = a seeded random sample of N examples.", min=0)
 
 
 @dataclass
 class DistributedConfig:
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage when --gpus > 1 (3 also shards the frozen backbones).", min=0, max=3)
-    backend: Literal["deepspeed", "ddp"] = doc("deepspeed", "Multi-device launcher: deepspeed, or torchrun/DDP (gloo on CPU).")
+    engine: Literal["ddp", "deepspeed"] = doc("ddp", "Training engine: ddp (one process = plain single-device training) or deepspeed.")
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage (engine = deepspeed only; 3 also shards the frozen LLM).", min=0, max=3)
 
 
 @dataclass
@@ -216,6 +215,8 @@ def _deep_copy(d: Any) -> Any:
 
 
 def _check_consistency(r: Recipe) -> None:
+    if r.distributed.engine != "deepspeed" and r.distributed.zero_stage != DistributedConfig.zero_stage:
+        raise RecipeError(f"distributed.zero_stage: only used with distributed.engine = 'deepspeed' (engine is {r.distributed.engine!r})")
     if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):
         raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {r.train.betas}")
     if r.model.steering.top_k > r.model.steering.num_experts:

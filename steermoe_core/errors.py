@@ -1,20 +1,48 @@
-"""The errors a user can cause, which the CLI prints as one line instead of a traceback."""
+"""The errors a user can cause. The CLI prints these as one line; anything else keeps its traceback.
+
+Every user-facing error subclasses ``SteermoeError``. Nothing else is caught: a shape bug or an
+out-of-memory is a programming or capacity problem whose traceback the user (or we) need.
+This module imports nothing from the package, so every layer can raise these.
+"""
 
 from __future__ import annotations
 
 
-class UsageError(ValueError):
+class SteermoeError(Exception):
+    """Bad input: a one-line message that names the file, key or option and what is wrong."""
+
+
+class UsageError(SteermoeError):
     """A command-line combination that cannot work."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .audio import AudioError
-    from .checkpoint import CheckpointError
-    from .config import RecipeError
-    from .data import DataError
-    from .prep.sources import SourceError
-
-    return (UsageError, RecipeError, DataError, CheckpointError, AudioError, SourceError, FileNotFoundError, NotImplementedError, RuntimeError, ValueError)
+class RecipeError(SteermoeError):
+    """A recipe problem, phrased as one line that names the offending key."""
 
 
-USER_ERRORS = _user_errors()
+class DataError(SteermoeError):
+    """A dataset problem, phrased as one line naming the folder or file."""
+
+
+class AudioError(SteermoeError):
+    """One line naming the audio file and what is wrong with it."""
+
+
+class SourceError(SteermoeError):
+    """A corpus folder for `steermoe prep` that is not laid out as expected."""
+
+
+class CheckpointError(SteermoeError):
+    """One line naming the checkpoint and what is wrong with it."""
+
+
+class BackboneError(SteermoeError):
+    """A backbone (encoder or LLM) that cannot be found or read."""
+
+
+class DeviceError(SteermoeError):
+    """A device or precision the machine cannot provide."""
+
+
+class ModelNotFound(SteermoeError):
+    """No --model, no STEERMOE_MODEL and no demo checkpoint: says how to get one."""

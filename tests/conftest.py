@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from steermoe_core.config import recipe_from_dict  # noqa: E402
-from steermoe_core.prep.shards import Row, write_manifest, write_shard  # noqa: E402
-from steermoe_core.random_backbones import write_llm, write_whisper  # noqa: E402
+from steermoe_core.data.prep.shards import Row, write_manifest, write_shard  # noqa: E402
+from steermoe_core.testing.random_backbones import write_llm, write_whisper  # noqa: E402
 
 TEXTS = ["hello world", "good morning", "the quick brown fox", "one two three"]
 

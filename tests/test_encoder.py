@@ -1,13 +1,14 @@
 """Our Whisper forward: equal to HF's at 30 s, and with trim_padding a clip is unchanged by its batch."""
 
 import numpy as np
+import pytest
 import torch
+from conftest import tone_clip
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from conftest import tone_clip
-from steermoe_core.encoders.whisper import encode, load_whisper_encoder
-from steermoe_core.features import batch_log_mel, log_mel
+from steermoe_core.encoders.log_mel import batch_log_mel, log_mel
+from steermoe_core.encoders import load_encoder
 
 
 def test_features_match_whisper_feature_extractor():
@@ -21,32 +22,55 @@ def test_features_match_whisper_feature_extractor():
 
 
 def test_full_30s_forward_equals_hf_encoder(backbones):
-    enc = load_whisper_encoder(str(backbones["whisper"]), torch.float32)
+    enc = load_encoder("whisper", str(backbones["whisper"]), trim_padding=False)
     hf = WhisperEncoder(enc.config)
-    hf.load_state_dict(enc.state_dict())
+    hf.load_state_dict(enc.model.state_dict())
     hf.eval()
     torch.manual_seed(0)
     feats = torch.randn(2, 80, 3000)
-    ours, mask = encode(enc, feats, torch.tensor([3000, 3000]), trim_padding=False)
-    ours = enc.layer_norm(ours)
+    ours, mask = enc.forward_layers(feats, torch.tensor([3000, 3000]))
+    ours = enc.final_norm(ours)
     ref = hf(feats).last_hidden_state
     assert mask.all()
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_trimmed_clip_is_the_same_alone_and_beside_a_longer_clip(backbones):
-    enc = load_whisper_encoder(str(backbones["whisper"]), torch.float32)
+    enc = load_encoder("whisper", str(backbones["whisper"]), trim_padding=True)
     short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
     waves = torch.zeros(2, len(long_))
     waves[0, : len(short)] = torch.from_numpy(short)
     waves[1] = torch.from_numpy(long_)
     feats, frames = batch_log_mel(waves, torch.tensor([len(short), len(long_)]), 80)
-    batched, mask = encode(enc, feats, frames, trim_padding=True)
+    batched, mask = enc.forward_layers(feats, frames)
     f1, n1 = batch_log_mel(torch.from_numpy(short)[None], torch.tensor([len(short)]), 80)
-    alone, mask1 = encode(enc, f1, n1, trim_padding=True)
+    alone, mask1 = enc.forward_layers(f1, n1)
     t = alone.shape[1]
     assert int(mask[0].sum()) == t == (len(short) // 160 + 1) // 2
     torch.testing.assert_close(batched[0, :t], alone[0], atol=1e-5, rtol=1e-4)
     # without the mask the padding would leak into the short clip's frames
-    unmasked, _ = encode(enc, feats, torch.tensor([frames[1], frames[1]]), trim_padding=True)
+    unmasked, _ = enc.forward_layers(feats, torch.tensor([frames[1], frames[1]]))
     assert (unmasked[0, :t] - alone[0]).abs().max() > 1e-3
+
+
+def test_load_encoder_encode_is_the_public_way_to_get_final_states(backbones):
+    """`load_encoder(kind, path).encode(waves, lengths)`: final hidden states and frame lengths,
+    steering off; a clip's states do not depend on what else is in the batch."""
+    enc = load_encoder("whisper", str(backbones["whisper"]))
+    short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
+    waves = torch.zeros(2, len(long_))
+    waves[0, : len(short)] = torch.from_numpy(short)
+    waves[1] = torch.from_numpy(long_)
+    lengths = torch.tensor([len(short), len(long_)])
+    hidden, frames = enc.encode(waves, lengths)
+    assert frames.tolist() == [(len(short) // 160 + 1) // 2, (len(long_) // 160 + 1) // 2]
+    assert hidden.shape == (2, int(frames.max()), enc.dim)
+    alone, n = enc.encode(torch.from_numpy(short)[None], lengths[:1])
+    torch.testing.assert_close(hidden[0, : int(n[0])], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_unknown_encoder_kind_is_a_one_line_error(backbones):
+    from steermoe_core.errors import UsageError
+
+    with pytest.raises(UsageError, match="encoder kind 'wav2vec': not one of whisper"):
+        load_encoder("wav2vec", str(backbones["whisper"]))

@@ -6,13 +6,13 @@ import subprocess
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import TEXTS, tone_clip
 from typer.testing import CliRunner
 
-from conftest import TEXTS, tone_clip
 from steermoe_cli.main import app
-from steermoe_core.audio import ffmpeg_binary
-from steermoe_core.infer import SteerMoE, expand_inputs, to_srt
-from steermoe_core.windows import split_points
+from steermoe_core.audio.load import ffmpeg_binary
+from steermoe_core.audio.windows import split_points
+from steermoe_core.inference import SteerMoE, expand_inputs, to_srt
 
 runner = CliRunner()
 
@@ -20,8 +20,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def ckpt(backbones, tiny_data, tmp_path_factory):
     from conftest import tiny_recipe_dict
+
     from steermoe_core.config import recipe_from_dict
-    from steermoe_core.train import train
+    from steermoe_core.training.loop import train
 
     d = tiny_recipe_dict(backbones, tiny_data)
     d["data"]["valid"] = ""
@@ -100,7 +101,7 @@ def test_other_prompts_put_all_windows_in_one_prompt_and_respect_the_context(ckp
     sm = SteerMoE.load(ckpt, "cpu")
     res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6)[0]
     assert res.error is None and len(res.segments) == 1 and res.segments[0].end == pytest.approx(95.0)
-    sm.model.llm.config.max_position_embeddings = 200  # 95 s is ~600 audio tokens
+    sm.backend.max_context = 200  # 95 s is ~600 audio tokens
     res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6)[0]
     assert "too long for the LLM's context" in res.error and "long.wav" in res.error
 
@@ -121,7 +122,7 @@ def test_without_a_model_the_error_says_how_to_get_one(monkeypatch, tmp_path):
 
 
 def test_srt_timestamps():
-    from steermoe_core.infer import Result, Segment
+    from steermoe_core.inference import Result, Segment
 
     srt = to_srt(Result("x", segments=[Segment(0, 28.0826, "a"), Segment(28.0826, 3725.5, "b")]))
     assert srt == "1\n00:00:00,000 --> 00:00:28,083\na\n\n2\n00:00:28,083 --> 01:02:05,500\nb\n\n"

@@ -10,8 +10,8 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from steermoe_cli.main import app
-from steermoe_core.audio import ffmpeg_binary
-from steermoe_core.data import ShardedDataset
+from steermoe_core.audio.load import ffmpeg_binary
+from steermoe_core.data.dataset import ShardedDataset
 
 runner = CliRunner()
 

@@ -3,8 +3,8 @@
 import torch
 from transformers import AutoTokenizer
 
-from steermoe_core.decoding import trim_loops
-from steermoe_core.prompt import PromptLayout, source_index
+from steermoe_core.model.decoding import trim_loops
+from steermoe_core.model.prompt import PromptLayout, source_index
 
 
 def layout(backbones, system=""):

@@ -6,7 +6,13 @@ import pytest
 from typer.testing import CliRunner
 
 from steermoe_cli.main import app
-from steermoe_core.config import RecipeError, dump_recipe, iter_fields, load_recipe, recipe_from_dict
+from steermoe_core.config import (
+    RecipeError,
+    dump_recipe,
+    iter_fields,
+    load_recipe,
+    recipe_from_dict,
+)
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 

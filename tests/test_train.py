@@ -8,15 +8,17 @@ import torch
 from typer.testing import CliRunner
 
 from steermoe_cli.main import app
-from steermoe_core.builder import build_model
-from steermoe_core.checkpoint import load_checkpoint
-from steermoe_core.evaluate import evaluate
-from steermoe_core.train import Callbacks, make_optimizer, train
+from steermoe_core.evaluation.evaluate import evaluate
+from steermoe_core.model.build import build_model
+from steermoe_core.model.checkpoint import load_checkpoint
+from steermoe_core.training.loop import Callbacks, train
+from steermoe_core.training.optim import make_optimizer
 
 
 @pytest.fixture(scope="module")
 def trained(backbones, tiny_data, tmp_path_factory):
     from conftest import tiny_recipe_dict
+
     from steermoe_core.config import recipe_from_dict
 
     recipe = recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
@@ -41,22 +43,23 @@ def test_only_the_adapter_changes_backbones_bit_identical(trained):
     model, _, _ = load_checkpoint(trained["result"].model_dir)
     after = model.state_dict()
     changed = {k for k, v in trained["before"].items() if not torch.equal(v, after[k])}
-    assert changed == {"steering.vectors", "steering.scales", "steering.router.weight", "steering.router.bias", "projector.weight", "projector.bias"}
+    assert changed == {f"adapter.{k}" for k in ("steering.vectors", "steering.scales", "steering.router.weight", "steering.router.bias", "projector.weight", "projector.bias")}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == changed
 
 
 def test_backbone_gradients_are_never_computed(backbones, tiny_data):
     from conftest import tiny_recipe_dict
+
     from steermoe_core.config import recipe_from_dict
-    from steermoe_core.data import ShardedDataset, collate
+    from steermoe_core.data.dataset import ShardedDataset, collate
 
     recipe = recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
     model = build_model(recipe.model, torch.device("cpu")).train()
     ds = ShardedDataset(tiny_data)
     model(collate([ds[i] for i in range(len(ds))], "Transcribe the audio."))["loss"].backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {n for n, p in model.named_parameters() if n.startswith(("steering.", "projector."))}
+    assert with_grad == {n for n, p in model.named_parameters() if n.startswith(("adapter.steering.", "adapter.projector."))}
     assert not model.encoder.training and not model.llm.training
 
 
@@ -68,8 +71,8 @@ def test_checkpoint_is_small_and_reloads_to_identical_generations(trained, tiny_
     assert meta["backbones"]["llm"]["config"]["hidden_size"] == 64
     a, recipe, _ = load_checkpoint(ckpt)
     b, _, _ = load_checkpoint(ckpt)
-    from steermoe_core.evaluate import predict_dataset
-    from steermoe_core.data import ShardedDataset
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.evaluate import predict_dataset
 
     ds = ShardedDataset(tiny_data)
     pa = [p["prediction"] for p in predict_dataset(a, ds, recipe)]
@@ -78,8 +81,8 @@ def test_checkpoint_is_small_and_reloads_to_identical_generations(trained, tiny_
 
 
 def test_checkpoint_refuses_other_backbones(trained, tmp_path):
-    from steermoe_core.checkpoint import CheckpointError
-    from steermoe_core.random_backbones import write_llm
+    from steermoe_core.model.checkpoint import CheckpointError
+    from steermoe_core.testing.random_backbones import write_llm
 
     other = write_llm(tmp_path / "other", init_std=0.2, seed=5)
     with pytest.raises(CheckpointError, match="llm weights differ"):
@@ -105,6 +108,7 @@ def test_per_group_learning_rates_apply(tiny_recipe):
 
 def test_resume_continues_from_the_checkpoint(backbones, tiny_data, tmp_path):
     from conftest import tiny_recipe_dict
+
     from steermoe_core.config import recipe_from_dict
 
     d = tiny_recipe_dict(backbones, tiny_data)

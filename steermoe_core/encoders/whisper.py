@@ -7,93 +7,117 @@ calls a hook after every layer: that is where SteerMoE steers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from ..weights import load_prefixed_state, resolve_model_dir, to_device
+from steermoe_core.backbones.weights import load_prefixed_state, resolve_model_dir
+from steermoe_core.encoders.base import AudioEncoder, LayerHook
+from steermoe_core.encoders.log_mel import HOP, MAX_FRAMES, batch_log_mel
+from steermoe_core.errors import BackboneError
+from steermoe_core.runtime import to_device
 
-LayerHook = Callable[[int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-
-def load_whisper_encoder(path: str, dtype: torch.dtype, attn_implementation: str = "sdpa") -> nn.Module:
-    """A frozen ``WhisperEncoder`` from a hub id, an HF folder, or a CTranslate2 folder."""
+def load_hf_whisper_encoder(path: str, attn_implementation: str = "sdpa") -> nn.Module:
+    """HF's ``WhisperEncoder`` from a hub id, an HF folder, or a CTranslate2 folder (converted, cached)."""
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     folder = resolve_model_dir(path, patterns=["config.json", "*.safetensors", "*.json", "model.bin"])
     if (folder / "model.bin").exists() and not list(folder.glob("*.safetensors")):
-        from .ctranslate2 import whisper_encoder_from_ct2
+        from steermoe_core.backbones.ctranslate2 import whisper_encoder_from_ct2
 
-        encoder = whisper_encoder_from_ct2(folder, attn_implementation)
-    else:
-        config = WhisperConfig.from_pretrained(folder)
-        config._attn_implementation = attn_implementation
-        encoder = WhisperEncoder(config)
-        state = load_prefixed_state(folder, ("model.encoder.", "encoder."))
-        missing = encoder.load_state_dict(state, strict=False).missing_keys
-        if missing:
-            raise ValueError(f"{folder}: not a Whisper checkpoint (missing encoder weights, e.g. {missing[0]})")
-    encoder.to(dtype)
-    return freeze(encoder)
+        return whisper_encoder_from_ct2(folder, attn_implementation)
+    config = WhisperConfig.from_pretrained(folder)
+    config._attn_implementation = attn_implementation
+    encoder = WhisperEncoder(config)
+    state = load_prefixed_state(folder, ("model.encoder.", "encoder."))
+    missing = encoder.load_state_dict(state, strict=False).missing_keys
+    if missing:
+        raise BackboneError(f"{folder}: not a Whisper checkpoint (missing encoder weights, e.g. {missing[0]})")
+    return encoder
 
 
-def freeze(module: nn.Module) -> nn.Module:
-    """No gradients, eval mode (SteerMoEModel.train() keeps backbones in eval: no dropout)."""
-    module.requires_grad_(False)
-    return module.eval()
+class WhisperAudioEncoder(AudioEncoder):
+    """Whisper (tiny ... large-v3): log-mel front end, 2x conv subsampling (20 ms frames), L layers."""
+
+    kind = "whisper"
+    default_stride = 4  # 50 Hz -> 12.5 Hz
+
+    def __init__(self, model: nn.Module, trim_padding: bool = True):
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.trim_padding = trim_padding
+        c = model.config
+        self.num_layers, self.dim, self.n_mels = c.encoder_layers, c.d_model, c.num_mel_bins
+        self.max_frames = c.max_source_positions * 2
+        self.max_samples = self.max_frames * HOP
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+    def features(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return batch_log_mel(waves, lengths, self.n_mels, pad_to=None if self.trim_padding else MAX_FRAMES)
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        if not self.trim_padding:
+            return torch.full((len(lengths),), self.max_frames // 2, dtype=torch.long)
+        frames = (torch.as_tensor(lengths).cpu() // HOP).clamp_max(self.max_frames)
+        return (frames + 1) // 2
+
+    def forward_layers(
+        self, feats: torch.Tensor, feat_lengths: torch.Tensor, hook: LayerHook | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, n_mels, F) features with ``feat_lengths`` real mel frames -> (B, T, D) states, (B, T) mask.
+
+        With ``trim_padding=False`` the features are padded to 3000 frames and every output frame
+        counts as real: exactly HF's computation (the reference's layout).
+        """
+        enc = self.model
+        if not self.trim_padding and feats.shape[-1] != self.max_frames:
+            feats = nn.functional.pad(feats, (0, self.max_frames - feats.shape[-1]))
+        if feats.shape[-1] > self.max_frames:
+            raise ValueError(f"audio longer than {self.max_frames // 100} s reached the encoder; split it into windows first")
+        dtype = enc.conv1.weight.dtype
+        x = nn.functional.gelu(enc.conv1(feats.to(dtype)))
+        x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
+        b, t = x.shape[:2]
+        x = x + enc.embed_positions.weight[:t]
+        enc_frames = (feat_lengths.cpu() + 1) // 2  # frame counts live on the host: no device sync below
+        uniform = bool((enc_frames >= t).all())
+        enc_frames = to_device(enc_frames, x.device)
+        if self.trim_padding:
+            mask = torch.arange(t, device=x.device)[None, :] < enc_frames[:, None]
+        else:
+            mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
+        # Padded keys are masked out; a uniform-length batch passes None so SDPA may pick flash kernels.
+        attn_mask = None
+        if self.trim_padding and not uniform:
+            attn_mask = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=x.device)
+            attn_mask.masked_fill_(~mask[:, None, None, :], torch.finfo(x.dtype).min)
+        for i, layer in enumerate(enc.layers):
+            x = layer(x, attn_mask)
+            if isinstance(x, tuple):  # transformers < 5 returns a tuple
+                x = x[0]
+            if hook is not None:
+                x = hook(i, x, mask)
+        return x, mask
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.layer_norm(x)
+
+    def identity(self) -> dict:
+        c = self.model.config
+        return {k: getattr(c, k, None) for k in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins")}
+
+    def fingerprint_tensor(self) -> torch.Tensor:
+        return self.model.conv1.weight
 
 
-def whisper_dims(encoder: nn.Module) -> tuple[int, int, int]:
-    """(num_layers, hidden size, mel bins)."""
-    c = encoder.config
-    return c.encoder_layers, c.d_model, c.num_mel_bins
-
-
-def encode(
-    encoder: nn.Module,
-    features: torch.Tensor,
-    frames: torch.Tensor,
-    trim_padding: bool = True,
-    hook: LayerHook | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, n_mels, F) features with ``frames`` real mel frames each -> (B, T, D) states and (B, T) mask.
-
-    With ``trim_padding=False`` the features are padded to 3000 frames and every output frame counts
-    as real: exactly HF's computation (the reference's layout).
-    """
-    max_frames = encoder.config.max_source_positions * 2
-    if not trim_padding and features.shape[-1] != max_frames:
-        features = nn.functional.pad(features, (0, max_frames - features.shape[-1]))
-    if features.shape[-1] > max_frames:
-        raise ValueError(f"audio longer than {max_frames // 100} s reached the encoder; split it into windows first")
-    dtype = encoder.conv1.weight.dtype
-    x = nn.functional.gelu(encoder.conv1(features.to(dtype)))
-    x = nn.functional.gelu(encoder.conv2(x)).permute(0, 2, 1)
-    t = x.shape[1]
-    x = x + encoder.embed_positions.weight[:t]
-    b = x.shape[0]
-    enc_frames = (frames.cpu() + 1) // 2  # frame counts live on the host: no device sync below
-    uniform = bool((enc_frames >= t).all())
-    enc_frames = to_device(enc_frames, x.device)
-    if trim_padding:
-        mask = torch.arange(t, device=x.device)[None, :] < enc_frames[:, None]
-    else:
-        mask = torch.ones(b, t, dtype=torch.bool, device=x.device)
-    # Padded keys are masked out; a uniform-length batch passes None so SDPA may pick flash kernels.
-    attn_mask = None
-    if trim_padding and not uniform:
-        attn_mask = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=x.device)
-        attn_mask.masked_fill_(~mask[:, None, None, :], torch.finfo(x.dtype).min)
-    for i, layer in enumerate(encoder.layers):
-        x = layer(x, attn_mask)
-        if isinstance(x, tuple):  # transformers < 5 returns a tuple
-            x = x[0]
-        if hook is not None:
-            x = hook(i, x, mask)
-    return x, mask
-
-
-def final_norm(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return encoder.layer_norm(x)
+def load(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", trim_padding: bool = True) -> WhisperAudioEncoder:
+    """The registry's loader for ``kind = "whisper"``."""
+    return WhisperAudioEncoder(load_hf_whisper_encoder(path, attn_implementation).to(dtype), trim_padding)

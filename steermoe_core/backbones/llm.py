@@ -1,0 +1,46 @@
+"""The frozen causal LLM: any ``AutoModelForCausalLM`` from a hub id, a folder, or a .gguf file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from steermoe_core.backbones.weights import (
+    quiet_transformers,
+    resolve_model_dir,
+    resolve_path,
+)
+from steermoe_core.config import LLMConfig
+from steermoe_core.errors import BackboneError
+
+
+def load_llm(cfg: LLMConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
+    """(frozen model, tokenizer). GGUF weights are dequantised into a plain dense module.
+
+    ``trust_remote_code`` is an argument, not read from ``cfg``: only the caller knows whether the
+    recipe is the user's own or came inside a downloaded checkpoint.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    p = Path(resolve_path(cfg.path)).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise BackboneError(f"{p}: no such GGUF file")
+        from steermoe_core.backbones.gguf import load_gguf_llm
+
+        model, tok = load_gguf_llm(p, dtype, cfg.attn_implementation)
+    else:
+        folder = resolve_model_dir(cfg.path)
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, attn_implementation=cfg.attn_implementation,
+            trust_remote_code=trust_remote_code,
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return model, tok

@@ -1,0 +1,166 @@
+"""The embedded default: prep -> train -> eval -> infer with real pretrained backbones, offline.
+
+Every stage leaves its result in the work folder and is skipped when that result exists, so a
+second run reuses the data and checkpoints (and re-prints the table).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from steermoe_core.atomic import write_text
+from steermoe_core.config import load_recipe
+from steermoe_core.demo.text import demo_sentences
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
+REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
+
+
+@dataclass
+class DemoConfig:
+    """Sized for at most 10 minutes of training on 2 CPU cores; CI uses a much smaller one."""
+
+    workdir: Path
+    train_sentences: int = 3000
+    valid_sentences: int = 200
+    steps: int = 170
+    recipe: Path = RECIPE
+    voices: tuple[str, ...] = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16", "espeak:en-us", "espeak:en-gb")
+    workers: int = 0
+
+
+Log = Callable[[str], None]
+
+
+def _prep_synth(texts: list[str], out: Path, voices: list[str], workers: int, log: Log) -> None:
+    from steermoe_core.data.prep.pipeline import run_prep
+    from steermoe_core.data.prep.synth import DEFAULT_SPEEDS, synth_items
+
+    if (out / "manifest.json").exists():
+        log(f"reusing {out}")
+        return
+    txt = out.with_suffix(".txt")
+    write_text(txt, "\n".join(texts) + "\n")
+    items, skipped = synth_items(txt, voices, DEFAULT_SPEEDS, copies=1, prefix=out.name)
+    m = run_prep(items, out, f"synth:{txt.name}", out.name, skipped, workers=workers, shard_size=500).manifest
+    log(f"synthesised {m['examples']} utterances ({m['hours'] * 60:.1f} min of speech) into {out}")
+
+
+def _prep_real(out: Path, log: Log) -> None:
+    from steermoe_core.backbones.weights import resolve_path
+    from steermoe_core.data.prep.pipeline import run_prep
+    from steermoe_core.data.prep.sources import folder
+
+    if (out / "manifest.json").exists():
+        return
+    items, skipped = folder(Path(resolve_path(REAL_CLIPS)))
+    run_prep(items, out, "pytest-audioeval:en", "test", skipped, workers=1)
+    log(f"real English clips: {len(items)} from pytest-audioeval")
+
+
+def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> Path:
+    from steermoe_core.training.loop import Callbacks, train
+
+    run = cfg.workdir / name
+    if (run / "model" / "adapter.safetensors").exists():
+        log(f"reusing {run / 'model'}")
+        return run / "model"
+    recipe = load_recipe(cfg.recipe, [
+        f"data.train={data / 'train'}", f"data.valid={data / 'valid'}", f"train.max_steps={cfg.steps}",
+        f"model.steering.placement={placement}", "train.eval_every=0",
+    ])
+    log(f"training {name} ({placement}) for {cfg.steps} steps")
+    cb = Callbacks(on_step=lambda r: log(f"  {name} step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
+    resume = (run / "checkpoints" / "latest").exists()
+    return train(recipe, run, resume=resume, callbacks=cb).model_dir
+
+
+def _wer_of(model, ds_dir: Path, recipe) -> float:
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.evaluate import predict_dataset
+    from steermoe_core.evaluation.metrics import word_error_rate
+
+    preds = predict_dataset(model, ShardedDataset(ds_dir), recipe)
+    return word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds])
+
+
+def _whisper_wer(encoder_path: str, ds_dir: Path) -> float:
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.metrics import word_error_rate
+    from steermoe_core.evaluation.whisper_decoder import WhisperDecoderBaseline
+
+    whisper = WhisperDecoderBaseline(encoder_path)
+    ds = ShardedDataset(ds_dir)
+    exs = [ds[i] for i in range(len(ds))]
+    hyps = [h for k in range(0, len(exs), 16) for h in whisper.transcribe([e.audio for e in exs[k : k + 16]])]
+    return word_error_rate([e.text for e in exs], hyps)
+
+
+def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
+    """What `steermoe infer` prints for the real clips and for a freshly synthesised one."""
+    import soundfile as sf
+
+    from steermoe_core.backbones.weights import resolve_path
+    from steermoe_core.data.prep.synth import synthesize
+    from steermoe_core.inference import SteerMoE
+    from steermoe_core.inference.torch_backend import TorchBackend
+
+    clip = workdir / "synth_clip.wav"
+    if not clip.exists():
+        sf.write(clip, synthesize("Good morning everyone, the meeting starts at ten.", "flite", "slt", 1.0), 16000)
+    real = sorted(Path(resolve_path(REAL_CLIPS)).glob("*.wav"))
+    results = SteerMoE(TorchBackend(model, precision)).transcribe([str(p) for p in real + [clip]], max_new_tokens=48)
+    refs = {p.name: p.with_suffix(".txt").read_text().strip() for p in real}
+    refs[clip.name] = "Good morning everyone, the meeting starts at ten."
+    out = [{"file": Path(r.path).name, "reference": refs[Path(r.path).name], "steermoe": r.text, "rtf": r.rtf} for r in results]
+    for o in out:
+        log(f"  infer {o['file']}: {o['steermoe']!r}")
+    return out
+
+
+def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
+    from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
+    from steermoe_core.model.steermoe import SteerMoEModel
+
+    data = cfg.workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    sentences = demo_sentences(cfg.train_sentences + cfg.valid_sentences)
+    _prep_synth(sentences[: cfg.train_sentences], data / "train", list(cfg.voices), cfg.workers, log)
+    _prep_synth(sentences[cfg.train_sentences :], data / "valid", list(cfg.voices), cfg.workers, log)
+    _prep_real(data / "real", log)
+
+    ckpts = {
+        "steermoe": _train(cfg, "steermoe", "layer_wise", data, log),
+        "linear": _train(cfg, "linear", "none", data, log),
+    }
+    sets = {"held-out synth": data / "valid", "real clips": data / "real"}
+    steer, recipe, _ = load_checkpoint(ckpts["steermoe"], torch.device("cpu"))
+
+    def sibling(cfg) -> SteerMoEModel:
+        """A fresh adapter on the already-loaded frozen backbones: no second load of either."""
+        torch.manual_seed(recipe.train.seed)  # the same init build_model gives at step 0
+        return SteerMoEModel(steer.encoder, steer.llm, steer.tokenizer, cfg)
+
+    linear_recipe = read_checkpoint(ckpts["linear"])[0]
+    linear, _, _ = load_checkpoint(ckpts["linear"], model=sibling(linear_recipe.model))
+    models = {"untrained adapter": sibling(recipe.model).eval(), "linear-only adapter": linear, "steermoe": steer}
+    table = {name: {s: _wer_of(m, p, recipe) for s, p in sets.items()} for name, m in models.items()}
+    table["whisper tiny.en decoder"] = {s: _whisper_wer(recipe.model.encoder.path, p) for s, p in sets.items()}
+    from steermoe_core.runtime import resolve_precision
+
+    inferred = _infer_clips(steer, resolve_precision(recipe.train.precision, steer.device), cfg.workdir, log)
+    order = ["untrained adapter", "linear-only adapter", "steermoe", "whisper tiny.en decoder"]
+    result = {
+        "steps": cfg.steps, "train_utterances": cfg.train_sentences,
+        "wer": {k: table[k] for k in order},
+        "transcripts": inferred,
+        "checkpoint": str(ckpts["steermoe"]),
+        "parameters": steer.parameter_counts(),
+    }
+    write_text(cfg.workdir / "results.json", json.dumps(result, indent=2))
+    return result

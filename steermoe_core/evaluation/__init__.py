@@ -1,0 +1,1 @@
+"""Scoring: metrics (WER, CER, QA), dataset decoding for `steermoe eval`, and Whisper's own decoder as a yardstick."""

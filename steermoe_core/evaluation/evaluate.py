@@ -1,0 +1,78 @@
+"""`steermoe eval`: decode a prepared set deterministically and score it (DESIGN.md section 9)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from steermoe_core.atomic import atomic_file
+from steermoe_core.config import Recipe
+from steermoe_core.data.dataset import ShardedDataset, make_loader
+from steermoe_core.data.sampler import length_bucketed_batches
+from steermoe_core.evaluation.metrics import score
+from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.runtime import Precision, autocast, resolve_precision
+
+
+def pick_examples(n: int, max_examples: int, seed: int) -> list[int] | None:
+    """None = all ``n``; else a seeded random sample of ``max_examples`` (not the first, shortest ones)."""
+    if not max_examples or max_examples >= n:
+        return None
+    return sorted(random.Random(seed).sample(range(n), max_examples))
+
+
+@torch.no_grad()
+def predict_dataset(
+    model: SteerMoEModel,
+    ds: ShardedDataset,
+    recipe: Recipe,
+    precision: Precision | None = None,
+    max_examples: int = 0,
+    progress: Callable[[int], None] | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Predictions in dataset order, one dict per example (id, reference, prediction, prompt)."""
+    precision = precision or resolve_precision(recipe.train.precision, model.device)
+    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False)
+    keep = pick_examples(len(ds), max_examples, seed)
+    if keep is not None:
+        chosen = set(keep)
+        batches = [b for b in ([i for i in b if i in chosen] for b in batches) if b]
+    out: dict[int, dict] = {}
+    model.eval()
+    for bidx, (batch, examples) in enumerate(make_loader(ds, batches, recipe.data.prompt, 0)):
+        batch.waves = batch.waves.to(model.device)
+        with autocast(model.device, precision):
+            hyps = model.generate(batch, recipe.eval.max_new_tokens, recipe.eval.num_beams)
+        for i, e, h, p in zip(batches[bidx], examples, hyps, batch.prompts):
+            out[i] = {"id": e.id, "reference": e.text, "prediction": h, "prompt": p, "language": e.language}
+        if progress:
+            progress(len(examples))
+    return [out[i] for i in sorted(out)]
+
+
+def evaluate(
+    model: SteerMoEModel,
+    data: str | Path,
+    recipe: Recipe,
+    predictions_path: Path | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    ds = ShardedDataset(data)
+    precision = resolve_precision(recipe.train.precision, model.device)
+    preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, progress, recipe.train.seed)
+    summary = {
+        "data": str(data),
+        "examples": len(preds),
+        "precision": precision.name,
+        **score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]),
+    }
+    if predictions_path is not None:
+        with atomic_file(predictions_path, "w") as f:
+            for p in preds:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    return summary

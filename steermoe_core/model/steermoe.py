@@ -1,0 +1,171 @@
+"""SteerMoE end to end: frozen encoder -> steering -> pool -> projector -> frozen LLM.
+
+The model takes raw 16 kHz waveforms; the encoder computes its own features on the model's device.
+Only ``self.adapter`` trains and is saved; both backbones stay frozen and in eval mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from steermoe_core.config import ModelConfig
+from steermoe_core.data.batch import AudioBatch
+from steermoe_core.encoders.base import AudioEncoder, fingerprint
+from steermoe_core.model.adapter import Adapter
+from steermoe_core.model.decoding import trim_loops
+from steermoe_core.model.prompt import PromptLayout, source_index
+from steermoe_core.model.steering import pooled_lengths
+from steermoe_core.runtime import to_device
+
+
+class SteerMoEModel(nn.Module):
+    def __init__(self, encoder: AudioEncoder, llm: nn.Module, tokenizer, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.llm, self.tokenizer = encoder, llm, tokenizer
+        self.layout = PromptLayout(tokenizer, cfg.llm.system_prompt)
+        emb = llm.get_input_embeddings().weight
+        self.adapter = Adapter(encoder.num_layers, encoder.dim, emb.shape[1], cfg)
+        self.adapter.init_projector(emb.float().pow(2).mean().sqrt().item())
+        self.max_target_tokens = 256
+        self.grad_checkpointing = False
+
+    @property
+    def steering(self):
+        return self.adapter.steering
+
+    @property
+    def projector(self) -> nn.Linear:
+        return self.adapter.projector
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.projector.weight.device
+
+    # -- training-mode bookkeeping: the backbones never leave eval mode (no dropout, ever) --
+    def train(self, mode: bool = True) -> SteerMoEModel:
+        super().train(mode)
+        self.encoder.eval()
+        self.llm.train(mode and self.grad_checkpointing)
+        return self
+
+    def enable_gradient_checkpointing(self) -> None:
+        """HF checkpoints only modules in training mode, so the LLM must be in it; every dropout in
+        it is zeroed first, so "training mode" changes nothing but the checkpointing."""
+        for m in self.llm.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = 0.0
+        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.grad_checkpointing = True
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
+
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_checked(state)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        return self.adapter.parameter_groups()
+
+    def parameter_counts(self) -> dict[str, int]:
+        return self.adapter.parameter_counts()
+
+    # -- audio side --
+    def audio_token_counts(self, lengths: torch.Tensor) -> list[int]:
+        """Audio tokens per clip, from sample counts alone (host arithmetic, no device sync)."""
+        return pooled_lengths(self.encoder.output_lengths(lengths), self.cfg.projector.stride).tolist()
+
+    def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, T', H) audio embeddings (padded positions are garbage-free zeros)."""
+        feats, feat_lengths = self.encoder.features(waves, lengths)
+        x, mask = self.encoder.forward_layers(feats, feat_lengths, hook=self.adapter.layer_hook)
+        x = self.adapter.after_encoder(x, mask)
+        return self.adapter.project(self.encoder.final_norm(x), mask)
+
+    def _embed(self, batch: AudioBatch, targets: list[str] | None):
+        audio = self.encode_audio(batch.waves, batch.lengths)
+        per_clip = self.audio_token_counts(batch.lengths)
+        src_index = source_index(per_clip, audio.shape[1])  # clip-major, so windows stay in order
+        groups = batch.clips_per_example or [1] * len(per_clip)
+        bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
+        n_audio = [sum(per_clip[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
+        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens)
+        dev = audio.device
+        emb_layer = self.llm.get_input_embeddings()
+        embeds = emb_layer(to_device(lb.input_ids, dev))
+        b, s, h = embeds.shape
+        src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))
+        flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
+        return flat.view(b, s, h), lb
+
+    # -- training loss --
+    def forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
+        """Cross-entropy on target tokens only: logits are never formed for prompt or audio positions."""
+        if batch.targets is None:
+            raise ValueError("forward() needs targets; use generate() for inference")
+        self.adapter.reset_aux()
+        embeds, lb = self._embed(batch, batch.targets)
+        dev = embeds.device
+        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, dev), use_cache=False)
+        hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, to_device(lb.target_index, dev))
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        ce = F.cross_entropy(logits, to_device(lb.target_labels, dev))
+        aux = self.adapter.aux_loss
+        loss = ce if aux is None else ce + aux
+        return {"loss": loss, "ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
+
+    # -- inference --
+    @torch.no_grad()
+    def generate(
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options
+    ) -> list[str]:
+        """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn.
+
+        A fresh GenerationConfig is used, so the LLM's own generation_config can never switch
+        sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
+        """
+        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, **options)
+        stops, pad = set(self.layout.stop_ids), self.layout.pad_id
+        rows = []
+        for row in ids.tolist():
+            while row and row[-1] == pad and pad not in stops:
+                row.pop()
+            # an output that never reached end-of-turn ran out of budget: cut a runaway loop
+            rows.append(row if row and row[-1] in stops else trim_loops(row))
+        return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def generate_ids(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options) -> torch.Tensor:
+        from transformers import GenerationConfig
+
+        embeds, lb = self._embed(batch, None)
+        gen = GenerationConfig(
+            do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            eos_token_id=self.layout.stop_ids, pad_token_id=self.layout.pad_id,
+            temperature=None, top_p=None, top_k=None, use_cache=True, **options,
+        )
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device), generation_config=gen, streamer=streamer
+        )
+
+
+def backbone_identity(model: SteerMoEModel) -> dict:
+    """What a checkpoint must match: backbone paths, shape-defining config, and a weight fingerprint."""
+    lc = model.llm.config
+    enc = {"kind": model.encoder.kind, **model.encoder.identity()}
+    llm = {k: getattr(lc, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}
+    return {
+        "encoder": {"path": model.cfg.encoder.path, "config": enc, "config_hash": _hash(enc), "weights": fingerprint(model.encoder.fingerprint_tensor())},
+        "llm": {"path": model.cfg.llm.path, "config": llm, "config_hash": _hash(llm), "weights": fingerprint(model.llm.get_input_embeddings().weight)},
+    }
+
+
+def _hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,295 @@
+"""`steermoe train`: the training loop as small functions (DESIGN.md section 8).
+
+Resumable at any checkpoint: the batch order is a pure function of (seed, epoch), so the data
+position is just (epoch, batches done) and nothing has to be replayed to get back to it. An
+optimizer step always takes exactly ``grad_accum`` micro-batches, across epoch boundaries too.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from steermoe_core.atomic import write_text
+from steermoe_core.audio.load import SAMPLE_RATE
+from steermoe_core.config import Recipe, dump_recipe
+from steermoe_core.data.batch import AudioBatch
+from steermoe_core.data.dataset import ShardedDataset, make_loader
+from steermoe_core.data.sampler import length_bucketed_batches
+from steermoe_core.errors import DataError, UsageError
+from steermoe_core.evaluation.evaluate import predict_dataset
+from steermoe_core.evaluation.metrics import score
+from steermoe_core.model.checkpoint import (
+    load_checkpoint,
+    load_train_state,
+    save_checkpoint,
+)
+from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
+from steermoe_core.training.optim import make_optimizer, make_scheduler
+from steermoe_core.training.strategy import SingleDevice, Strategy
+
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class Callbacks:
+    """How the CLI watches a run without the core knowing about terminals."""
+
+    on_start: Callable[[dict], None] = lambda info: None
+    on_step: Callable[[dict], None] = lambda rec: None
+    on_eval: Callable[[dict], None] = lambda rec: None
+    on_save: Callable[[Path], None] = lambda path: None
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    history: list[dict] = field(default_factory=list)
+    final_metrics: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the data stream stands: epoch, and batches of it already consumed."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+# -- one step --------------------------------------------------------------------------------------
+def train_step(
+    model: SteerMoEModel,
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[AudioBatch],
+    precision: Precision | str,
+    clip_grad: float = 1.0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    strategy: Strategy | None = None,
+) -> dict:
+    """One optimizer step over ``micro_batches`` (gradient accumulation): forward + backward each,
+    then clip, step and zero. Returns device tensors where a value would force a sync."""
+    strategy = strategy or SingleDevice()
+    device = model.device
+    ce = torch.zeros((), device=device)
+    samples, audio_s = 0, 0.0
+    for batch in micro_batches:
+        batch.waves = batch.waves.to(device, non_blocking=True)
+        with autocast(device, precision):
+            out = strategy.forward(model, batch)
+        strategy.backward(out["loss"] / len(micro_batches))
+        ce += out["ce"].detach()
+        samples += len(batch.lengths)
+        audio_s += float(batch.lengths.sum()) / SAMPLE_RATE
+    grad_norm = strategy.optimizer_step(optimizer, clip_grad)
+    if scheduler is not None:
+        scheduler.step()
+    return {"ce": ce / len(micro_batches), "grad_norm": grad_norm, "samples": samples, "audio_s": audio_s}
+
+
+def micro_batch_stream(
+    ds: ShardedDataset, recipe: Recipe, start: Position, strategy: Strategy
+) -> Iterator[tuple[AudioBatch, Position]]:
+    """Training micro-batches forever, epoch after epoch, each with the position just after it."""
+    epoch, done = start.epoch, start.batch_in_epoch
+    while True:
+        batches = length_bucketed_batches(ds, recipe.data.batch_size, recipe.data.max_batch_seconds, recipe.train.seed, epoch)
+        batches = strategy.shard(batches)
+        for batch, _ in make_loader(ds, batches[done:], recipe.data.prompt, recipe.data.num_workers):
+            done += 1
+            yield batch, Position(epoch, done)
+        epoch, done = epoch + 1, 0
+
+
+# -- validation ------------------------------------------------------------------------------------
+@torch.no_grad()
+def validation_loss(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision) -> float:
+    """Mean target-token cross-entropy over the whole set."""
+    total, n = 0.0, 0
+    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False)
+    for batch, _ in make_loader(ds, batches, recipe.data.prompt, 0):
+        batch.waves = batch.waves.to(model.device)
+        with autocast(model.device, precision):
+            out = model(batch)
+        total += out["ce"].item() * out["tokens"].item()
+        n += out["tokens"].item()
+    return total / max(n, 1)
+
+
+def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision) -> dict:
+    """Loss over the whole validation set, and the headline metric over the whole set too, or over a
+    seeded random sample of ``eval.max_examples`` (never the shortest clips only)."""
+    model.eval()
+    metrics = {"valid_loss": validation_loss(model, ds, recipe, precision)}
+    preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, seed=recipe.train.seed)
+    metrics.update(score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]))
+    metrics["valid_examples"] = len(preds)
+    model.train()
+    return metrics
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def latest_checkpoint(out: Path) -> Path | None:
+    marker = out / "checkpoints" / "latest"
+    if marker.exists():
+        path = out / "checkpoints" / marker.read_text().strip()
+        if (path / "train_state.pt").exists():
+            return path
+    return None
+
+
+def _prune(out: Path) -> None:
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_state(opt, sched, step: int, pos: Position, device: torch.device) -> dict:
+    return {
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": pos.epoch,
+        "batch_in_epoch": pos.batch_in_epoch, "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+    }
+
+
+def _restore(start: Path, opt, sched, device: torch.device) -> tuple[int, Position]:
+    st = load_train_state(start)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["rng"])
+    if device.type == "cuda" and st.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state(st["cuda_rng"], device)
+    return int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
+
+
+def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> SteerMoEModel:
+    """A fresh model, or the one in the checkpoint being resumed. ``trust_remote_code`` comes from
+    the recipe the user passed to this run, never from what the checkpoint stored."""
+    trust = recipe.model.llm.trust_remote_code
+    if start is not None:
+        model, _, _ = load_checkpoint(start, device, trust_remote_code=trust)
+    else:
+        from steermoe_core.model.build import build_model
+
+        model = build_model(recipe.model, device, recipe.train.seed, trust)
+    model.max_target_tokens = recipe.data.max_target_tokens
+    if recipe.train.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if recipe.train.compile:
+        layers = model.encoder.layers
+        for i, layer in enumerate(layers):
+            layers[i] = torch.compile(layer, dynamic=True)
+        model.llm.base_model.forward = torch.compile(model.llm.base_model.forward)
+    return model
+
+
+class _Window:
+    """Running totals between two log lines."""
+
+    def __init__(self, device: torch.device):
+        self.ce, self.steps, self.samples, self.audio_s = torch.zeros((), device=device), 0, 0, 0.0
+        self.grad_norm = torch.zeros((), device=device)
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: dict) -> None:
+        self.ce += stats["ce"]
+        self.grad_norm += stats["grad_norm"].to(self.grad_norm.device)
+        self.steps += 1
+        self.samples += stats["samples"]
+        self.audio_s += stats["audio_s"]
+
+    def record(self, step: int, lr: float, epoch: int) -> dict:
+        dt = time.perf_counter() - self.t0
+        return {
+            "step": step, "loss": (self.ce / self.steps).item(), "grad_norm": (self.grad_norm / self.steps).item(),
+            "lr": lr, "samples_per_s": self.samples / dt, "audio_s_per_s": self.audio_s / dt, "epoch": epoch,
+        }
+
+
+# -- the loop --------------------------------------------------------------------------------------
+def train(
+    recipe: Recipe, out: Path, resume: bool = False, callbacks: Callbacks | None = None, strategy: Strategy | None = None
+) -> TrainResult:
+    cb = callbacks or Callbacks()
+    strategy = strategy or SingleDevice()
+    cfg = recipe.train
+    device = pick_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+
+    start = latest_checkpoint(out) if resume else None
+    if resume and start is None and (out / "model").exists():
+        raise UsageError(f"{out}: this run already finished (model/ exists); nothing to resume")
+    model = _model_for_run(recipe, start, device)
+    train_ds = ShardedDataset(recipe.data.train, recipe.data.max_duration)
+    if len(train_ds) == 0:
+        raise DataError(f"{recipe.data.train}: no training examples of at most {recipe.data.max_duration} s")
+    valid_ds = ShardedDataset(recipe.data.valid) if recipe.data.valid else None
+
+    opt = make_optimizer(model, cfg, device)
+    sched = make_scheduler(opt, cfg)
+    step, pos = _restore(start, opt, sched, device) if start is not None else (0, Position())
+    strategy.prepare(model, opt)
+
+    history: list[dict] = []
+    log_path = out / "metrics.jsonl"
+    if strategy.is_main:
+        write_text(out / "recipe.toml", dump_recipe(recipe))
+    cb.on_start({
+        "device": str(device), "precision": str(precision), "parameters": model.parameter_counts(),
+        "train_examples": len(train_ds), "skipped_too_long": train_ds.too_long, "start_step": step,
+        "max_steps": cfg.max_steps, "world_size": strategy.world_size,
+    })
+
+    def log(rec: dict) -> None:
+        history.append(rec)
+        if strategy.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def evaluate_now() -> dict:
+        metrics = {"step": step, **validate(model, valid_ds, recipe, precision)}
+        log(metrics)
+        cb.on_eval(metrics)
+        return metrics
+
+    def save(metrics: dict) -> None:
+        if strategy.is_main:
+            path = save_checkpoint(model, recipe, out / "checkpoints" / f"step-{step:07d}", step, metrics,
+                                   _train_state(opt, sched, step, pos, device))
+            write_text(out / "checkpoints" / "latest", path.name)
+            _prune(out)
+            cb.on_save(path)
+        strategy.barrier()
+
+    stream = micro_batch_stream(train_ds, recipe, pos, strategy)
+    model.train()
+    window = _Window(device)
+    metrics: dict = {}
+    while step < cfg.max_steps:
+        group = [next(stream) for _ in range(cfg.grad_accum)]
+        stats = train_step(model, opt, [b for b, _ in group], precision, cfg.clip_grad, sched, strategy)
+        pos = group[-1][1]
+        step += 1
+        window.add(stats)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            rec = window.record(step, sched.get_last_lr()[0], pos.epoch)
+            log(rec)
+            cb.on_step(rec)
+            window = _Window(device)
+        if valid_ds is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            metrics = evaluate_now()
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            save(metrics)
+
+    if valid_ds is not None:
+        metrics = evaluate_now()
+    save(metrics)
+    final = save_checkpoint(model, recipe, out / "model", step, metrics) if strategy.is_main else out / "model"
+    return TrainResult(model_dir=final, history=history, final_metrics=metrics)

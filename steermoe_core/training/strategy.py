@@ -1,0 +1,56 @@
+"""How a training step is spread over processes: the seam for DDP and DeepSpeed.
+
+The loop in ``training.loop`` never asks how many processes there are; it calls the strategy to
+wrap the model, run forward/backward, step the optimizer, take its share of the batches and reduce
+numbers for the log. ``SingleDevice`` is the one-process case. A multi-process strategy subclasses
+``Strategy`` and overrides what differs (wrapping the adapter in DDP, ``deepspeed.initialize``,
+``shard`` giving each rank a disjoint share, ``reduce_mean`` through the process group).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from steermoe_core.data.batch import AudioBatch
+
+
+class Strategy:
+    name = "single"
+    rank = 0
+    world_size = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, writes metrics and saves checkpoints."""
+        return self.rank == 0
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Wrap what needs wrapping before the first step."""
+
+    def forward(self, model: torch.nn.Module, batch: AudioBatch) -> dict[str, torch.Tensor]:
+        return model(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, clip_grad: float) -> torch.Tensor:
+        """Clip (0 = no clipping, norm still measured), step, zero; returns the pre-clip gradient norm."""
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This process's share of an epoch's batches (all of them for one process)."""
+        return batches
+
+    def reduce_mean(self, value: float) -> float:
+        return value
+
+    def barrier(self) -> None:
+        """Wait for every process (nothing to wait for in one)."""
+
+
+class SingleDevice(Strategy):
+    """One process on one device: the default, and what `--gpus 1` runs."""
