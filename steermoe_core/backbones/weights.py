@@ -39,14 +39,18 @@ def resolve_path(path: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+_FILE_SUFFIXES = {".gguf", ".bin", ".safetensors", ".pt", ".pth", ".tar", ".json", ".toml"}
+
+
 def looks_local(path: str) -> bool:
     """A path the user meant as a file or folder on this machine, never as a hub id.
 
-    Starts with ``.``, ``/`` or ``~``, has a file suffix, is not of the form ``org/name``, or its
-    parent folder exists (``tiny-backbones/llmX`` beside a real ``tiny-backbones/``).
+    Starts with ``.``, ``/`` or ``~``, ends in a weight-file suffix, is not of the form ``org/name``,
+    or its parent folder exists (``tiny-backbones/llmX`` beside a real ``tiny-backbones/``). Hub ids
+    may hold dots (``Qwen/Qwen2.5-7B``), so a dot alone does not make a path.
     """
     p = Path(path).expanduser()
-    if path.startswith((".", "/", "~")) or p.suffix or path.count("/") != 1:
+    if path.startswith((".", "/", "~")) or p.suffix.lower() in _FILE_SUFFIXES or path.count("/") != 1:
         return True
     return p.parent.is_dir() and str(p.parent) not in ("", ".")
 
