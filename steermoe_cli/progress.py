@@ -38,10 +38,10 @@ class Bar:
 
 
 @contextlib.contextmanager
-def step_progress(console: Console, total: int, label: str = "training") -> Iterator[Bar]:
+def step_progress(console: Console, total: int, label: str = "training", disable: bool = False) -> Iterator[Bar]:
     progress = Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, disable=disable,
     )
     with progress:
         yield Bar(progress, progress.add_task(label, total=total, info=""))

@@ -78,6 +78,10 @@ class DataConfig:
     max_duration: float = doc(30.0, "Training clips longer than this (seconds) are skipped and counted.", gt=0.0, max=30.0)
     max_target_tokens: int = doc(256, "Targets are truncated to this many tokens.", min=1)
     num_workers: int = doc(2, "DataLoader worker processes decoding FLAC.", min=0)
+    speed_perturb: list[float] = doc([], "Training only: speed factors drawn per example, e.g. [0.9, 1.0, 1.1]; empty = off.")
+    noise_snr_db: list[float] = doc([], "Training only: [low, high] SNR in dB of white/pink noise added to noise_prob of the examples; empty = off.")
+    noise_prob: float = doc(0.0, "Fraction of training examples that get noise (needs noise_snr_db).", min=0.0, max=1.0)
+    reverb_prob: float = doc(0.0, "Fraction of training examples convolved with a synthetic room response (RT60 0.2-0.8 s).", min=0.0, max=1.0)
 
 
 @dataclass
@@ -94,6 +98,8 @@ class TrainConfig:
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
     grad_accum: int = doc(1, "Micro-batches per optimizer step.", min=1)
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
+    ctc_weight: float = doc(0.0, "Weight of an auxiliary CTC loss reading the transcript off the audio tokens through the LLM's frozen input embeddings; ties audio tokens to the words they carry and speeds up alignment. 0 = off.", min=0.0)
+    ctc_only_steps: int = doc(0, "The first N steps train on the CTC loss alone, without running the LLM (several times faster per step): a cheap first stage that aligns audio tokens with word embeddings before the LLM reads them. Needs ctc_weight > 0.", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer; auto = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. The adapter keeps fp32 master weights.")
     gradient_checkpointing: bool = doc(False, "Recompute LLM activations in the backward pass (saves memory, costs time).")
     compile: bool = doc(False, "torch.compile the encoder layers and LLM.")
@@ -215,6 +221,15 @@ def _deep_copy(d: Any) -> Any:
 
 
 def _check_consistency(r: Recipe) -> None:
+    if r.train.ctc_only_steps and not r.train.ctc_weight:
+        raise RecipeError("train.ctc_only_steps: needs train.ctc_weight > 0 (the CTC loss it trains on)")
+    d = r.data
+    if d.noise_snr_db and (len(d.noise_snr_db) != 2 or d.noise_snr_db[0] > d.noise_snr_db[1]):
+        raise RecipeError(f"data.noise_snr_db: expected [low, high] in dB, got {d.noise_snr_db}")
+    if bool(d.noise_snr_db) != (d.noise_prob > 0):
+        raise RecipeError("data.noise_prob and data.noise_snr_db: set both (noise on) or neither (off)")
+    if any(not 0.5 <= f <= 2.0 for f in d.speed_perturb):
+        raise RecipeError(f"data.speed_perturb: factors must lie in [0.5, 2.0], got {d.speed_perturb}")
     if r.distributed.engine != "deepspeed" and r.distributed.zero_stage != DistributedConfig.zero_stage:
         raise RecipeError(f"distributed.zero_stage: only used with distributed.engine = 'deepspeed' (engine is {r.distributed.engine!r})")
     if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):

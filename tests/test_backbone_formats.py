@@ -5,11 +5,11 @@ import struct
 import numpy as np
 import pytest
 import torch
-from steermoe_core.backbones.ctranslate2 import ct2_to_hf_state, read_ct2
-from steermoe_core.errors import BackboneError
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+from steermoe_core.backbones.ctranslate2 import ct2_to_hf_state, read_ct2
 from steermoe_core.encoders import load_encoder
+from steermoe_core.errors import BackboneError
 
 
 def hf_to_ct2_variables(model: WhisperForConditionalGeneration) -> dict[str, np.ndarray]:

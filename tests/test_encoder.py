@@ -7,8 +7,8 @@ from conftest import tone_clip
 from transformers import WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from steermoe_core.encoders.log_mel import batch_log_mel, log_mel
 from steermoe_core.encoders import load_encoder
+from steermoe_core.encoders.log_mel import batch_log_mel, log_mel
 
 
 def test_features_match_whisper_feature_extractor():

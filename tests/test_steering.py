@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from steermoe_core.config import ModelConfig, SteeringConfig
-from steermoe_core.model.steering import SteeringMoE, pool_frames
 from steermoe_core.model.adapter import count_adapter_parameters
+from steermoe_core.model.steering import SteeringMoE, pool_frames
 
 
 def test_steering_equals_hand_computation():

@@ -7,6 +7,7 @@ batches are shuffled each epoch from the seed).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from steermoe_core.audio.load import SAMPLE_RATE
+from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch, pad_clips
 from steermoe_core.errors import DataError
 
@@ -115,17 +117,22 @@ def collate(examples: list[Example], default_prompt: str) -> AudioBatch:
 class _Collate:
     """Picklable collate for DataLoader workers; carries ids along for predictions files."""
 
-    def __init__(self, prompt: str):
-        self.prompt = prompt
+    def __init__(self, prompt: str, augment: Augment | None = None):
+        self.prompt, self.augment = prompt, augment
 
     def __call__(self, examples: list[Example]) -> tuple[AudioBatch, list[Example]]:
+        if self.augment is not None and self.augment.active:
+            examples = [dataclasses.replace(e, audio=self.augment(e.audio, e.id)) for e in examples]
         return collate(examples, self.prompt), [Example(e.id, np.empty(0, np.float32), e.text, e.prompt, e.language) for e in examples]
 
 
-def make_loader(ds: ShardedDataset, batches: list[list[int]], prompt: str, num_workers: int) -> Iterator:
+def make_loader(
+    ds: ShardedDataset, batches: list[list[int]], prompt: str, num_workers: int, augment: Augment | None = None
+) -> Iterator:
+    """(AudioBatch, examples without audio) per batch; ``augment`` applies to training only."""
     return iter(
         torch.utils.data.DataLoader(
-            ds, batch_sampler=batches, collate_fn=_Collate(prompt), num_workers=num_workers,
+            ds, batch_sampler=batches, collate_fn=_Collate(prompt, augment), num_workers=num_workers,
             persistent_workers=False, prefetch_factor=4 if num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )

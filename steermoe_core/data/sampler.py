@@ -13,12 +13,16 @@ from steermoe_core.data.dataset import ShardedDataset
 
 
 def length_bucketed_batches(
-    ds: ShardedDataset, batch_size: int, max_batch_seconds: float = 0.0, seed: int = 0, epoch: int = 0, shuffle: bool = True
+    ds: ShardedDataset, batch_size: int, max_batch_seconds: float = 0.0, seed: int = 0, epoch: int = 0, shuffle: bool = True,
+    only: set[int] | None = None,
 ) -> list[list[int]]:
-    """Batches of similar length, each inside one shard; the list order is shuffled per epoch."""
+    """Batches of similar length, each inside one shard; the list order is shuffled per epoch.
+    ``only`` restricts them to those example indices."""
     rng = random.Random(seed * 1_000_003 + epoch)
     by_shard: dict[int, list[int]] = {}
     for i, (si, _) in enumerate(ds.rows):
+        if only is not None and i not in only:
+            continue
         by_shard.setdefault(si, []).append(i)
     shard_order = sorted(by_shard)
     if shuffle:

@@ -15,23 +15,43 @@ import torch
 
 from steermoe_core.atomic import write_text
 from steermoe_core.config import load_recipe
-from steermoe_core.demo.text import demo_sentences
+from steermoe_core.demo.text import (
+    HELDOUT_VOICES,
+    TRAIN_VOICES,
+    in_domain_sentences,
+    out_of_domain_sentences,
+    train_sentences,
+)
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the longer run `make demo-full` trains, shipped
+FULL_STEPS, FULL_CTC_ONLY_STEPS = 3000, 1000
+SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 
 
 @dataclass
 class DemoConfig:
-    """Sized for at most 10 minutes of training on 2 CPU cores; CI uses a much smaller one."""
+    """Sized for `make demo` on 2 CPU cores; CI uses a much smaller one, `make demo-full` a larger one."""
 
     workdir: Path
     train_sentences: int = 3000
-    valid_sentences: int = 200
-    steps: int = 170
+    valid_sentences: int = 100  # in-domain: held-out Brown sentences, training voices
+    ood_sentences: int = 100  # out-of-domain: Harvard sentences, held-out voices
+    steps: int = 300
     recipe: Path = RECIPE
-    voices: tuple[str, ...] = ("flite:slt", "flite:rms", "flite:awb", "flite:kal16", "espeak:en-us", "espeak:en-gb")
+    voices: tuple[str, ...] = TRAIN_VOICES
+    heldout_voices: tuple[str, ...] = HELDOUT_VOICES
     workers: int = 0
+    ctc_only_steps: int = 200  # first stage: CTC alone, no LLM pass (several times faster a step)
+    pretrained: Path | None = PRETRAINED  # scored beside the short run when present
+    train_linear: bool = True
+
+
+def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
+    """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE only)."""
+    return DemoConfig(workdir, train_sentences=12000, steps=FULL_STEPS, ctc_only_steps=FULL_CTC_ONLY_STEPS,
+                      workers=workers, pretrained=None, train_linear=False)
 
 
 Log = Callable[[str], None]
@@ -71,7 +91,8 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
         log(f"reusing {run / 'model'}")
         return run / "model"
     recipe = load_recipe(cfg.recipe, [
-        f"data.train={data / 'train'}", f"data.valid={data / 'valid'}", f"train.max_steps={cfg.steps}",
+        f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
+        f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
         f"model.steering.placement={placement}", "train.eval_every=0",
     ])
     log(f"training {name} ({placement}) for {cfg.steps} steps")
@@ -126,40 +147,48 @@ def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
 def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
     from steermoe_core.model.steermoe import SteerMoEModel
+    from steermoe_core.runtime import resolve_precision
 
     data = cfg.workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    sentences = demo_sentences(cfg.train_sentences + cfg.valid_sentences)
-    _prep_synth(sentences[: cfg.train_sentences], data / "train", list(cfg.voices), cfg.workers, log)
-    _prep_synth(sentences[cfg.train_sentences :], data / "valid", list(cfg.voices), cfg.workers, log)
+    _prep_synth(train_sentences(cfg.train_sentences), data / "train", list(cfg.voices), cfg.workers, log)
+    _prep_synth(in_domain_sentences(cfg.valid_sentences), data / "valid_in", list(cfg.voices), cfg.workers, log)
+    _prep_synth(out_of_domain_sentences(cfg.ood_sentences), data / "ood", list(cfg.heldout_voices), cfg.workers, log)
     _prep_real(data / "real", log)
 
-    ckpts = {
-        "steermoe": _train(cfg, "steermoe", "layer_wise", data, log),
-        "linear": _train(cfg, "linear", "none", data, log),
-    }
-    sets = {"held-out synth": data / "valid", "real clips": data / "real"}
-    steer, recipe, _ = load_checkpoint(ckpts["steermoe"], torch.device("cpu"))
+    steer_ckpt = _train(cfg, "steermoe", "layer_wise", data, log)
+    steer, recipe, _ = load_checkpoint(steer_ckpt, torch.device("cpu"))
+    precision = resolve_precision(recipe.train.precision, steer.device)
+    log(f"precision: {precision}")
 
-    def sibling(cfg) -> SteerMoEModel:
+    def sibling(model_cfg) -> SteerMoEModel:
         """A fresh adapter on the already-loaded frozen backbones: no second load of either."""
         torch.manual_seed(recipe.train.seed)  # the same init build_model gives at step 0
-        return SteerMoEModel(steer.encoder, steer.llm, steer.tokenizer, cfg)
+        return SteerMoEModel(steer.encoder, steer.llm, steer.tokenizer, model_cfg)
 
-    linear_recipe = read_checkpoint(ckpts["linear"])[0]
-    linear, _, _ = load_checkpoint(ckpts["linear"], model=sibling(linear_recipe.model))
-    models = {"untrained adapter": sibling(recipe.model).eval(), "linear-only adapter": linear, "steermoe": steer}
-    table = {name: {s: _wer_of(m, p, recipe) for s, p in sets.items()} for name, m in models.items()}
-    table["whisper tiny.en decoder"] = {s: _whisper_wer(recipe.model.encoder.path, p) for s, p in sets.items()}
-    from steermoe_core.runtime import resolve_precision
-
-    inferred = _infer_clips(steer, resolve_precision(recipe.train.precision, steer.device), cfg.workdir, log)
-    order = ["untrained adapter", "linear-only adapter", "steermoe", "whisper tiny.en decoder"]
+    models = {"untrained adapter": sibling(recipe.model).eval()}
+    if cfg.train_linear:
+        linear_ckpt = _train(cfg, "linear", "none", data, log)
+        models["linear-only adapter"] = load_checkpoint(linear_ckpt, model=sibling(read_checkpoint(linear_ckpt)[0].model))[0]
+    models["steermoe"] = steer
+    if cfg.pretrained is not None and (cfg.pretrained / "adapter.safetensors").exists():
+        pre_recipe, pre_meta, _ = read_checkpoint(cfg.pretrained)
+        name = f"steermoe, shipped ({pre_meta['step']} steps)"
+        models[name] = load_checkpoint(cfg.pretrained, model=sibling(pre_recipe.model))[0]
+    sets = {label: data / folder for label, folder in SETS.items()}
+    table = {}
+    for name, m in models.items():
+        table[name] = {label: _wer_of(m, path, recipe) for label, path in sets.items()}
+        log(f"scored {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in table[name].items()))
+    table["whisper tiny.en decoder"] = {label: _whisper_wer(recipe.model.encoder.path, path) for label, path in sets.items()}
+    best = models[list(models)[-1]]
+    inferred = _infer_clips(best, precision, cfg.workdir, log)
     result = {
-        "steps": cfg.steps, "train_utterances": cfg.train_sentences,
-        "wer": {k: table[k] for k in order},
+        "steps": cfg.steps, "train_utterances": cfg.train_sentences, "precision": str(precision),
+        "wer": table,
+        "sets": {label: str(path) for label, path in sets.items()},
         "transcripts": inferred,
-        "checkpoint": str(ckpts["steermoe"]),
+        "checkpoint": str(steer_ckpt),
         "parameters": steer.parameter_counts(),
     }
     write_text(cfg.workdir / "results.json", json.dumps(result, indent=2))

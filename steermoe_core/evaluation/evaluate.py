@@ -34,14 +34,16 @@ def predict_dataset(
     max_examples: int = 0,
     progress: Callable[[int], None] | None = None,
     seed: int = 0,
+    shard: Callable[[list[int]], list[int]] | None = None,
 ) -> list[dict]:
-    """Predictions in dataset order, one dict per example (id, reference, prediction, prompt)."""
+    """Predictions in dataset order, one dict per example (index, id, reference, prediction, prompt).
+
+    ``shard`` picks this process's share of the chosen examples (multi-process validation)."""
     precision = precision or resolve_precision(recipe.train.precision, model.device)
-    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False)
-    keep = pick_examples(len(ds), max_examples, seed)
-    if keep is not None:
-        chosen = set(keep)
-        batches = [b for b in ([i for i in b if i in chosen] for b in batches) if b]
+    chosen = pick_examples(len(ds), max_examples, seed) or list(range(len(ds)))
+    if shard is not None:
+        chosen = shard(chosen)
+    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False, only=set(chosen))
     out: dict[int, dict] = {}
     model.eval()
     for bidx, (batch, examples) in enumerate(make_loader(ds, batches, recipe.data.prompt, 0)):
@@ -49,7 +51,7 @@ def predict_dataset(
         with autocast(model.device, precision):
             hyps = model.generate(batch, recipe.eval.max_new_tokens, recipe.eval.num_beams)
         for i, e, h, p in zip(batches[bidx], examples, hyps, batch.prompts):
-            out[i] = {"id": e.id, "reference": e.text, "prediction": h, "prompt": p, "language": e.language}
+            out[i] = {"index": i, "id": e.id, "reference": e.text, "prediction": h, "prompt": p, "language": e.language}
         if progress:
             progress(len(examples))
     return [out[i] for i in sorted(out)]

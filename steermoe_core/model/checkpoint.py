@@ -21,8 +21,10 @@ from steermoe_core.model.steermoe import SteerMoEModel, backbone_identity
 
 
 def save_checkpoint(
-    model: SteerMoEModel, recipe: Recipe, path: Path, step: int, metrics: dict, train_state: dict | None = None
+    model: SteerMoEModel, recipe: Recipe, path: Path, step: int, metrics: dict, train_state: dict | None = None,
+    run_info: dict | None = None,
 ) -> Path:
+    """``run_info`` (engine, world size, precision) goes into meta.json beside the step and metrics."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -32,6 +34,7 @@ def save_checkpoint(
         meta = {
             "steermoe_version": __version__,
             "step": step,
+            **(run_info or {}),
             "metrics": metrics,
             "parameters": model.parameter_counts(),
             "backbones": backbone_identity(model),

@@ -33,6 +33,10 @@ class SteerMoEModel(nn.Module):
         self.adapter = Adapter(encoder.num_layers, encoder.dim, emb.shape[1], cfg)
         self.adapter.init_projector(emb.float().pow(2).mean().sqrt().item())
         self.max_target_tokens = 256
+        self.ctc_weight = 0.0  # set from train.ctc_weight by the training loop
+        self.ctc_only = False  # True during the first train.ctc_only_steps steps
+        space = tokenizer(" ", add_special_tokens=False)["input_ids"]
+        self.ctc_blank_id = space[0] if len(space) == 1 else self.layout.pad_id
         self.grad_checkpointing = False
 
     @property
@@ -103,7 +107,7 @@ class SteerMoEModel(nn.Module):
         b, s, h = embeds.shape
         src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))
         flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
-        return flat.view(b, s, h), lb
+        return flat.view(b, s, h), lb, audio, per_clip
 
     # -- training loss --
     def forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
@@ -111,7 +115,9 @@ class SteerMoEModel(nn.Module):
         if batch.targets is None:
             raise ValueError("forward() needs targets; use generate() for inference")
         self.adapter.reset_aux()
-        embeds, lb = self._embed(batch, batch.targets)
+        if self.ctc_only:
+            return self._ctc_only_forward(batch)
+        embeds, lb, audio, audio_lengths = self._embed(batch, batch.targets)
         dev = embeds.device
         out = self.llm.base_model(inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, dev), use_cache=False)
         hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, to_device(lb.target_index, dev))
@@ -119,7 +125,38 @@ class SteerMoEModel(nn.Module):
         ce = F.cross_entropy(logits, to_device(lb.target_labels, dev))
         aux = self.adapter.aux_loss
         loss = ce if aux is None else ce + aux
-        return {"loss": loss, "ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
+        out = {"ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
+        if self.ctc_weight > 0 and batch.clips_per_example is None:
+            ctc = self.ctc_loss(audio, audio_lengths, batch.targets)
+            loss = loss + self.ctc_weight * ctc
+            out["ctc"] = ctc.detach()
+        return {"loss": loss, **out}
+
+    def _ctc_only_forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
+        """Stage one of a CTC curriculum: the audio side and the embedding table only, no LLM pass."""
+        audio = self.encode_audio(batch.waves, batch.lengths)
+        ctc = self.ctc_loss(audio, self.audio_token_counts(batch.lengths), batch.targets)
+        aux = self.adapter.aux_loss
+        n = sum(len(self.layout.target_ids(t, self.max_target_tokens)) for t in batch.targets)
+        return {"loss": ctc if aux is None else ctc + aux, "ce": ctc.detach(), "ctc": ctc.detach(), "tokens": torch.tensor(n)}
+
+    def ctc_loss(self, audio: torch.Tensor, lengths: list[int], targets: list[str]) -> torch.Tensor:
+        """CTC of each transcript over its audio tokens, read through the LLM's frozen input embeddings.
+
+        Logits are dot products with every token embedding, so minimising it pulls each audio token
+        towards the embedding of the word piece it carries: what the LLM must read anyway. The
+        blank is the single-space token (``ctc_blank_id``): audio frames between words then look like
+        extra spaces to the LLM, not like the end-of-turn token that pad usually is (which makes the
+        LLM ignore the audio). Costs one (T' x vocab) matmul.
+        """
+        emb = self.llm.get_input_embeddings().weight
+        logp = (audio @ emb.T.to(audio.dtype)).float().log_softmax(-1).transpose(0, 1)  # (T', B, V)
+        ids = [self.layout.target_ids(t, self.max_target_tokens)[:-1] for t in targets]
+        flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
+        return F.ctc_loss(
+            logp, to_device(flat, audio.device), torch.tensor(lengths), torch.tensor([len(r) for r in ids]),
+            blank=self.ctc_blank_id, zero_infinity=True,
+        )
 
     # -- inference --
     @torch.no_grad()
@@ -145,7 +182,7 @@ class SteerMoEModel(nn.Module):
     def generate_ids(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options) -> torch.Tensor:
         from transformers import GenerationConfig
 
-        embeds, lb = self._embed(batch, None)
+        embeds, lb, _, _ = self._embed(batch, None)
         gen = GenerationConfig(
             do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
             eos_token_id=self.layout.stop_ids, pad_token_id=self.layout.pad_id,

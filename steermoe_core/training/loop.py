@@ -19,6 +19,7 @@ import torch
 from steermoe_core.atomic import write_text
 from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.config import Recipe, dump_recipe
+from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
@@ -32,6 +33,7 @@ from steermoe_core.model.checkpoint import (
 )
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
+from steermoe_core.training.distributed import make_strategy
 from steermoe_core.training.optim import make_optimizer, make_scheduler
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
@@ -79,11 +81,12 @@ def train_step(
     device = model.device
     ce = torch.zeros((), device=device)
     samples, audio_s = 0, 0.0
-    for batch in micro_batches:
+    for i, batch in enumerate(micro_batches):
         batch.waves = batch.waves.to(device, non_blocking=True)
-        with autocast(device, precision):
-            out = strategy.forward(model, batch)
-        strategy.backward(out["loss"] / len(micro_batches))
+        with strategy.accumulating(last=i == len(micro_batches) - 1):
+            with autocast(device, precision):
+                out = strategy.forward(model, batch)
+            strategy.backward(out["loss"] / len(micro_batches), out["tokens"])
         ce += out["ce"].detach()
         samples += len(batch.lengths)
         audio_s += float(batch.lengths.sum()) / SAMPLE_RATE
@@ -98,10 +101,12 @@ def micro_batch_stream(
 ) -> Iterator[tuple[AudioBatch, Position]]:
     """Training micro-batches forever, epoch after epoch, each with the position just after it."""
     epoch, done = start.epoch, start.batch_in_epoch
+    d = recipe.data
     while True:
-        batches = length_bucketed_batches(ds, recipe.data.batch_size, recipe.data.max_batch_seconds, recipe.train.seed, epoch)
+        batches = length_bucketed_batches(ds, d.batch_size, d.max_batch_seconds, recipe.train.seed, epoch)
         batches = strategy.shard(batches)
-        for batch, _ in make_loader(ds, batches[done:], recipe.data.prompt, recipe.data.num_workers):
+        augment = Augment(tuple(d.speed_perturb), tuple(d.noise_snr_db), d.noise_prob, d.reverb_prob, recipe.train.seed, epoch)
+        for batch, _ in make_loader(ds, batches[done:], d.prompt, d.num_workers, augment):
             done += 1
             yield batch, Position(epoch, done)
         epoch, done = epoch + 1, 0
@@ -109,25 +114,30 @@ def micro_batch_stream(
 
 # -- validation ------------------------------------------------------------------------------------
 @torch.no_grad()
-def validation_loss(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision) -> float:
-    """Mean target-token cross-entropy over the whole set."""
+def validation_loss(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision, strategy: Strategy) -> float:
+    """Mean target-token cross-entropy over the whole set (each process takes its share)."""
     total, n = 0.0, 0
-    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False)
+    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False, only=set(strategy.shard_indices(len(ds))))
     for batch, _ in make_loader(ds, batches, recipe.data.prompt, 0):
         batch.waves = batch.waves.to(model.device)
         with autocast(model.device, precision):
             out = model(batch)
         total += out["ce"].item() * out["tokens"].item()
         n += out["tokens"].item()
+    total, n = strategy.reduce_sum([total, n])
     return total / max(n, 1)
 
 
-def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision) -> dict:
+def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision, strategy: Strategy | None = None) -> dict:
     """Loss over the whole validation set, and the headline metric over the whole set too, or over a
-    seeded random sample of ``eval.max_examples`` (never the shortest clips only)."""
+    seeded random sample of ``eval.max_examples`` (never the shortest clips only). With several
+    processes each decodes its share and the predictions are gathered."""
+    strategy = strategy or SingleDevice()
     model.eval()
-    metrics = {"valid_loss": validation_loss(model, ds, recipe, precision)}
-    preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, seed=recipe.train.seed)
+    metrics = {"valid_loss": validation_loss(model, ds, recipe, precision, strategy)}
+    mine = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, seed=recipe.train.seed,
+                           shard=lambda idx: idx[strategy.rank :: strategy.world_size])
+    preds = sorted(strategy.gather(mine), key=lambda p: p["index"])
     metrics.update(score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]))
     metrics["valid_examples"] = len(preds)
     model.train()
@@ -178,6 +188,7 @@ def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> 
 
         model = build_model(recipe.model, device, recipe.train.seed, trust)
     model.max_target_tokens = recipe.data.max_target_tokens
+    model.ctc_weight = recipe.train.ctc_weight
     if recipe.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if recipe.train.compile:
@@ -203,11 +214,13 @@ class _Window:
         self.samples += stats["samples"]
         self.audio_s += stats["audio_s"]
 
-    def record(self, step: int, lr: float, epoch: int) -> dict:
+    def record(self, step: int, lr: float, epoch: int, strategy: Strategy) -> dict:
         dt = time.perf_counter() - self.t0
+        loss, samples, audio_s = strategy.reduce_sum([(self.ce / self.steps).item(), self.samples, self.audio_s])
         return {
-            "step": step, "loss": (self.ce / self.steps).item(), "grad_norm": (self.grad_norm / self.steps).item(),
-            "lr": lr, "samples_per_s": self.samples / dt, "audio_s_per_s": self.audio_s / dt, "epoch": epoch,
+            "step": step, "loss": loss / strategy.world_size, "grad_norm": (self.grad_norm / self.steps).item(),
+            "lr": lr, "samples_per_s": samples / dt, "audio_s_per_s": audio_s / dt, "epoch": epoch,
+            "world_size": strategy.world_size,
         }
 
 
@@ -215,10 +228,19 @@ class _Window:
 def train(
     recipe: Recipe, out: Path, resume: bool = False, callbacks: Callbacks | None = None, strategy: Strategy | None = None
 ) -> TrainResult:
-    cb = callbacks or Callbacks()
-    strategy = strategy or SingleDevice()
     cfg = recipe.train
     device = pick_device(cfg.device)
+    if strategy is not None:
+        return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
+    strategy, device = make_strategy(recipe.distributed.engine, device)
+    try:
+        return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
+    finally:
+        strategy.close()
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Strategy, device: torch.device) -> TrainResult:
+    cfg = recipe.train
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +260,7 @@ def train(
     strategy.prepare(model, opt)
 
     history: list[dict] = []
+    run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name}
     log_path = out / "metrics.jsonl"
     if strategy.is_main:
         write_text(out / "recipe.toml", dump_recipe(recipe))
@@ -254,7 +277,9 @@ def train(
                 f.write(json.dumps(rec) + "\n")
 
     def evaluate_now() -> dict:
-        metrics = {"step": step, **validate(model, valid_ds, recipe, precision)}
+        stage, model.ctc_only = model.ctc_only, False  # validation always scores the full model
+        metrics = {"step": step, **validate(model, valid_ds, recipe, precision, strategy)}
+        model.ctc_only = stage
         log(metrics)
         cb.on_eval(metrics)
         return metrics
@@ -262,7 +287,7 @@ def train(
     def save(metrics: dict) -> None:
         if strategy.is_main:
             path = save_checkpoint(model, recipe, out / "checkpoints" / f"step-{step:07d}", step, metrics,
-                                   _train_state(opt, sched, step, pos, device))
+                                   _train_state(opt, sched, step, pos, device), run_info)
             write_text(out / "checkpoints" / "latest", path.name)
             _prune(out)
             cb.on_save(path)
@@ -273,13 +298,14 @@ def train(
     window = _Window(device)
     metrics: dict = {}
     while step < cfg.max_steps:
+        model.ctc_only = step < cfg.ctc_only_steps
         group = [next(stream) for _ in range(cfg.grad_accum)]
         stats = train_step(model, opt, [b for b, _ in group], precision, cfg.clip_grad, sched, strategy)
         pos = group[-1][1]
         step += 1
         window.add(stats)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            rec = window.record(step, sched.get_last_lr()[0], pos.epoch)
+            rec = window.record(step, sched.get_last_lr()[0], pos.epoch, strategy)
             log(rec)
             cb.on_step(rec)
             window = _Window(device)
@@ -291,5 +317,5 @@ def train(
     if valid_ds is not None:
         metrics = evaluate_now()
     save(metrics)
-    final = save_checkpoint(model, recipe, out / "model", step, metrics) if strategy.is_main else out / "model"
+    final = save_checkpoint(model, recipe, out / "model", step, metrics, run_info=run_info) if strategy.is_main else out / "model"
     return TrainResult(model_dir=final, history=history, final_metrics=metrics)

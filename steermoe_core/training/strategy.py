@@ -9,6 +9,8 @@ numbers for the log. ``SingleDevice`` is the one-process case. A multi-process s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from steermoe_core.data.batch import AudioBatch
@@ -30,8 +32,13 @@ class Strategy:
     def forward(self, model: torch.nn.Module, batch: AudioBatch) -> dict[str, torch.Tensor]:
         return model(batch)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """``tokens``: target tokens behind this process's mean loss (lets several processes weight theirs)."""
         loss.backward()
+
+    def accumulating(self, last: bool):
+        """Context for one micro-batch; ``last`` = the one whose backward ends the optimizer step."""
+        return contextlib.nullcontext()
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, clip_grad: float) -> torch.Tensor:
         """Clip (0 = no clipping, norm still measured), step, zero; returns the pre-clip gradient norm."""
@@ -45,11 +52,25 @@ class Strategy:
         """This process's share of an epoch's batches (all of them for one process)."""
         return batches
 
+    def shard_indices(self, n: int) -> list[int]:
+        """This process's share of ``n`` examples to validate or evaluate."""
+        return list(range(n))
+
     def reduce_mean(self, value: float) -> float:
         return value
 
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items``, concatenated in rank order (on every process)."""
+        return items
+
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for in one)."""
+
+    def close(self) -> None:
+        """Leave the process group, if any."""
 
 
 class SingleDevice(Strategy):

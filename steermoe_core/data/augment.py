@@ -1,0 +1,71 @@
+"""Training-time audio augmentation, as ASR training uses it: speed perturbation, additive noise at
+a random SNR, and reverberation with a synthetic room response.
+
+Deterministic: each example's draw comes from (seed, epoch, example id), so a resumed run and a run
+with DataLoader workers see exactly the same audio as an uninterrupted single-process one.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from steermoe_core.audio.load import SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class Augment:
+    speeds: tuple[float, ...] = ()  # factors drawn uniformly; () = off
+    noise_snr_db: tuple[float, ...] = ()  # (low, high); () = off
+    noise_prob: float = 0.0
+    reverb_prob: float = 0.0
+    seed: int = 0
+    epoch: int = 0
+
+    @property
+    def active(self) -> bool:
+        return bool(self.speeds or (self.noise_snr_db and self.noise_prob) or self.reverb_prob)
+
+    def __call__(self, audio: np.ndarray, example_id: str) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(example_id.encode())])
+        if self.speeds:
+            audio = change_speed(audio, float(rng.choice(self.speeds)))
+        if self.reverb_prob and rng.random() < self.reverb_prob:
+            audio = reverberate(audio, rng)
+        if self.noise_snr_db and rng.random() < self.noise_prob:
+            audio = add_noise(audio, float(rng.uniform(*self.noise_snr_db)), rng)
+        return audio.astype(np.float32)
+
+
+def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Kaldi-style speed perturbation: resample so the clip plays ``factor`` times faster (pitch too)."""
+    if factor == 1.0:
+        return audio
+    n = max(1, int(round(len(audio) / factor)))
+    return np.interp(np.arange(n) * factor, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """White or pink (1/f) noise at ``snr_db`` relative to the clip's power."""
+    noise = rng.standard_normal(len(audio))
+    if rng.random() < 0.5:  # pink: shape the spectrum by 1/sqrt(f)
+        spec = np.fft.rfft(noise)
+        spec[1:] /= np.sqrt(np.arange(1, len(spec)))
+        noise = np.fft.irfft(spec, n=len(audio))
+    p_sig = float(np.mean(audio**2)) or 1e-8
+    p_noise = float(np.mean(noise**2)) or 1e-8
+    return audio + noise * np.sqrt(p_sig / (p_noise * 10 ** (snr_db / 10)))
+
+
+def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Convolve with exponentially decaying noise (RT60 0.2-0.8 s), the classic synthetic room."""
+    rt60 = rng.uniform(0.2, 0.8)
+    t = np.arange(int(rt60 * SAMPLE_RATE)) / SAMPLE_RATE
+    ir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+    ir[0] = 1.0
+    ir /= np.sqrt(np.sum(ir**2))
+    wet = np.convolve(audio, ir)[: len(audio)]
+    peak = np.abs(wet).max() or 1.0
+    return wet * (np.abs(audio).max() / peak)

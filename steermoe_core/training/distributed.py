@@ -1,0 +1,110 @@
+"""Multi-process training: launching through ``torch.distributed.run`` and the DDP strategy.
+
+`steermoe train RECIPE --gpus N` re-runs the same command under ``torch.distributed.run`` with N
+processes per node (the CLI does that, as torchtune's `tune run --nproc_per_node` does). A process
+started by any launcher (torchrun, deepspeed, SLURM's srun) finds RANK / WORLD_SIZE / MASTER_ADDR in its
+environment and joins the group instead of launching again.
+
+``data.batch_size`` is the global batch whatever N: every process walks the same length-bucketed
+global batches and takes its own slice of each, so the data position (in global batches) means the
+same thing for any N and `--resume` works across world sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+from steermoe_core.errors import UsageError
+from steermoe_core.training.strategy import Strategy
+
+
+def launched_by_a_launcher() -> bool:
+    """True inside a process that torchrun, deepspeed or srun started as part of a group."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+class DDPStrategy(Strategy):
+    """DistributedDataParallel over the adapter only: the frozen backbones are plain replicas on
+    every process and get no gradient buckets. NCCL on GPUs, gloo on CPUs."""
+
+    name = "ddp"
+
+    def __init__(self, device: torch.device):
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
+
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.ddp = DDP(model, device_ids=ids, broadcast_buffers=False)
+
+    def forward(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+        return self.ddp(batch)
+
+    def backward(self, loss: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """Weight each process's mean by its share of the target tokens, so DDP's average of the
+        gradients equals the gradient of the mean over all tokens (what one process computes)."""
+        if tokens is not None:
+            counts = tokens.detach().to(self.device, torch.float32).reshape(1)
+            total = counts.clone()
+            dist.all_reduce(total)
+            loss = loss * (counts * self.world_size / total).squeeze(0)
+        loss.backward()
+
+    def accumulating(self, last: bool):
+        """Gradients are all-reduced once per optimizer step, on its last micro-batch."""
+        return contextlib.nullcontext() if last else self.ddp.no_sync()
+
+    def shard(self, batches: list[list[int]]) -> list[list[int]]:
+        """This rank's slice of every global batch (a batch smaller than the world lends its items round-robin)."""
+        return [b[self.rank :: self.world_size] or [b[self.rank % len(b)]] for b in batches]
+
+    def shard_indices(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world_size))
+
+    def reduce_mean(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+    def reduce_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, items: list) -> list:
+        out: list[list] = [None] * self.world_size  # type: ignore[list-item]
+        dist.all_gather_object(out, items)
+        return [x for part in out for x in part]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def make_strategy(engine: str, device: torch.device) -> tuple[Strategy, torch.device]:
+    """The strategy for this process (single device, or DDP when started as part of a group) and
+    its device (a GPU rank takes the GPU its LOCAL_RANK names)."""
+    from steermoe_core.training.strategy import SingleDevice
+
+    if engine == "deepspeed":
+        raise UsageError("distributed.engine = 'deepspeed' is not available in this release; use 'ddp'")
+    if launched_by_a_launcher():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        return DDPStrategy(device), device
+    return SingleDevice(), device
