@@ -17,9 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def friendly(fn):
-    """A user error (``SteermoeError``) becomes one red line and exit code 1. Anything else is a bug
-    or a capacity problem (a shape mismatch, out of memory): its traceback is printed in full, with a
-    hint to report it. ``STEERMOE_DEBUG=1`` shows the traceback of user errors too."""
+    """A user error (``SteermoeError``) becomes one red line and exit code 2 (1 is reserved for
+    "some inputs of a batch job failed"). Anything else is a bug or a capacity problem (a shape
+    mismatch, out of memory): its traceback is printed in full with a hint to report it, exit code
+    3. ``STEERMOE_DEBUG=1`` shows the traceback of user errors too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -33,7 +34,7 @@ def friendly(fn):
             if os.environ.get("STEERMOE_DEBUG"):
                 raise
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: run the same command with --resume to continue")
             raise typer.Exit(130) from None
@@ -41,7 +42,7 @@ def friendly(fn):
             traceback.print_exc()
             console.print("[bold red]internal error[/] (above): not caused by your input as far as steermoe can tell; "
                           "please report it with the traceback")
-            raise typer.Exit(1) from None
+            raise typer.Exit(3) from None
 
     return wrapper
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -28,7 +30,7 @@ class Format(str, Enum):
 
 @friendly
 def infer(
-    inputs: Annotated[list[str], typer.Argument(help="Audio files, folders (recursive) and globs")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Audio files, folders (recursive) and globs")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: $STEERMOE_MODEL, else the demo's)")] = None,
     prompt: Annotated[Optional[str], typer.Option(help="Free-form instruction, e.g. 'Summarize the main points'")] = None,
     task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question)")] = Task.transcribe,
@@ -36,76 +38,158 @@ def infer(
     batch_size: Annotated[int, typer.Option(help="Windows decoded together")] = 8,
     fmt: Annotated[Format, typer.Option("--format", help="text | json | jsonl | srt")] = Format.text,
     out: Annotated[Optional[Path], typer.Option(help="Write here instead of stdout (a folder for srt of several files)")] = None,
+    from_list: Annotated[Optional[Path], typer.Option(help="A file listing input paths, one per line")] = None,
+    resume: Annotated[bool, typer.Option(help="With --format jsonl --out FILE: skip inputs already in FILE (same path, size, mtime)")] = False,
+    workers: Annotated[int, typer.Option(help="Processes decoding audio ahead of the model (0 = in this process)")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per window / answer")] = 256,
     beams: Annotated[int, typer.Option(help="1 = greedy")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (one file)")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Let the LLM's own Python code run (never read from a checkpoint)")] = False,
 ):
-    """Ask a trained model about audio files, folders and long recordings."""
-    from steermoe_core.errors import UsageError
-    from steermoe_core.inference import SteerMoE, expand_inputs, to_srt
-    from steermoe_core.inference.api import TASK_PROMPTS
+    """Ask a trained model about audio files, folders and long recordings.
 
-    from .progress import step_progress
+    Results stream out as files finish (jsonl lines are flushed one by one); exit code 0 when every
+    input succeeded, 1 when some failed, 2 when none did or the command itself was wrong."""
+    from steermoe_core.errors import UsageError
+    from steermoe_core.inference import SteerMoE, iter_inputs
+    from steermoe_core.inference.api import TASK_PROMPTS
 
     if prompt and (task != Task.transcribe or question):
         raise UsageError("--prompt replaces --task/--question: give one or the other")
     if task == Task.qa and not question:
         raise UsageError("--task qa needs --question TEXT")
+    if resume and (fmt != Format.jsonl or out is None):
+        raise UsageError("--resume needs --format jsonl --out FILE (the records it continues)")
+    if not inputs and from_list is None:
+        raise UsageError("no inputs: give audio files, folders or globs, or --from-list FILE")
+    if from_list is not None and not from_list.is_file():
+        raise UsageError(f"{from_list}: no such list file")
     text_prompt = prompt or (question if task == Task.qa else TASK_PROMPTS[task.value])
     transcribe = prompt is None and task == Task.transcribe
-    paths = expand_inputs(inputs)
-    if not paths:
-        raise UsageError(f"no audio files found in {' '.join(inputs)}")
-    if stream and len(paths) != 1:
-        raise UsageError("--stream works on a single file")
-    if fmt == Format.srt and len(paths) > 1 and (out is None or out.suffix):
-        raise UsageError("--format srt with several inputs needs --out FOLDER (one .srt per input)")
+    paths = iter_inputs(inputs or [], from_list)
+    first = next(paths, None)
+    if first is None:
+        raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
+    paths = itertools.chain([first], paths)
+    done: set[tuple[str, int | None, int | None]] = set()
+    if resume:
+        done = _finished_records(out)
+        paths = (p for p in paths if _key(p) not in done)
+    if stream:
+        paths = list(paths)
+        if len(paths) != 1:
+            raise UsageError("--stream works on a single file")
+    if fmt == Format.srt and out is None:
+        paths = list(paths)
+        if len(paths) > 1:
+            raise UsageError("--format srt with several inputs needs --out FOLDER (one .srt per input)")
 
     sm = SteerMoE.load(model, device, trust_remote_code)
+    streamer = None
     if stream:
         from transformers import TextStreamer
 
         streamer = TextStreamer(sm.backend.tokenizer, skip_special_tokens=True)
-        results = sm.ask([str(p) for p in paths], text_prompt, transcribe, 1, max_new_tokens, beams, streamer)
-    else:
-        with step_progress(console, 1, label="decoding") as bar:
-            def progress(done: int, total: int) -> None:
-                bar.progress.update(bar.task, total=total)
-                bar.advance(done)
+    results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=workers)
+    records = _emit(results, fmt, out, resume, quiet=stream)
+    if len(records) == 0 and resume:
+        console.print(f"nothing left to do: all inputs are already in {out}")
+        return
+    _finish(records, fmt, out, len(done))
 
-            results = sm.ask([str(p) for p in paths], text_prompt, transcribe, batch_size, max_new_tokens, beams, progress=progress)
 
-    if not stream:
-        if fmt == Format.srt and len(paths) > 1:
-            out.mkdir(parents=True, exist_ok=True)
+def _key(path) -> tuple[str, int | None, int | None]:
+    try:
+        st = os.stat(path)
+        return str(path), st.st_size, st.st_mtime_ns
+    except OSError:
+        return str(path), None, None
+
+
+def _finished_records(out: Path) -> set[tuple[str, int | None, int | None]]:
+    """Inputs already in a jsonl output; a line cut short by a kill is dropped from the file."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(out, "r+b") as f:
+            f.truncate(len(keep))
+    done = set()
+    for line in keep.decode("utf-8").splitlines():
+        rec = json.loads(line)
+        done.add((rec["path"], rec.get("size"), rec.get("mtime_ns")))
+    return done
+
+
+def _emit(results, fmt: Format, out: Optional[Path], resume: bool, quiet: bool) -> list:
+    """Consume the stream: jsonl lines and text lines go out as each file finishes; everything is
+    also kept (without audio) for the summary and for formats written at the end."""
+    from .progress import audio_progress
+
+    records = []
+    sink = None
+    if fmt == Format.jsonl and out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sink = open(out, "a" if resume else "w", encoding="utf-8")
+    elif fmt in (Format.jsonl, Format.text) and out is None and not quiet:
+        sink = sys.stdout
+    try:
+        with audio_progress(console, disable=quiet) as bar:
             for r in results:
-                if not r.error:
-                    (out / (Path(r.path).stem + ".srt")).write_text(to_srt(r), encoding="utf-8")
-            rendered = None
-        elif fmt == Format.srt:
-            rendered = to_srt(results[0]) if not results[0].error else ""
-        elif fmt == Format.json:
-            rendered = json.dumps([r.to_dict() for r in results], ensure_ascii=False, indent=2) + "\n"
-        elif fmt == Format.jsonl:
-            rendered = "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in results)
-        else:
-            many = len(results) > 1
-            rendered = "".join((f"{r.path}\t{r.text}\n" if many else f"{r.text}\n") for r in results if not r.error)
-        if rendered is not None:
-            if out:
-                from steermoe_core.atomic import write_text
+                records.append(r)
+                bar.add(r.audio_s, r.wall_s)
+                if sink is not None:
+                    if fmt == Format.jsonl:
+                        sink.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                    elif not r.error:
+                        sink.write(f"{r.path}\t{r.text}\n")
+                    sink.flush()
+    finally:
+        if sink is not None and sink is not sys.stdout:
+            sink.close()
+    return records
 
-                write_text(out, rendered)
-            else:
-                sys.stdout.write(rendered)
-    good = [r for r in results if not r.error]
-    if good:
-        audio, wall = sum(r.audio_s for r in good), sum(r.wall_s for r in good)
-        console.print(f"{len(good)} file(s), {audio:.1f} s of audio in {wall:.1f} s ({audio / max(wall, 1e-9):.1f}x real time)")
-    bad = [r for r in results if r.error]
-    for r in bad:
-        console.print(f"[bold red]error:[/] {r.error}", highlight=False, soft_wrap=True)
+
+def _srt_paths(records: list, out: Path) -> dict[str, Path]:
+    """One .srt per input under ``out``, keeping paths relative to the inputs' common folder, so
+    a/x.wav and b/x.flac never overwrite each other."""
+    good = [r.path for r in records if not r.error]
+    if not good:
+        return {}
+    root = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in good]))
+    return {p: out / Path(p).resolve().relative_to(root).with_suffix(".srt") for p in good}
+
+
+def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int) -> None:
+    from steermoe_core.atomic import write_text
+    from steermoe_core.inference import to_srt
+
+    records.sort(key=lambda r: r.index)
+    if fmt == Format.srt:
+        if out is None:
+            sys.stdout.write(to_srt(records[0]) if not records[0].error else "")
+        elif len(records) == 1 and out.suffix:
+            write_text(out, to_srt(records[0]) if not records[0].error else "")
+        else:
+            by_path = {r.path: r for r in records}
+            for path, dest in _srt_paths(records, out).items():
+                write_text(dest, to_srt(by_path[path]))
+    elif fmt == Format.json:
+        rendered = json.dumps([r.to_dict() for r in records], ensure_ascii=False, indent=2) + "\n"
+        write_text(out, rendered) if out else sys.stdout.write(rendered)
+    elif fmt == Format.text and out is not None:
+        many = len(records) > 1
+        write_text(out, "".join((f"{r.path}\t{r.text}\n" if many else f"{r.text}\n") for r in records if not r.error))
+    good = [r for r in records if not r.error]
+    bad = [r for r in records if r.error]
+    audio, wall = sum(r.audio_s for r in good), sum(r.wall_s for r in good)
+    console.print(f"{len(good)} file(s) done{f' ({skipped} already done before)' if skipped else ''}, "
+                  f"{audio / 3600:.2f} h of audio in {wall:.1f} s of model time ({audio / max(wall, 1e-9):.1f}x real time), "
+                  f"{len(bad)} failed", soft_wrap=True)
     if bad:
-        raise typer.Exit(1)
+        console.print(f"[bold red]failed inputs[/] ({len(bad)}):")
+        for r in bad:
+            console.print(f"  {r.error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1 if good or skipped else 2)

@@ -26,7 +26,7 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
     table = Table(title=f"prepared {source}")
     for col in ("split", "folder", "examples", "hours", "skipped"):
         table.add_column(col)
-    all_skipped = []
+    all_skipped, empty = [], []
     for split, (items, skipped) in splits.items():
         dest = out / split if nested else out
         with step_progress(console, max(len(items), 1), label=f"prep {split}") as bar:
@@ -34,7 +34,14 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
         m = res.manifest
         table.add_row(split, str(dest), str(m["examples"]), f"{m['hours']:.3f}", str(len(res.skipped)))
         all_skipped += res.skipped
+        if m["examples"] == 0:
+            empty.append(split)
     stdout.print(table)
+    if empty:
+        console.print(f"[bold red]error:[/] {source}: no usable input in {', '.join(empty)}; every input was skipped:")
+        for s in all_skipped[:20]:
+            console.print(f"  {s['input']}: {s['reason']}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
     if all_skipped:
         console.print(f"[yellow]warning:[/] {len(all_skipped)} input(s) skipped (all listed in manifest.json):")
         for s in all_skipped[:20]:

@@ -45,3 +45,31 @@ def step_progress(console: Console, total: int, label: str = "training", disable
     )
     with progress:
         yield Bar(progress, progress.add_task(label, total=total, info=""))
+
+
+class AudioBar:
+    """Progress in audio hours (the total is unknown while inputs are still being listed), with the
+    files done and the model's running real-time factor."""
+
+    def __init__(self, progress: Progress, task):
+        self.progress, self.task = progress, task
+        self.audio = self.wall = 0.0
+        self.files = 0
+
+    def add(self, audio_s: float, wall_s: float) -> None:
+        self.audio += audio_s
+        self.wall += wall_s
+        self.files += 1
+        rtf = self.audio / self.wall if self.wall else 0.0
+        info = f"{self.files} files · {self.audio / 3600:.3f} h audio · {rtf:.1f}x real time"
+        self.progress.update(self.task, completed=self.audio / 3600, info=info)
+
+
+@contextlib.contextmanager
+def audio_progress(console: Console, disable: bool = False) -> Iterator[AudioBar]:
+    progress = Progress(
+        TextColumn("[bold]decoding"), BarColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        console=console, disable=disable,
+    )
+    with progress:
+        yield AudioBar(progress, progress.add_task("decoding", total=None, info=""))

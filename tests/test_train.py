@@ -123,6 +123,8 @@ def test_resume_continues_from_the_checkpoint(backbones, tiny_data, tmp_path):
         train(recipe_from_dict(d), tmp_path / "part", callbacks=Callbacks(on_save=kill))
     resumed = train(recipe_from_dict(d), tmp_path / "part", resume=True)
     assert [r["step"] for r in resumed.history] == [15, 20]
+    logged = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == sorted(set(logged))  # each step once, even for the step the run restarted from
     a = load_checkpoint(full.model_dir)[0].adapter_state_dict()
     b = load_checkpoint(resumed.model_dir)[0].adapter_state_dict()
     for k in a:

@@ -36,14 +36,14 @@ class DemoConfig:
 
     workdir: Path
     train_sentences: int = 3000
-    valid_sentences: int = 100  # in-domain: held-out Brown sentences, training voices
-    ood_sentences: int = 100  # out-of-domain: Harvard sentences, held-out voices
-    steps: int = 300
+    valid_sentences: int = 60  # in-domain: held-out Brown sentences, training voices
+    ood_sentences: int = 60  # out-of-domain: Harvard sentences, held-out voices
+    steps: int = 200
     recipe: Path = RECIPE
     voices: tuple[str, ...] = TRAIN_VOICES
     heldout_voices: tuple[str, ...] = HELDOUT_VOICES
     workers: int = 0
-    ctc_only_steps: int = 200  # first stage: CTC alone, no LLM pass (several times faster a step)
+    ctc_only_steps: int = 150  # first stage: CTC alone, no LLM pass (several times faster a step)
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
 

@@ -12,7 +12,8 @@ from steermoe_core.inference.api import (
     SteerMoE,
     default_model_path,
     expand_inputs,
+    iter_inputs,
 )
 from steermoe_core.inference.formats import to_srt
 
-__all__ = ["Result", "Segment", "SteerMoE", "default_model_path", "expand_inputs", "to_srt"]
+__all__ = ["Result", "Segment", "SteerMoE", "default_model_path", "expand_inputs", "iter_inputs", "to_srt"]

@@ -4,14 +4,23 @@
     sm = SteerMoE.load("runs/demo/model")          # load once (the torch backend)
     sm.transcribe(["a.wav", "b.mp3"])              # call many times
     sm.ask("meeting.wav", "Summarize the main points.")
+    for r in sm.stream(iter_inputs(["archive/"])):  # thousands of files: bounded memory, results as they finish
+        print(r.path, r.text)
+
+Streaming: inputs are listed lazily, decoded by worker processes a bounded number of files ahead,
+and grouped into length-sorted batches within a bounded look-ahead of windows; each file's result
+is yielded as soon as its last window is decoded. Memory depends on the look-ahead and the batch
+size, not on how many files there are.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +42,6 @@ TASK_PROMPTS = {
 }
 
 
-
 @dataclass
 class Segment:
     start: float
@@ -50,9 +58,14 @@ class Result:
     wall_s: float = 0.0
     rtf: float = 0.0  # audio seconds per wall second (higher is faster)
     segments: list[Segment] = field(default_factory=list)
+    size: int | None = None  # the input file's size and mtime: what `infer --resume` matches on
+    mtime_ns: int | None = None
+    index: int = field(default=-1, repr=False)  # position among the inputs (not written out)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d.pop("index")
+        return d
 
 
 def default_model_path() -> Path:
@@ -70,21 +83,75 @@ def default_model_path() -> Path:
     )
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Files as given, folders recursively (supported formats, sorted), globs expanded; input order kept.
+def _walk(folder: Path) -> Iterator[Path]:
+    """Audio files under ``folder``, sorted, one directory at a time (never the whole tree in memory)."""
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            p = Path(root) / name
+            if is_audio_file(p):
+                yield p
 
-    A name that matches nothing is returned as is, so it gets its own error record.
+
+def iter_inputs(inputs: Iterable[str], from_list: str | Path | None = None) -> Iterator[Path]:
+    """Files as given, folders recursively (supported formats, sorted), globs expanded, then the
+    paths listed in ``from_list`` (one per line, ``#`` comments); lazily, in input order.
+
+    A name that matches nothing is yielded as is, so it gets its own error record.
     """
-    out: list[Path] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if is_audio_file(f)))
+            yield from _walk(p)
         elif any(c in raw for c in "*?[") and not p.exists():
-            out.extend(Path(m) for m in sorted(glob.glob(raw, recursive=True)) if Path(m).is_file())
+            yield from (Path(m) for m in sorted(glob.iglob(raw, recursive=True)) if Path(m).is_file())
         else:
-            out.append(p)
-    return out
+            yield p
+    if from_list is not None:
+        with open(from_list, encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield Path(line)
+
+
+def expand_inputs(inputs: Iterable[str]) -> list[Path]:
+    """``iter_inputs`` as a list."""
+    return list(iter_inputs(inputs))
+
+
+def _decode(path: str) -> tuple[np.ndarray | None, str | None]:
+    """Runs in a worker process: audio, or the one-line reason it cannot be read."""
+    try:
+        return load_audio(path), None
+    except AudioError as e:
+        return None, str(e)
+
+
+def decoded(items: Iterable, workers: int = 0, ahead: int = 8) -> Iterator[tuple[int, str, np.ndarray | None, str | None]]:
+    """(index, name, audio or None, error or None) in input order; with ``workers`` > 0 files are
+    decoded by that many processes, at most ``ahead`` files beyond the one being consumed."""
+    def local(item):
+        return (item.astype(np.float32), None) if isinstance(item, np.ndarray) else _decode(str(item))
+
+    def name(item) -> str:
+        return "<array>" if isinstance(item, np.ndarray) else str(item)
+
+    if workers <= 0:
+        for i, item in enumerate(items):
+            yield (i, name(item), *local(item))
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        window: collections.deque = collections.deque()
+        for i, item in enumerate(items):
+            fut = None if isinstance(item, np.ndarray) else pool.submit(_decode, str(item))
+            window.append((i, item, fut))
+            if len(window) > ahead:
+                j, it, f = window.popleft()
+                yield (j, name(it), *(f.result() if f else local(it)))
+        while window:
+            j, it, f = window.popleft()
+            yield (j, name(it), *(f.result() if f else local(it)))
 
 
 @dataclass
@@ -93,6 +160,7 @@ class _Job:
     path: str
     windows: list[tuple[int, int]]
     audio: np.ndarray
+    result: Result
 
 
 class SteerMoE:
@@ -115,54 +183,60 @@ class SteerMoE:
     def _context_needed(self, job: _Job, prompt: str) -> int:
         return self.backend.prompt_tokens(prompt) + sum(self.backend.audio_token_counts([e - s for s, e in job.windows]))
 
-    def ask(
+    def stream(
         self,
-        inputs: str | Path | np.ndarray | list,
+        inputs: Iterable,
         prompt: str = TASK_PROMPTS["transcribe"],
         transcribe: bool | None = None,
         batch_size: int = 8,
         max_new_tokens: int = 256,
         num_beams: int = 1,
         streamer=None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> list[Result]:
-        """One Result per input, in input order; a bad input gets an error Result, the rest go on.
+        workers: int = 0,
+        lookahead: int = 0,
+    ) -> Iterator[Result]:
+        """Results as files finish (input order within each look-ahead chunk); a bad input is an
+        error Result and the rest go on.
 
-        ``transcribe`` (default: prompt is the transcription prompt) decodes each 30 s window on its
-        own and joins the texts; any other prompt sees all windows' audio tokens in one prompt.
+        ``transcribe`` (default: prompt is the transcription prompt) decodes each 30 s window on
+        its own and joins the texts; any other prompt sees all windows' audio tokens in one prompt.
+        ``lookahead``: windows gathered (and sorted by length) before decoding; 0 = 8 batches.
         """
-        items = inputs if isinstance(inputs, list) else [inputs]
         transcribe = (prompt == TASK_PROMPTS["transcribe"]) if transcribe is None else transcribe
-        results: list[Result] = []
-        jobs: list[_Job] = []
-        for i, item in enumerate(items):
-            name = "<array>" if isinstance(item, np.ndarray) else str(item)
-            try:
-                audio = item.astype(np.float32) if isinstance(item, np.ndarray) else load_audio(item)
-            except AudioError as e:
-                results.append(Result(name, error=str(e)))
+        limit = lookahead or 8 * batch_size
+        pending: list[_Job] = []
+        units = 0
+        for index, name, audio, error in decoded(inputs, workers, ahead=2 * batch_size):
+            stat = _stat(name)
+            if error is not None:
+                yield Result(name, error=error, index=index, **stat)
                 continue
-            results.append(Result(name, audio_s=len(audio) / SAMPLE_RATE))
-            job = _Job(i, name, split_points(audio), audio)
+            job = _Job(index, name, split_points(audio), audio, Result(name, audio_s=len(audio) / SAMPLE_RATE, index=index, **stat))
             if not transcribe:
                 need = self._context_needed(job, prompt)
                 if need > self.max_context:
-                    results[-1].error = (
+                    job.result.error = (
                         f"{name}: too long for the LLM's context ({need} tokens > {self.max_context}); "
                         "use --task transcribe, or a shorter recording"
                     )
+                    yield job.result
                     continue
-            jobs.append(job)
+            pending.append(job)
+            units += len(job.windows) if transcribe else 1
+            if units >= limit:
+                yield from self._run(pending, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer)
+                pending, units = [], 0
+        if pending:
+            yield from self._run(pending, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer)
 
-        # Units of work: (job, window) for transcription, whole jobs otherwise; batched by length.
-        units = [(j, w) for j in jobs for w in (range(len(j.windows)) if transcribe else [None])]
-        units.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
-        if progress:
-            progress(0, len(units))
+    def _run(self, jobs: list[_Job], prompt: str, transcribe: bool, batch_size: int, max_new_tokens: int, num_beams: int, streamer) -> Iterator[Result]:
+        """Decode these jobs' windows in length-sorted batches; yield each job's Result."""
+        work = [(j, w) for j in jobs for w in (range(len(j.windows)) if transcribe else [None])]
+        work.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
         texts: dict[tuple[int, int | None], str] = {}
         walls: dict[int, float] = {}
-        for k in range(0, len(units), batch_size):
-            chunk = units[k : k + batch_size]
+        for k in range(0, len(work), batch_size):
+            chunk = work[k : k + batch_size]
             clips, groups = [], []
             for job, w in chunk:
                 spans = [job.windows[w]] if w is not None else job.windows
@@ -174,13 +248,10 @@ class SteerMoE:
             total = sum(len(c) for c in clips)
             for (job, w), text, n in zip(chunk, outs, groups):
                 texts[(job.index, w)] = text
-                share = sum(len(c) for c in clips[:n]) / max(total, 1)
-                walls[job.index] = walls.get(job.index, 0.0) + dt * share
+                walls[job.index] = walls.get(job.index, 0.0) + dt * sum(len(c) for c in clips[:n]) / max(total, 1)
                 clips = clips[n:]
-            if progress:
-                progress(len(chunk), len(units))
         for job in jobs:
-            r = results[job.index]
+            r = job.result
             if transcribe:
                 r.segments = [Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, texts[(job.index, w)]) for w, (s, e) in enumerate(job.windows)]
                 r.text = " ".join(seg.text for seg in r.segments if seg.text)
@@ -189,7 +260,36 @@ class SteerMoE:
                 r.segments = [Segment(0.0, r.audio_s, r.text)]
             r.wall_s = walls[job.index]
             r.rtf = r.audio_s / r.wall_s if r.wall_s else 0.0
-        return results
+            job.audio = np.empty(0, np.float32)  # free the samples before the next chunk
+            yield r
+
+    def ask(
+        self,
+        inputs: str | Path | np.ndarray | list,
+        prompt: str = TASK_PROMPTS["transcribe"],
+        transcribe: bool | None = None,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        num_beams: int = 1,
+        streamer=None,
+        progress: Callable[[Result], None] | None = None,
+    ) -> list[Result]:
+        """One Result per input, in input order (``stream`` without the streaming)."""
+        items = inputs if isinstance(inputs, list) else [inputs]
+        results = []
+        for r in self.stream(items, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer, lookahead=1 << 30):
+            results.append(r)
+            if progress:
+                progress(r)
+        return sorted(results, key=lambda r: r.index)
 
     def transcribe(self, inputs, **kw) -> list[Result]:
         return self.ask(inputs, TASK_PROMPTS["transcribe"], transcribe=True, **kw)
+
+
+def _stat(name: str) -> dict:
+    try:
+        st = os.stat(name)
+    except OSError:
+        return {}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}

@@ -199,6 +199,22 @@ def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> 
     return model
 
 
+def _drop_records_after(log_path: Path, step: int) -> None:
+    """A resumed run repeats the steps after its checkpoint: drop their old lines (and a line cut
+    short by the kill) so that metrics.jsonl holds each step once."""
+    if not log_path.exists():
+        return
+    keep = []
+    for line in log_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= step:
+            keep.append(line)
+    write_text(log_path, "".join(x + "\n" for x in keep))
+
+
 class _Window:
     """Running totals between two log lines."""
 
@@ -257,11 +273,13 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
     step, pos = _restore(start, opt, sched, device) if start is not None else (0, Position())
+    log_path = out / "metrics.jsonl"
+    if start is not None and strategy.is_main:
+        _drop_records_after(log_path, step)
     strategy.prepare(model, opt)
 
     history: list[dict] = []
     run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name}
-    log_path = out / "metrics.jsonl"
     if strategy.is_main:
         write_text(out / "recipe.toml", dump_recipe(recipe))
     cb.on_start({

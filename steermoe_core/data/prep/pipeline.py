@@ -109,7 +109,8 @@ def run_prep(
     ids = [it.id for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise SourceError(f"{source}: duplicate utterance id {dup!r}")
+        inputs = [it.path or it.text[:40] for it in items if it.id == dup]
+        raise SourceError(f"{source}: duplicate utterance id {dup!r} ({' and '.join(map(str, inputs))})")
     chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     names = [f"shard-{k:05d}.parquet" for k in range(len(chunks))]
     stale = {p.name for p in out.glob("shard-*.parquet")} - set(names)

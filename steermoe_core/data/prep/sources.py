@@ -146,11 +146,13 @@ def folder(src: Path) -> tuple[list[Item], Skipped]:
         return _manifest(manifests[0])
     items, skipped = [], []
     audio_stems = set()
-    for p in sorted(src.rglob("*")):
-        if not p.is_file() or p.suffix.lower() not in AUDIO_SUFFIXES:
-            continue
+    audio = [p for p in sorted(src.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+    stems = Counter(p.with_suffix("") for p in audio)
+    for p in audio:
         audio_stems.add(p.with_suffix(""))
-        uid = str(p.relative_to(src).with_suffix("")).replace("/", "__")
+        rel = p.relative_to(src)
+        # the relative path names the utterance; two files of one stem (x.flac, x.mp3) keep their suffix
+        uid = str(rel if stems[p.with_suffix("")] > 1 else rel.with_suffix("")).replace("/", "__")
         txt = p.with_suffix(".txt")
         if not txt.exists():
             skipped.append({"id": uid, "input": str(p), "reason": "audio file without sidecar .txt"})

@@ -1,0 +1,119 @@
+"""Batch transcription at scale: results stream out, a killed run resumes, memory stays bounded."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from conftest import tiny_recipe_dict, tone_clip
+
+from steermoe_core.inference import SteerMoE, iter_inputs
+
+N_CLIPS = 300
+
+
+@pytest.fixture(scope="module")
+def ckpt(backbones, tiny_data, tmp_path_factory):
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.training.loop import train
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"]["valid"] = ""
+    d["train"]["max_steps"] = 60
+    return train(recipe_from_dict(d), tmp_path_factory.mktemp("stream-run")).model_dir
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """300 short clips in nested folders, with two broken files in the middle."""
+    d = tmp_path_factory.mktemp("many")
+    for i in range(N_CLIPS):
+        sub = d / f"part{i // 100}"
+        sub.mkdir(exist_ok=True)
+        sf.write(sub / f"clip{i:03d}.wav", tone_clip(i % 4, 0.3 + 0.01 * (i % 7)), 16000, subtype="FLOAT")
+    (d / "part1" / "clip150b.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
+    (d / "part2" / "empty.flac").write_bytes(b"")
+    return d
+
+
+def _infer(ckpt, *args) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "steermoe_cli", "infer", *args, "--model", str(ckpt), "--max-new-tokens", "6",
+                             "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_stream_gives_the_same_text_as_the_in_memory_path(ckpt, folder):
+    sm = SteerMoE.load(ckpt, "cpu")
+    paths = list(iter_inputs([str(folder)]))
+    assert len(paths) == N_CLIPS + 2
+    whole = {r.path: (r.text, r.error is None) for r in sm.ask([str(p) for p in paths], max_new_tokens=6)}
+    streamed = {r.path: (r.text, r.error is None) for r in sm.stream(iter_inputs([str(folder)]), max_new_tokens=6, lookahead=16)}
+    assert streamed == whole
+    assert sum(ok for _, ok in whole.values()) == N_CLIPS  # the two broken files are errors, the rest went on
+
+
+@pytest.mark.slow
+def test_lines_appear_before_the_end_and_a_killed_run_resumes(ckpt, folder, tmp_path):
+    full = tmp_path / "full.jsonl"
+    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(full), "--batch-size", "1")
+    seen_early = 0
+    while p.poll() is None:
+        if full.exists():
+            seen_early = max(seen_early, len(full.read_text().splitlines()))
+        time.sleep(0.2)
+    assert p.returncode == 1, p.stderr.read()[-2000:]  # two inputs failed, the rest succeeded
+    assert 0 < seen_early < N_CLIPS + 2  # lines were on disk while the run was still going
+    reference = {r["path"]: r for r in _records(full)}
+    assert len(reference) == N_CLIPS + 2
+
+    part = tmp_path / "part.jsonl"
+    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), "--batch-size", "1")
+    while p.poll() is None and (not part.exists() or len(part.read_text().splitlines()) < 100):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = len(part.read_text().splitlines())
+    assert 0 < killed_at < N_CLIPS + 2
+    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), "--resume")
+    p.wait()
+    assert p.returncode == 1
+    recs = _records(part)
+    assert len(recs) == N_CLIPS + 2 and len({r["path"] for r in recs}) == N_CLIPS + 2
+    assert {r["path"]: (r["text"], r["error"] is None) for r in recs} == {k: (r["text"], r["error"] is None) for k, r in reference.items()}
+
+
+def test_srt_outputs_keep_relative_paths(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    for sub, ext in (("a", "wav"), ("b", "flac")):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        sf.write(tmp_path / "in" / sub / f"x.{ext}", tone_clip(1, 0.6), 16000)
+    r = CliRunner().invoke(app, ["infer", str(tmp_path / "in"), "--model", str(ckpt), "--format", "srt",
+                                 "--out", str(tmp_path / "srt"), "--max-new-tokens", "4", "--workers", "0"])
+    assert r.exit_code == 0, r.output
+    assert sorted(str(p.relative_to(tmp_path / "srt")) for p in (tmp_path / "srt").rglob("*.srt")) == ["a/x.srt", "b/x.srt"]
+
+
+def test_from_list_and_exit_code_when_nothing_succeeds(ckpt, tmp_path):
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    (tmp_path / "bad.wav").write_bytes(b"junk")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"# inputs\n{tmp_path / 'bad.wav'}\n{tmp_path / 'missing.wav'}\n")
+    r = CliRunner().invoke(app, ["infer", "--from-list", str(lst), "--model", str(ckpt), "--workers", "0"])
+    assert r.exit_code == 2 and "missing.wav" in r.stderr and "bad.wav" in r.stderr
