@@ -53,7 +53,7 @@ def write_clips(folder: Path, n: int, seconds: float) -> None:
 
 def run(ckpt: Path, folder: Path, out: Path, batch: int, workers: int) -> dict:
     cmd = [sys.executable, "-m", "steermoe_cli", "infer", str(folder), "--model", str(ckpt), "--format", "jsonl",
-           "--out", str(out), "--max-new-tokens", "4", "--batch-size", str(batch), "--workers", str(workers), "--device", "cpu"]
+           "--out", str(out), "--max-new-tokens", "4", "--batch-size", str(batch), "--decode-workers", str(workers), "--device", "cpu"]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first, peak_kib = None, 0
@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--model", type=Path)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--decode-workers", dest="workers", type=int, default=1)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -40,7 +40,7 @@ def infer(
     out: Annotated[Optional[Path], typer.Option(help="Write here instead of stdout (a folder for srt of several files)")] = None,
     from_list: Annotated[Optional[Path], typer.Option(help="A file listing input paths, one per line")] = None,
     resume: Annotated[bool, typer.Option(help="With --format jsonl --out FILE: skip inputs already in FILE (same path, size, mtime)")] = False,
-    workers: Annotated[int, typer.Option(help="Processes decoding audio ahead of the model (0 = in this process)")] = 1,
+    decode_workers: Annotated[int, typer.Option(help="Processes decoding audio ahead of the model (0 = in this process)")] = 1,
     max_new_tokens: Annotated[int, typer.Option(help="Generation budget per window / answer")] = 256,
     beams: Annotated[int, typer.Option(help="1 = greedy")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -91,7 +91,7 @@ def infer(
         from transformers import TextStreamer
 
         streamer = TextStreamer(sm.backend.tokenizer, skip_special_tokens=True)
-    results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=workers)
+    results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers)
     records = _emit(results, fmt, out, resume, quiet=stream)
     if len(records) == 0 and resume:
         console.print(f"nothing left to do: all inputs are already in {out}")

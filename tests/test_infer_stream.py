@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +42,26 @@ def folder(tmp_path_factory) -> Path:
     return d
 
 
-def _infer(ckpt, *args) -> subprocess.Popen:
+KILL_AFTER = """
+import os, signal, sys
+from steermoe_core.inference.api import SteerMoE
+real = SteerMoE.stream
+def stream(self, *a, **k):
+    for i, r in enumerate(real(self, *a, **k)):
+        if i == {n}:
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard kill mid-run, at a known point
+        yield r
+SteerMoE.stream = stream
+from steermoe_cli.main import app
+sys.argv = ["steermoe", *sys.argv[1:]]
+app()
+"""
+
+
+def _infer(ckpt, *args, kill_after: int | None = None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "steermoe_cli", "infer", *args, "--model", str(ckpt), "--max-new-tokens", "6",
+    head = ["-c", KILL_AFTER.format(n=kill_after)] if kill_after is not None else ["-m", "steermoe_cli"]
+    return subprocess.Popen([sys.executable, *head, "infer", *args, "--model", str(ckpt), "--max-new-tokens", "6",
                              "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -64,27 +80,19 @@ def test_stream_gives_the_same_text_as_the_in_memory_path(ckpt, folder):
 
 
 @pytest.mark.slow
-def test_lines_appear_before_the_end_and_a_killed_run_resumes(ckpt, folder, tmp_path):
+def test_lines_appear_as_files_finish_and_a_killed_run_resumes(ckpt, folder, tmp_path):
     full = tmp_path / "full.jsonl"
-    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(full), "--batch-size", "1")
-    seen_early = 0
-    while p.poll() is None:
-        if full.exists():
-            seen_early = max(seen_early, len(full.read_text().splitlines()))
-        time.sleep(0.2)
+    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(full))
+    p.wait()
     assert p.returncode == 1, p.stderr.read()[-2000:]  # two inputs failed, the rest succeeded
-    assert 0 < seen_early < N_CLIPS + 2  # lines were on disk while the run was still going
     reference = {r["path"]: r for r in _records(full)}
     assert len(reference) == N_CLIPS + 2
 
     part = tmp_path / "part.jsonl"
-    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), "--batch-size", "1")
-    while p.poll() is None and (not part.exists() or len(part.read_text().splitlines()) < 100):
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
+    p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), kill_after=100)
     p.wait()
-    killed_at = len(part.read_text().splitlines())
-    assert 0 < killed_at < N_CLIPS + 2
+    assert p.returncode == -signal.SIGKILL
+    assert len(_records(part)) == 100  # every finished file was on disk, complete, when the kill came
     p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), "--resume")
     p.wait()
     assert p.returncode == 1
@@ -102,7 +110,7 @@ def test_srt_outputs_keep_relative_paths(ckpt, tmp_path):
         (tmp_path / "in" / sub).mkdir(parents=True)
         sf.write(tmp_path / "in" / sub / f"x.{ext}", tone_clip(1, 0.6), 16000)
     r = CliRunner().invoke(app, ["infer", str(tmp_path / "in"), "--model", str(ckpt), "--format", "srt",
-                                 "--out", str(tmp_path / "srt"), "--max-new-tokens", "4", "--workers", "0"])
+                                 "--out", str(tmp_path / "srt"), "--max-new-tokens", "4", "--decode-workers", "0"])
     assert r.exit_code == 0, r.output
     assert sorted(str(p.relative_to(tmp_path / "srt")) for p in (tmp_path / "srt").rglob("*.srt")) == ["a/x.srt", "b/x.srt"]
 
@@ -115,5 +123,5 @@ def test_from_list_and_exit_code_when_nothing_succeeds(ckpt, tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"junk")
     lst = tmp_path / "list.txt"
     lst.write_text(f"# inputs\n{tmp_path / 'bad.wav'}\n{tmp_path / 'missing.wav'}\n")
-    r = CliRunner().invoke(app, ["infer", "--from-list", str(lst), "--model", str(ckpt), "--workers", "0"])
+    r = CliRunner().invoke(app, ["infer", "--from-list", str(lst), "--model", str(ckpt), "--decode-workers", "0"])
     assert r.exit_code == 2 and "missing.wav" in r.stderr and "bad.wav" in r.stderr

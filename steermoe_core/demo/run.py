@@ -44,6 +44,7 @@ class DemoConfig:
     heldout_voices: tuple[str, ...] = HELDOUT_VOICES
     workers: int = 0
     ctc_only_steps: int = 150  # first stage: CTC alone, no LLM pass (several times faster a step)
+    batch_size: int = 0  # 0 = the recipe's (16); the CI-size test uses a smaller one
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
 
@@ -93,6 +94,7 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
     recipe = load_recipe(cfg.recipe, [
         f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
         f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
+        *([f"data.batch_size={cfg.batch_size}"] if cfg.batch_size else []),
         f"model.steering.placement={placement}", "train.eval_every=0",
     ])
     log(f"training {name} ({placement}) for {cfg.steps} steps")
