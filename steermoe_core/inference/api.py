@@ -206,7 +206,8 @@ class SteerMoE:
         limit = lookahead or 8 * batch_size
         pending: list[_Job] = []
         units = 0
-        for index, name, audio, error in decoded(inputs, workers, ahead=2 * batch_size):
+        # files decoded ahead are counted in files whatever their length: keep it small (2 per worker)
+        for index, name, audio, error in decoded(inputs, workers, ahead=max(2, 2 * workers)):
             stat = _stat(name)
             if error is not None:
                 yield Result(name, error=error, index=index, **stat)
