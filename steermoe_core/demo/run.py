@@ -178,9 +178,14 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         name = f"steermoe, shipped ({pre_meta['step']} steps)"
         models[name] = load_checkpoint(cfg.pretrained, model=sibling(pre_recipe.model))[0]
     sets = {label: data / folder for label, folder in SETS.items()}
-    table = {}
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.training.loop import validation_loss
+    from steermoe_core.training.strategy import SingleDevice
+
+    table, losses = {}, {}
     for name, m in models.items():
         table[name] = {label: _wer_of(m, path, recipe) for label, path in sets.items()}
+        losses[name] = validation_loss(m.eval(), ShardedDataset(sets["in-domain"]), recipe, precision, SingleDevice())
         log(f"scored {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in table[name].items()))
     table["whisper tiny.en decoder"] = {label: _whisper_wer(recipe.model.encoder.path, path) for label, path in sets.items()}
     best = models[list(models)[-1]]
@@ -188,6 +193,7 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     result = {
         "steps": cfg.steps, "train_utterances": cfg.train_sentences, "precision": str(precision),
         "wer": table,
+        "in_domain_loss": losses,  # target-token cross-entropy: a learning signal even before WER moves
         "sets": {label: str(path) for label, path in sets.items()},
         "transcripts": inferred,
         "checkpoint": str(steer_ckpt),
