@@ -147,9 +147,12 @@ def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
 
 
 def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
+    from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
     from steermoe_core.model.steermoe import SteerMoEModel
     from steermoe_core.runtime import resolve_precision
+    from steermoe_core.training.loop import validation_loss
+    from steermoe_core.training.strategy import SingleDevice
 
     data = cfg.workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -178,10 +181,6 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         name = f"steermoe, shipped ({pre_meta['step']} steps)"
         models[name] = load_checkpoint(cfg.pretrained, model=sibling(pre_recipe.model))[0]
     sets = {label: data / folder for label, folder in SETS.items()}
-    from steermoe_core.data.dataset import ShardedDataset
-    from steermoe_core.training.loop import validation_loss
-    from steermoe_core.training.strategy import SingleDevice
-
     table, losses = {}, {}
     for name, m in models.items():
         table[name] = {label: _wer_of(m, path, recipe) for label, path in sets.items()}
