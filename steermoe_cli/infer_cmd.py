@@ -100,11 +100,9 @@ def infer(
 
 
 def _key(path) -> tuple[str, int | None, int | None]:
-    try:
-        st = os.stat(path)
-        return str(path), st.st_size, st.st_mtime_ns
-    except OSError:
-        return str(path), None, None
+    from steermoe_core.inference.api import file_stamp
+
+    return str(path), *file_stamp(path)
 
 
 def _finished_records(out: Path) -> set[tuple[str, int | None, int | None]]:

@@ -39,18 +39,21 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
     stdout.print(table)
     if empty:
         console.print(f"[bold red]error:[/] {source}: no usable input in {', '.join(empty)}; every input was skipped:")
-        for s in all_skipped[:20]:
-            console.print(f"  {s['input']}: {s['reason']}", highlight=False, soft_wrap=True)
+        _list_skipped(all_skipped)
         raise typer.Exit(2)
     if all_skipped:
         console.print(f"[yellow]warning:[/] {len(all_skipped)} input(s) skipped (all listed in manifest.json):")
-        for s in all_skipped[:20]:
-            console.print(f"  {s['input']}: {s['reason']}", highlight=False, soft_wrap=True)
-        if len(all_skipped) > 20:
-            console.print(f"  ... and {len(all_skipped) - 20} more")
+        _list_skipped(all_skipped)
         if strict:
             console.print("[bold red]error:[/] --strict: inputs were skipped")
             raise typer.Exit(2)
+
+
+def _list_skipped(skipped: list[dict], most: int = 20) -> None:
+    for s in skipped[:most]:
+        console.print(f"  {s['input']}: {s['reason']}", highlight=False, soft_wrap=True)
+    if len(skipped) > most:
+        console.print(f"  ... and {len(skipped) - most} more")
 
 
 @prep_app.command()

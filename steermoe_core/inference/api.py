@@ -288,9 +288,15 @@ class SteerMoE:
         return self.ask(inputs, TASK_PROMPTS["transcribe"], transcribe=True, **kw)
 
 
-def _stat(name: str) -> dict:
+def file_stamp(path: str | Path) -> tuple[int | None, int | None]:
+    """(size, mtime_ns) of an input file, (None, None) when there is none: what `--resume` matches on."""
     try:
-        st = os.stat(name)
+        st = os.stat(path)
     except OSError:
-        return {}
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def _stat(name: str) -> dict:
+    size, mtime_ns = file_stamp(name)
+    return {"size": size, "mtime_ns": mtime_ns}

@@ -17,7 +17,6 @@ import numpy as np
 class Backend(Protocol):
     name: str
     max_context: int  # the LLM's context, in tokens
-    max_window_s: float  # the longest clip the encoder takes in one window
 
     def audio_token_counts(self, lengths: list[int]) -> list[int]:
         """Audio tokens each clip of ``lengths`` samples becomes."""

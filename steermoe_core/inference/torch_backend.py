@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 
-from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.data.batch import AudioBatch, pad_clips
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
@@ -22,7 +21,6 @@ class TorchBackend:
         self.device = model.device
         self.precision = precision or resolve_precision("auto", self.device)
         self.max_context = int(getattr(model.llm.config, "max_position_embeddings", 1 << 30))
-        self.max_window_s = (model.encoder.max_samples or 30 * SAMPLE_RATE) / SAMPLE_RATE
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> TorchBackend:

@@ -127,7 +127,7 @@ class SteerMoEModel(nn.Module):
         loss = ce if aux is None else ce + aux
         out = {"ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
         if self.ctc_weight > 0 and batch.clips_per_example is None:
-            ctc = self.ctc_loss(audio, audio_lengths, batch.targets)
+            ctc = self.ctc_loss(audio, audio_lengths, self.ctc_targets(batch.targets))
             loss = loss + self.ctc_weight * ctc
             out["ctc"] = ctc.detach()
         return {"loss": loss, **out}
@@ -135,12 +135,17 @@ class SteerMoEModel(nn.Module):
     def _ctc_only_forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
         """Stage one of a CTC curriculum: the audio side and the embedding table only, no LLM pass."""
         audio = self.encode_audio(batch.waves, batch.lengths)
-        ctc = self.ctc_loss(audio, self.audio_token_counts(batch.lengths), batch.targets)
+        ids = self.ctc_targets(batch.targets)
+        ctc = self.ctc_loss(audio, self.audio_token_counts(batch.lengths), ids)
         aux = self.adapter.aux_loss
-        n = sum(len(self.layout.target_ids(t, self.max_target_tokens)) for t in batch.targets)
+        n = sum(len(r) + 1 for r in ids)  # + end of turn, as the LLM's loss counts them
         return {"loss": ctc if aux is None else ctc + aux, "ce": ctc.detach(), "ctc": ctc.detach(), "tokens": torch.tensor(n)}
 
-    def ctc_loss(self, audio: torch.Tensor, lengths: list[int], targets: list[str]) -> torch.Tensor:
+    def ctc_targets(self, targets: list[str]) -> list[list[int]]:
+        """Each transcript's token ids, without the end-of-turn token the LLM's loss adds."""
+        return [self.layout.target_ids(t, self.max_target_tokens)[:-1] for t in targets]
+
+    def ctc_loss(self, audio: torch.Tensor, lengths: list[int], ids: list[list[int]]) -> torch.Tensor:
         """CTC of each transcript over its audio tokens, read through the LLM's frozen input embeddings.
 
         Logits are dot products with every token embedding, so minimising it pulls each audio token
@@ -151,7 +156,6 @@ class SteerMoEModel(nn.Module):
         """
         emb = self.llm.get_input_embeddings().weight
         logp = (audio @ emb.T.to(audio.dtype)).float().log_softmax(-1).transpose(0, 1)  # (T', B, V)
-        ids = [self.layout.target_ids(t, self.max_target_tokens)[:-1] for t in targets]
         flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
         return F.ctc_loss(
             logp, to_device(flat, audio.device), torch.tensor(lengths), torch.tensor([len(r) for r in ids]),

@@ -69,8 +69,8 @@ class DDPStrategy(Strategy):
         """This rank's slice of every global batch (a batch smaller than the world lends its items round-robin)."""
         return [b[self.rank :: self.world_size] or [b[self.rank % len(b)]] for b in batches]
 
-    def shard_indices(self, n: int) -> list[int]:
-        return list(range(self.rank, n, self.world_size))
+    def shard_items(self, items: list) -> list:
+        return items[self.rank :: self.world_size]
 
     def reduce_mean(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)

@@ -117,7 +117,7 @@ def micro_batch_stream(
 def validation_loss(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision: Precision, strategy: Strategy) -> float:
     """Mean target-token cross-entropy over the whole set (each process takes its share)."""
     total, n = 0.0, 0
-    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False, only=set(strategy.shard_indices(len(ds))))
+    batches = length_bucketed_batches(ds, recipe.eval.batch_size, shuffle=False, only=set(strategy.shard_items(list(range(len(ds))))))
     for batch, _ in make_loader(ds, batches, recipe.data.prompt, 0):
         batch.waves = batch.waves.to(model.device)
         with autocast(model.device, precision):
@@ -136,7 +136,7 @@ def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision
     model.eval()
     metrics = {"valid_loss": validation_loss(model, ds, recipe, precision, strategy)}
     mine = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, seed=recipe.train.seed,
-                           shard=lambda idx: idx[strategy.rank :: strategy.world_size])
+                           shard=strategy.shard_items)
     preds = sorted(strategy.gather(mine), key=lambda p: p["index"])
     metrics.update(score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]))
     metrics["valid_examples"] = len(preds)

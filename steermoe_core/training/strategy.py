@@ -52,9 +52,9 @@ class Strategy:
         """This process's share of an epoch's batches (all of them for one process)."""
         return batches
 
-    def shard_indices(self, n: int) -> list[int]:
-        """This process's share of ``n`` examples to validate or evaluate."""
-        return list(range(n))
+    def shard_items(self, items: list) -> list:
+        """This process's share of examples to validate or evaluate (all of them for one process)."""
+        return items
 
     def reduce_mean(self, value: float) -> float:
         return value
