@@ -26,7 +26,7 @@ from steermoe_core.demo.text import (
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the longer run `make demo-full` trains, shipped
-FULL_STEPS, FULL_CTC_ONLY_STEPS = 3000, 1000
+FULL_STEPS, FULL_CTC_ONLY_STEPS, FULL_EVAL_EVERY = 2000, 700, 250
 SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 
 
@@ -47,12 +47,13 @@ class DemoConfig:
     batch_size: int = 0  # 0 = the recipe's (16); the CI-size test uses a smaller one
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
+    eval_every: int = 0  # > 0: score the out-of-domain set every so many steps (the learning curve) and checkpoint
 
 
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
     """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE only)."""
     return DemoConfig(workdir, train_sentences=12000, steps=FULL_STEPS, ctc_only_steps=FULL_CTC_ONLY_STEPS,
-                      workers=workers, pretrained=None, train_linear=False)
+                      workers=workers, pretrained=None, train_linear=False, eval_every=FULL_EVAL_EVERY)
 
 
 Log = Callable[[str], None]
@@ -95,7 +96,10 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
         f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
         f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
         *([f"data.batch_size={cfg.batch_size}"] if cfg.batch_size else []),
-        f"model.steering.placement={placement}", "train.eval_every=0",
+        f"model.steering.placement={placement}",
+        # the curve: out-of-domain WER every eval_every steps, in the run's metrics.jsonl
+        *([f"data.valid={data / 'ood'}", f"train.eval_every={cfg.eval_every}", f"train.save_every={cfg.eval_every}"]
+          if cfg.eval_every else ["train.eval_every=0"]),
     ])
     log(f"training {name} ({placement}) for {cfg.steps} steps")
     cb = Callbacks(on_step=lambda r: log(f"  {name} step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
