@@ -26,9 +26,9 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 @dataclass
 class EncoderConfig:
-    kind: Literal["whisper"] = doc("whisper", "Audio encoder family (see steermoe_core.encoders).")
-    path: str = doc("openai/whisper-large-v3", "Hub id, local HF folder, or faster-whisper/CTranslate2 folder (model.bin + config.json).")
-    trim_padding: bool = doc(True, "Encode only the real frames instead of Whisper's fixed 30 s (masked inside a batch).")
+    kind: Literal["whisper", "conformer"] = doc("whisper", "Audio encoder family (see steermoe_core.encoders): whisper, or conformer = FireRedASR-AED's encoder.")
+    path: str = doc("openai/whisper-large-v3", "whisper: hub id, local HF folder, or faster-whisper/CTranslate2 folder (model.bin + config.json); conformer: FireRedASR model folder (model.pth.tar + cmvn.ark) or the model.pth.tar file (cmvn.ark beside it).")
+    trim_padding: bool = doc(True, "whisper only: encode only the real frames instead of Whisper's fixed 30 s (masked inside a batch). The conformer always does.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen encoder weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
 
 
@@ -221,6 +221,8 @@ def _deep_copy(d: Any) -> Any:
 
 
 def _check_consistency(r: Recipe) -> None:
+    if r.model.encoder.kind != "whisper" and not r.model.encoder.trim_padding:
+        raise RecipeError(f"model.encoder.trim_padding: Whisper's fixed 30 s layout only; kind {r.model.encoder.kind!r} always encodes only the real frames")
     if r.train.ctc_only_steps and not r.train.ctc_weight:
         raise RecipeError("train.ctc_only_steps: needs train.ctc_weight > 0 (the CTC loss it trains on)")
     d = r.data

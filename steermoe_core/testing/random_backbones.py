@@ -80,3 +80,35 @@ def write_llm(
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(folder)
     return folder
+
+
+def write_conformer(
+    folder: Path, layers: int = 2, dim: int = 64, heads: int = 4, kernel_size: int = 15, idim: int = 80, seed: int = 0
+) -> Path:
+    """A FireRedASR-AED-shaped folder: ``model.pth.tar`` ({"args": Namespace, "model_state_dict"}, the
+    encoder's weights under ``encoder.`` beside a stand-in decoder weight) and a binary ``cmvn.ark``."""
+    import argparse
+    import struct
+
+    from steermoe_core.encoders.conformer import build_encoder
+
+    torch.manual_seed(seed)
+    args = argparse.Namespace(
+        idim=idim, n_layers_enc=layers, n_head=heads, d_model=dim, kernel_size=kernel_size, residual_dropout=0.1,
+        dropout_rate=0.1, pe_maxlen=5000, n_layers_dec=1, odim=100, sos_id=3, eos_id=4, pad_id=2,
+    )
+    enc = build_encoder(vars(args))
+    for name, p in enc.named_parameters():  # LayerNorms and pos biases non-trivial, so tests see them used
+        if p.ndim == 1 or name.endswith(("pos_bias_u", "pos_bias_v")):
+            p.data.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    state = {f"encoder.{k}": v for k, v in enc.state_dict().items()}
+    state["decoder.tgt_word_emb.weight"] = torch.randn(args.odim, dim)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": args, "model_state_dict": state}, folder / "model.pth.tar")
+    # Kaldi stats as compute-cmvn-stats writes them (binary double matrix): count 1000, means 8..12, variances 2..6
+    count, mean, var = 1000.0, torch.linspace(8, 12, idim, dtype=torch.float64), torch.linspace(2, 6, idim, dtype=torch.float64)
+    stats = torch.zeros(2, idim + 1, dtype=torch.float64)
+    stats[0, :idim], stats[0, idim], stats[1, :idim] = mean * count, count, (var + mean**2) * count
+    header = b"\0BDM \x04" + struct.pack("<i", 2) + b"\x04" + struct.pack("<i", idim + 1)
+    (folder / "cmvn.ark").write_bytes(header + stats.numpy().astype("<f8").tobytes())
+    return folder
