@@ -72,5 +72,5 @@ def test_load_encoder_encode_is_the_public_way_to_get_final_states(backbones):
 def test_unknown_encoder_kind_is_a_one_line_error(backbones):
     from steermoe_core.errors import UsageError
 
-    with pytest.raises(UsageError, match="encoder kind 'wav2vec': not one of whisper"):
+    with pytest.raises(UsageError, match="encoder kind 'wav2vec': not one of conformer, whisper"):
         load_encoder("wav2vec", str(backbones["whisper"]))
