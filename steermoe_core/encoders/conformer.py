@@ -278,11 +278,12 @@ def _first_line(e: Exception) -> str:
 
 
 def resolve_files(path: str) -> tuple[Path, Path]:
-    """``path`` is FireRedASR's model folder (model.pth.tar + cmvn.ark) or the .pth.tar file itself (cmvn.ark beside it)."""
-    from steermoe_core.backbones.weights import resolve_path
+    """``path`` is FireRedASR's model folder (model.pth.tar + cmvn.ark), the .pth.tar file itself
+    (cmvn.ark beside it), or a hub id (``FireRedTeam/FireRedASR-AED-L``: only those two files are fetched)."""
+    from steermoe_core.backbones.weights import resolve_model_dir, resolve_path
 
     p = Path(resolve_path(path)).expanduser()
-    ckpt = p / "model.pth.tar" if p.is_dir() else p
+    ckpt = p if p.is_file() else resolve_model_dir(path, patterns=["model.pth.tar", "cmvn.ark"]) / "model.pth.tar"
     if not ckpt.is_file():
         raise BackboneError(f"{path}: no FireRedASR checkpoint here (expected a folder with model.pth.tar and cmvn.ark, or the .pth.tar file)")
     return ckpt, ckpt.parent / "cmvn.ark"
