@@ -97,13 +97,17 @@ class NotAllowed:
 @pytest.mark.parametrize(
     "package,message",
     [
-        ({"args": NotAllowed(), "model_state_dict": {}}, "refused"),
+        ({"args": NotAllowed(), "model_state_dict": {}}, "refused, the checkpoint needs test_conformer.NotAllowed"),
+        (b"not a pickle at all", "not a readable PyTorch checkpoint"),
         ({"model_state_dict": {}}, "expected a dict with 'args' and 'model_state_dict'"),
         ({"args": argparse.Namespace(idim=80), "model_state_dict": {}}, "'args' lacks n_layers_enc"),
     ],
 )
 def test_bad_checkpoints_are_one_line_errors(tmp_path, package, message):
-    torch.save(package, tmp_path / "model.pth.tar")
+    if isinstance(package, bytes):
+        (tmp_path / "model.pth.tar").write_bytes(package)
+    else:
+        torch.save(package, tmp_path / "model.pth.tar")
     with pytest.raises(BackboneError, match=message):
         load_encoder("conformer", str(tmp_path))
 

@@ -254,23 +254,24 @@ class ConformerAudioEncoder(AudioEncoder):
 
 
 def _torch_load(path: Path) -> dict:
-    """``weights_only=True`` with only ``argparse.Namespace`` allowed beyond tensors and containers."""
+    """``weights_only=True`` with only ``argparse.Namespace`` allowed beyond tensors and containers.
+    Memory-mapped where the file allows it, so AED-L's decoder half is never read into memory."""
     import pickle
+    import re
 
     with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped: read them whole
-                raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-        except pickle.UnpicklingError as e:
-            raise BackboneError(f"{path}: the checkpoint holds objects beyond tensors and an argparse.Namespace, refused ({_first_line(e)})") from None
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise BackboneError(f"{path}: the checkpoint holds objects beyond tensors and an argparse.Namespace, refused ({_first_line(e)})") from None
-        except Exception as e:
-            raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+        for mmap in (True, False):  # legacy (non-zip) files cannot be memory-mapped: read them whole
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except pickle.UnpicklingError as e:
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                if found:
+                    raise BackboneError(f"{path}: refused, the checkpoint needs {found.group(1)} (only tensors and an argparse.Namespace are loaded)") from None
+                raise BackboneError(f"{path}: not a readable PyTorch checkpoint") from None
+            except RuntimeError as e:
+                if not (mmap and "mmap" in str(e)):
+                    raise BackboneError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    raise AssertionError("unreachable")
 
 
 def _first_line(e: Exception) -> str:
