@@ -50,6 +50,29 @@ def subcommand_argv() -> list[str]:
 def relaunch(nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500) -> None:
     """Run this very command in ``nproc`` processes per node under torch.distributed.run; raise
     ``SystemExit`` with a failure if any process failed."""
+    import typer
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
-    torchrun(torchrun_args(subcommand_argv(), nproc, nnodes, node_rank, master_addr, master_port))
+    try:
+        torchrun(torchrun_args(subcommand_argv(), nproc, nnodes, node_rank, master_addr, master_port))
+    except ChildFailedError as e:  # keep the workers' own exit code (1: some inputs failed, 2: usage)
+        code = e.get_first_failure()[1].exitcode  # the others may just have been stopped
+        raise typer.Exit(code if 0 < code < 128 else 3) from None
+
+
+def processes_for(gpus: int, workers: int, device: str) -> int:
+    """How many processes `--gpus N` (one GPU each) or `--workers N` (CPU processes) ask for."""
+    from steermoe_core.errors import UsageError
+
+    if gpus > 1 and workers > 1:
+        raise UsageError("--gpus N runs N GPU processes, --workers N runs N CPU processes: give one of them")
+    if workers > 1 and device != "cpu":
+        raise UsageError(f"--workers {workers} starts CPU processes: add --device cpu (or use --gpus N for GPUs)")
+    if gpus > 1 and device != "cpu":
+        import torch
+
+        if torch.cuda.device_count() < gpus:
+            raise UsageError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             "use --workers N --device cpu for CPU processes")
+    return max(gpus, workers)
