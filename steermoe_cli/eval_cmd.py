@@ -31,7 +31,8 @@ def eval_(
     from steermoe_core.evaluation.evaluate import evaluate
     from steermoe_core.model.checkpoint import load_checkpoint
     from steermoe_core.runtime import pick_device
-    from steermoe_core.training.distributed import launched_by_a_launcher, make_strategy
+    from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.training.engines import make_strategy
 
     nproc = processes_for(gpus, workers, device)
     if nproc > 1 and not launched_by_a_launcher():

@@ -232,7 +232,7 @@ def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model
     from steermoe_core.inference import SteerMoE
     from steermoe_core.inference.api import Result, Segment
     from steermoe_core.runtime import pick_device
-    from steermoe_core.training.distributed import make_strategy
+    from steermoe_core.training.engines import make_strategy
 
     t0 = time.perf_counter()
     strategy, dev = make_strategy("ddp", pick_device(device))

@@ -27,10 +27,8 @@ def train(
 ):
     """Train the adapter; checkpoints and metrics.jsonl go to the run folder."""
     from steermoe_core.config import load_recipe
-    from steermoe_core.training.distributed import (
-        check_engine_available,
-        launched_by_a_launcher,
-    )
+    from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.training.engines import check_engine_available
 
     r = load_recipe(recipe, set_)
     world = gpus * nodes

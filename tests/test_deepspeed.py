@@ -77,7 +77,7 @@ def test_two_processes_with_zero_match_ddp(backbones, tiny_data, tmp_path, stage
 
 
 def test_without_the_package_the_error_says_how_to_install_it(monkeypatch):
-    from steermoe_core.training.distributed import check_engine_available
+    from steermoe_core.training.engines import check_engine_available
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))

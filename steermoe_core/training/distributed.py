@@ -18,7 +18,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from steermoe_core.errors import UsageError
 from steermoe_core.training.strategy import Strategy
 
 
@@ -104,30 +103,3 @@ class DDPStrategy(Strategy):
 
 
 DEEPSPEED_MISSING = "distributed.engine = 'deepspeed' needs DeepSpeed: pip install 'steermoe[deepspeed]'"
-
-
-def check_engine_available(engine: str) -> None:
-    """One line saying how to install the engine the recipe asks for, before anything is launched."""
-    import importlib.util
-
-    if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise UsageError(DEEPSPEED_MISSING)
-
-
-def make_strategy(engine: str, device: torch.device, recipe=None, precision=None) -> tuple[Strategy, torch.device]:
-    """The strategy for this process (single device, DDP when started as part of a group, or
-    DeepSpeed whenever the recipe asks for it) and its device (a GPU rank takes the GPU its
-    LOCAL_RANK names). ``recipe`` and ``precision`` configure DeepSpeed."""
-    from steermoe_core.training.strategy import SingleDevice
-
-    check_engine_available(engine)
-    if launched_by_a_launcher() and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if engine == "deepspeed":
-        from steermoe_core.training.deepspeed_strategy import DeepSpeedStrategy
-
-        return DeepSpeedStrategy(device, recipe, precision), device
-    if launched_by_a_launcher():
-        return DDPStrategy(device), device
-    return SingleDevice(), device

@@ -33,7 +33,7 @@ from steermoe_core.model.checkpoint import (
 )
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
-from steermoe_core.training.distributed import make_strategy
+from steermoe_core.training.engines import make_strategy
 from steermoe_core.training.optim import make_optimizer, make_scheduler
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
