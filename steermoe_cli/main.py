@@ -6,6 +6,7 @@ import sys
 
 import typer
 
+from .ablate_cmd import ablate
 from .demo_cmd import demo
 from .eval_cmd import eval_
 from .export_cmd import export
@@ -20,6 +21,7 @@ app.command("eval")(eval_)
 app.command()(infer)
 app.command()(export)
 app.command()(demo)
+app.command()(ablate)
 
 
 def main() -> None:  # pragma: no cover

@@ -238,7 +238,9 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None) -> Recipe:
         path, value = _parse_override(item)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an optional section that is off
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item}: {part} is not a table")
         node[path[-1]] = value
