@@ -7,6 +7,7 @@ import sys
 import typer
 
 from .ablate_cmd import ablate
+from .analyze_cmd import analyze
 from .demo_cmd import demo
 from .eval_cmd import eval_
 from .export_cmd import export
@@ -22,6 +23,7 @@ app.command()(infer)
 app.command()(export)
 app.command()(demo)
 app.command()(ablate)
+app.command()(analyze)
 
 
 def main() -> None:  # pragma: no cover
