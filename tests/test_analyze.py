@@ -37,8 +37,13 @@ def _trained(backbones, data, out, **steering):
     return train(recipe_from_dict(d), out).model_dir
 
 
-def test_analyze_writes_json_and_pngs_with_gates_summing_to_one(backbones, tiny_data, two_prompt_data, tmp_path):
-    ckpt = _trained(backbones, tiny_data, tmp_path / "run")
+@pytest.fixture(scope="module")
+def steermoe_ckpt(backbones, tiny_data, tmp_path_factory):
+    return _trained(backbones, tiny_data, tmp_path_factory.mktemp("run"))
+
+
+def test_analyze_writes_json_and_pngs_with_gates_summing_to_one(steermoe_ckpt, two_prompt_data, tmp_path):
+    ckpt = steermoe_ckpt
     out = tmp_path / "analysis"
     r = CliRunner().invoke(app, ["analyze", str(ckpt), str(two_prompt_data), "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
@@ -58,11 +63,11 @@ def test_analyze_writes_json_and_pngs_with_gates_summing_to_one(backbones, tiny_
     assert "router of" in r.stdout and "entropy by prompt" in r.stdout and "What is said?" in r.stdout
 
 
-def test_observer_sees_the_gates_without_changing_the_output(backbones, tiny_data, tmp_path):
+def test_observer_sees_the_gates_without_changing_the_output(steermoe_ckpt, tiny_data):
     from steermoe_core.data.dataset import ShardedDataset, collate
     from steermoe_core.model.checkpoint import load_checkpoint
 
-    model, _, _ = load_checkpoint(_trained(backbones, tiny_data, tmp_path / "run"))
+    model, _, _ = load_checkpoint(steermoe_ckpt)
     ds = ShardedDataset(tiny_data)
     batch = collate([ds[i] for i in range(len(ds))], "x")
     with torch.no_grad():
