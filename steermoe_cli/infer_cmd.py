@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import console, friendly
+from .launch import processes_for, relaunch
 
 
 class Task(str, Enum):
@@ -46,6 +47,8 @@ def infer(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (one file)")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Let the LLM's own Python code run (never read from a checkpoint)")] = False,
+    gpus: Annotated[int, typer.Option(help="Processes, one GPU each: inputs sharded, parts merged in input order into --out")] = 1,
+    workers: Annotated[int, typer.Option(help="CPU processes (with --device cpu), sharded like --gpus")] = 1,
 ):
     """Ask a trained model about audio files, folders and long recordings.
 
@@ -65,8 +68,21 @@ def infer(
         raise UsageError("no inputs: give audio files, folders or globs, or --from-list FILE")
     if from_list is not None and not from_list.is_file():
         raise UsageError(f"{from_list}: no such list file")
+    from steermoe_core.training.distributed import launched_by_a_launcher
+
+    nproc = processes_for(gpus, workers, device)
+    if (nproc > 1 or launched_by_a_launcher()) and (out is None or stream):
+        raise UsageError("several processes need --out FILE (each writes a part, merged there at the end) and no --stream")
+    if nproc > 1 and not launched_by_a_launcher():
+        relaunch(nproc)
+        return
     text_prompt = prompt or (question if task == Task.qa else TASK_PROMPTS[task.value])
     transcribe = prompt is None and task == Task.transcribe
+    if launched_by_a_launcher():
+        _infer_shard(iter_inputs(inputs or [], from_list), out, fmt, resume, device, model, trust_remote_code,
+                     dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          num_beams=beams, workers=decode_workers))
+        return
     paths = iter_inputs(inputs or [], from_list)
     first = next(paths, None)
     if first is None:
@@ -121,9 +137,10 @@ def _finished_records(out: Path) -> set[tuple[str, int | None, int | None]]:
     return done
 
 
-def _emit(results, fmt: Format, out: Optional[Path], resume: bool, quiet: bool) -> list:
+def _emit(results, fmt: Format, out: Optional[Path], resume: bool, quiet: bool, extra=None) -> list:
     """Consume the stream: jsonl lines and text lines go out as each file finishes; everything is
-    also kept (without audio) for the summary and for formats written at the end."""
+    also kept (without audio) for the summary and for formats written at the end. ``extra(r)``:
+    more fields for a jsonl line (a part file's global input index)."""
     from .progress import audio_progress
 
     records = []
@@ -140,7 +157,7 @@ def _emit(results, fmt: Format, out: Optional[Path], resume: bool, quiet: bool) 
                 bar.add(r.audio_s, r.wall_s)
                 if sink is not None:
                     if fmt == Format.jsonl:
-                        sink.write(json.dumps(r.to_dict(), ensure_ascii=False) + "\n")
+                        sink.write(json.dumps({**r.to_dict(), **(extra(r) if extra else {})}, ensure_ascii=False) + "\n")
                     elif not r.error:
                         sink.write(f"{r.path}\t{r.text}\n")
                     sink.flush()
@@ -160,7 +177,7 @@ def _srt_paths(records: list, out: Path) -> dict[str, Path]:
     return {p: out / Path(p).resolve().relative_to(root).with_suffix(".srt") for p in good}
 
 
-def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int) -> None:
+def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int, wall: float | None = None) -> None:
     from steermoe_core.atomic import write_text
     from steermoe_core.inference import to_srt
 
@@ -180,14 +197,89 @@ def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int) -> No
     elif fmt == Format.text and out is not None:
         many = len(records) > 1
         write_text(out, "".join((f"{r.path}\t{r.text}\n" if many else f"{r.text}\n") for r in records if not r.error))
+    elif fmt == Format.jsonl and wall is not None:  # merged parts
+        write_text(out, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in records))
     good = [r for r in records if not r.error]
     bad = [r for r in records if r.error]
-    audio, wall = sum(r.audio_s for r in good), sum(r.wall_s for r in good)
+    audio = sum(r.audio_s for r in good)
+    spent = f"{wall:.1f} s wall time" if wall is not None else f"{sum(r.wall_s for r in good):.1f} s of model time"
+    seconds = wall if wall is not None else sum(r.wall_s for r in good)
     console.print(f"{len(good)} file(s) done{f' ({skipped} already done before)' if skipped else ''}, "
-                  f"{audio / 3600:.2f} h of audio in {wall:.1f} s of model time ({audio / max(wall, 1e-9):.1f}x real time), "
+                  f"{audio / 3600:.2f} h of audio in {spent} ({audio / max(seconds, 1e-9):.1f}x real time), "
                   f"{len(bad)} failed", soft_wrap=True)
     if bad:
         console.print(f"[bold red]failed inputs[/] ({len(bad)}):")
         for r in bad:
             console.print(f"  {r.error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1 if good or skipped else 2)
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{out.name}.part*-of-*"))
+
+
+def _drop_parts(out: Path) -> None:
+    for p in _parts(out):
+        p.unlink()
+
+
+def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model, trust_remote_code: bool, opts: dict) -> None:
+    """One of N processes (started by `--gpus/--workers N` or any launcher): take every N-th input,
+    append its records to its own jsonl part beside ``out`` (resumable like one process's output),
+    then rank 0 merges every part in input order into ``out`` and prints the summary."""
+    import time
+
+    from steermoe_core.inference import SteerMoE
+    from steermoe_core.inference.api import Result, Segment
+    from steermoe_core.runtime import pick_device
+    from steermoe_core.training.engines import make_strategy
+
+    t0 = time.perf_counter()
+    strategy, dev = make_strategy("ddp", pick_device(device))
+    try:
+        rank, world = strategy.rank, strategy.world_size
+        out.parent.mkdir(parents=True, exist_ok=True)
+        done: set = set()
+        if resume:  # what any earlier run (any number of processes) finished
+            for p in _parts(out):
+                done |= _finished_records(p)
+        elif strategy.is_main:
+            _drop_parts(out)
+        strategy.barrier()
+        part = out.with_name(f"{out.name}.part{rank}-of-{world}")
+        index: list[int] = []
+
+        def mine():
+            for i, p in enumerate(paths):
+                if i % world == rank and (not done or _key(p) not in done):
+                    index.append(i)
+                    yield p
+
+        def global_index(results):
+            for r in results:
+                r.index = index[r.index]
+                yield r
+
+        sm = SteerMoE.load(model, str(dev), trust_remote_code)
+        _emit(global_index(sm.stream(mine(), **opts)), Format.jsonl, part, resume, quiet=not strategy.is_main,
+              extra=lambda r: {"index": r.index})
+        strategy.barrier()
+        if not strategy.is_main:
+            return
+        by_index: dict[int, Result] = {}
+        for p in _parts(out):
+            for line in p.read_text(encoding="utf-8").splitlines():
+                d = json.loads(line)
+                segments = [Segment(**x) for x in d.pop("segments")]
+                r = Result(**{k: v for k, v in d.items() if k != "index"}, segments=segments)
+                r.index = d["index"]
+                by_index[r.index] = r
+        records = [by_index[i] for i in sorted(by_index)]
+        try:
+            _finish(records, fmt, out, 0, wall=time.perf_counter() - t0)
+        except typer.Exit:  # some inputs failed: the merged output is written all the same
+            _drop_parts(out)
+            raise
+        _drop_parts(out)
+    finally:
+        strategy.close()

@@ -6,6 +6,8 @@ import sys
 
 import typer
 
+from .ablate_cmd import ablate
+from .analyze_cmd import analyze
 from .demo_cmd import demo
 from .eval_cmd import eval_
 from .export_cmd import export
@@ -20,6 +22,8 @@ app.command("eval")(eval_)
 app.command()(infer)
 app.command()(export)
 app.command()(demo)
+app.command()(ablate)
+app.command()(analyze)
 
 
 def main() -> None:  # pragma: no cover

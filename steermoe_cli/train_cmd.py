@@ -2,43 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from .common import console, friendly, params_table, stdout, usage_error
+from .launch import launch_command, relaunch, subcommand_argv
 from .progress import step_progress
-
-LAUNCH_OPTIONS = ("--gpus", "--nodes", "--node-rank", "--master-addr", "--master-port")
-
-
-def _without_launch_options(argv: list[str]) -> list[str]:
-    """The command line again, minus what only the launcher needs (the workers must not re-launch)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in LAUNCH_OPTIONS:
-            skip = "=" not in a
-            continue
-        out.append(a)
-    return out
-
-
-def _launch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500) -> None:
-    """Run ``python -m steermoe_cli *argv`` in ``nproc`` processes per node under torch.distributed.run."""
-    from torch.distributed.run import main as torchrun
-
-    args = [
-        f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", f"--master-port={master_port}", "--module", "steermoe_cli", *argv,
-    ]
-    torchrun(args)
-
 
 
 @friendly
@@ -52,25 +23,23 @@ def train(
     node_rank: Annotated[int, typer.Option(help="This node's rank")] = 0,
     master_addr: Annotated[str, typer.Option(help="Rendezvous host (node 0)")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option(help="Rendezvous port")] = 29500,
-    dry_run: Annotated[bool, typer.Option(help="Print the plan (world size, batches, precision policy) and load nothing")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (launch command, world size, per-process batches, engine) and load nothing")] = False,
 ):
     """Train the adapter; checkpoints and metrics.jsonl go to the run folder."""
     from steermoe_core.config import load_recipe
     from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.training.engines import check_engine_available
 
     r = load_recipe(recipe, set_)
     world = gpus * nodes
-    if r.distributed.engine == "deepspeed":
-        usage_error(f"{recipe}: distributed.engine = 'deepspeed' is not available in this release; use 'ddp'")
     if r.data.batch_size % world:
         usage_error(f"data.batch_size = {r.data.batch_size} is the global batch: it must divide by the {world} processes")
     run_dir = out_dir or Path("runs") / recipe.stem
+    launch = (gpus, nodes, node_rank, master_addr, master_port)
     if dry_run:
-        stdout.print(f"recipe {recipe} -> run folder {run_dir}{' (resume)' if resume else ''}")
-        stdout.print(f"processes: {world} ({gpus} per node x {nodes} node(s)), engine {r.distributed.engine}, device {r.train.device}")
-        stdout.print(f"global batch {r.data.batch_size} = {world} x {r.data.batch_size // world} per process, "
-                     f"grad_accum {r.train.grad_accum}, {r.train.max_steps} steps, precision {r.train.precision}")
+        _print_plan(r, recipe, run_dir, resume, world, launch)
         return
+    check_engine_available(r.distributed.engine)
     if world > 1 and not launched_by_a_launcher():
         if r.train.device != "cpu":
             import torch
@@ -78,9 +47,24 @@ def train(
             have = torch.cuda.device_count()
             if have < gpus:
                 usage_error(f"--gpus {gpus}: this node has {have} CUDA GPU(s); use train.device=cpu for CPU processes")
-        _launch(["train", *_without_launch_options(sys.argv[2:])], gpus, nodes, node_rank, master_addr, master_port)
+        relaunch(*launch)
         return
     _run(r, run_dir, resume)
+
+
+def _print_plan(r, recipe: Path, run_dir: Path, resume: bool, world: int, launch: tuple) -> None:
+    """What `--dry-run` shows: enough to check a multi-node job before it takes the machines."""
+    gpus, nodes = launch[0], launch[1]
+    d, t, e = r.data, r.train, r.distributed
+    stdout.print(f"recipe {recipe} -> run folder {run_dir}{' (resume)' if resume else ''}", soft_wrap=True, highlight=False)
+    argv = [a for a in subcommand_argv() if a not in ("--dry-run", "--no-dry-run")]
+    cmd = launch_command(argv, *launch) if world > 1 else "none: runs in this process"
+    stdout.print(f"launch: {cmd}", soft_wrap=True, highlight=False)
+    stdout.print(f"processes: {world} ({gpus} per node x {nodes} node(s)), engine {e.engine}"
+                 + (f" (ZeRO stage {e.zero_stage})" if e.engine == "deepspeed" else "") + f", device {t.device}", soft_wrap=True, highlight=False)
+    stdout.print(f"global batch {d.batch_size} = {world} x {d.batch_size // world} per process (micro-batch), "
+                 f"grad_accum {t.grad_accum}: {d.batch_size * t.grad_accum} examples per optimizer step; "
+                 f"{t.max_steps} steps, precision {t.precision}", soft_wrap=True)
 
 
 def _run(r, run_dir: Path, resume: bool) -> None:
@@ -107,6 +91,13 @@ def _run(r, run_dir: Path, resume: bool) -> None:
                 shown = " ".join(f"{k}={v:.4f}" for k, v in rec.items() if isinstance(v, float))
                 console.print(f"step {rec['step']}: {shown} ({rec['valid_examples']} examples)")
 
-        result = run(r, run_dir, resume=resume, callbacks=Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval))
+        def on_skip(rec):
+            if main:
+                console.print(f"[yellow]skipped[/] a step after step {rec['step']}: {rec['skipped']} "
+                              f"({rec['bad_steps']} of at most {r.train.max_bad_steps}); batch ids {', '.join(rec['batch_ids'])}",
+                              highlight=False, soft_wrap=True)
+
+        callbacks = Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_skip=on_skip)
+        result = run(r, run_dir, resume=resume, callbacks=callbacks)
     if main:
         console.print(f"[green]done[/]: model in {result.model_dir}")

@@ -25,11 +25,28 @@ def doc(default: Any, text: str, **kw: Any) -> Any:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA (through peft) on a frozen backbone's linear layers. The section's presence switches it
+    on; leave it out for no LoRA. Only the LoRA matrices train; the base weights stay frozen."""
+
+    rank: int = doc(8, "LoRA rank r: each targeted Linear(in, out) gains r * (in + out) trainable weights.", min=1)
+    alpha: float = doc(16.0, "LoRA alpha: the low-rank update is scaled by alpha / rank.", gt=0.0)
+    dropout: float = doc(0.0, "Dropout on the LoRA branch's input while training (the backbone itself never drops).", min=0.0, max=0.9)
+    target_modules: list[str] = doc(
+        ["q_proj", "v_proj"],
+        "Names of the Linear layers that get LoRA, matched against the end of each module's name. "
+        "Whisper: q_proj, k_proj, v_proj, out_proj, fc1, fc2; Llama/Qwen2: q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj.",
+    )
+
+
+@dataclass
 class EncoderConfig:
     kind: Literal["whisper", "conformer"] = doc("whisper", "Audio encoder family (see steermoe_core.encoders): whisper, or conformer = FireRedASR-AED's encoder.")
     path: str = doc("openai/whisper-large-v3", "whisper: hub id, local HF folder, or faster-whisper/CTranslate2 folder (model.bin + config.json); conformer: FireRedASR model folder (model.pth.tar + cmvn.ark) or the model.pth.tar file (cmvn.ark beside it).")
     trim_padding: bool = doc(True, "whisper only: encode only the real frames instead of Whisper's fixed 30 s (masked inside a batch). The conformer always does.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen encoder weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    lora: LoRAConfig | None = doc(None, "[model.encoder.lora]: LoRA on the encoder (the paper's baseline); absent = off.")
 
 
 @dataclass
@@ -39,6 +56,7 @@ class LLMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
     trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")
     system_prompt: str = doc("", "System message before the user turn; empty = whatever the chat template puts there by default.")
+    lora: LoRAConfig | None = doc(None, "[model.llm.lora]: LoRA on the LLM; absent = off. Export needs it merged (merge_lora).")
 
 
 @dataclass
@@ -92,12 +110,14 @@ class TrainConfig:
     lr_router: float = doc(0.0, "LR of the router; 0 = use lr.", min=0.0)
     lr_scales: float = doc(0.0, "LR of the per-layer scales; 0 = use lr.", min=0.0)
     lr_projector: float = doc(0.0, "LR of the projector; 0 = use lr.", min=0.0)
+    lr_lora: float = doc(0.0, "LR of the LoRA matrices (encoder and LLM); 0 = use lr. Needs a [model.*.lora] section.", min=0.0)
     weight_decay: float = doc(0.0, "AdamW weight decay (projector weights only).", min=0.0)
     betas: list[float] = doc([0.9, 0.999], "AdamW betas.")
     warmup_steps: int = doc(100, "Linear warmup steps before the cosine decay.", min=0)
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
     grad_accum: int = doc(1, "Micro-batches per optimizer step.", min=1)
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
+    max_bad_steps: int = doc(10, "A step whose loss is NaN/inf on any process is skipped on all of them (logged with its batch ids); after this many such steps the run stops with an error, keeping its last good checkpoint.", min=1)
     ctc_weight: float = doc(0.0, "Weight of an auxiliary CTC loss reading the transcript off the audio tokens through the LLM's frozen input embeddings; ties audio tokens to the words they carry and speeds up alignment. 0 = off.", min=0.0)
     ctc_only_steps: int = doc(0, "The first N steps train on the CTC loss alone, without running the LLM (several times faster per step): a cheap first stage that aligns audio tokens with word embeddings before the LLM reads them. Needs ctc_weight > 0.", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer; auto = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. The adapter keeps fp32 master weights.")
@@ -169,6 +189,16 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
     return value
 
 
+def _section(hint: Any) -> type | None:
+    """The dataclass behind a section's type hint: ``Section`` or ``Section | None`` (optional)."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if type(None) in typing.get_args(hint) and len(args) == 1 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise RecipeError(f"{prefix or 'recipe'}: expected a table, got {data!r}")
@@ -182,8 +212,10 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, key)
+        section = _section(hint)
+        if section is not None:
+            optional = section is not hint
+            kwargs[name] = None if optional and value is None else _build(section, value, key)
         else:
             kwargs[name] = _check_value(key, value, hint, dict(fields[name].metadata))
     return cls(**kwargs)
@@ -207,7 +239,9 @@ def recipe_from_dict(data: dict, overrides: list[str] | None = None) -> Recipe:
         path, value = _parse_override(item)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or an optional section that is off
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"--set {item}: {part} is not a table")
         node[path[-1]] = value
@@ -236,6 +270,12 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"distributed.zero_stage: only used with distributed.engine = 'deepspeed' (engine is {r.distributed.engine!r})")
     if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):
         raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {r.train.betas}")
+    for part in ("encoder", "llm"):
+        lora = getattr(r.model, part).lora
+        if lora is not None and (not lora.target_modules or not all(m.strip() for m in lora.target_modules)):
+            raise RecipeError(f"model.{part}.lora.target_modules: list at least one module name, e.g. [\"q_proj\", \"v_proj\"]")
+    if r.train.lr_lora and r.model.encoder.lora is None and r.model.llm.lora is None:
+        raise RecipeError("train.lr_lora: no [model.encoder.lora] or [model.llm.lora] section, so there is no LoRA to train")
     if r.model.steering.top_k > r.model.steering.num_experts:
         raise RecipeError(
             f"model.steering.top_k: {r.model.steering.top_k} exceeds model.steering.num_experts "
@@ -279,7 +319,8 @@ def dump_recipe(recipe: Recipe) -> str:
     lines: list[str] = []
 
     def emit(obj: Any, prefix: str) -> None:
-        scalars = [f for f in dataclasses.fields(obj) if not dataclasses.is_dataclass(getattr(obj, f.name))]
+        hints = typing.get_type_hints(type(obj))
+        scalars = [f for f in dataclasses.fields(obj) if _section(hints[f.name]) is None]
         if scalars:
             lines.append(f"[{prefix}]")
             for f in scalars:
@@ -287,9 +328,13 @@ def dump_recipe(recipe: Recipe) -> str:
                 lines.append(f"{f.name} = {_toml_value(getattr(obj, f.name))}")
             lines.append("")
         for f in dataclasses.fields(obj):
-            sub = getattr(obj, f.name)
+            sub, key = getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name
             if dataclasses.is_dataclass(sub):
-                emit(sub, f"{prefix}.{f.name}" if prefix else f.name)
+                emit(sub, key)
+            elif _section(hints[f.name]) is not None:  # an optional section left out: shown commented out
+                start = len(lines)
+                emit(_section(hints[f.name])(), key)
+                lines[start:] = [f"# {f.metadata.get('doc', '')}"] + [f"# {x}" if x else x for x in lines[start:]]
 
     emit(recipe, "")
     return "\n".join(lines)
@@ -300,8 +345,9 @@ def iter_fields(cls: type = Recipe, prefix: str = "") -> typing.Iterator[tuple[s
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            yield from iter_fields(hints[f.name], key)
+        section = _section(hints[f.name])
+        if section is not None:
+            yield from iter_fields(section, key)
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             yield key, default, f.metadata.get("doc", "")

@@ -16,6 +16,10 @@ class UsageError(SteermoeError):
     """A command-line combination that cannot work."""
 
 
+class TrainingError(SteermoeError):
+    """A run that cannot go on (e.g. too many non-finite losses); its last good checkpoint is kept."""
+
+
 class RecipeError(SteermoeError):
     """A recipe problem, phrased as one line that names the offending key."""
 

@@ -63,10 +63,17 @@ def evaluate(
     recipe: Recipe,
     predictions_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    shard: Callable[[list[int]], list[int]] | None = None,
+    gather: Callable[[list], list] | None = None,
 ) -> dict:
+    """Score ``data``. With several processes, ``shard`` gives this one its share of the examples
+    and ``gather`` collects every share (in rank order); predictions are re-sorted into dataset
+    order, so the score and the predictions file are those of one process."""
     ds = ShardedDataset(data)
     precision = resolve_precision(recipe.train.precision, model.device)
-    preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, progress, recipe.train.seed)
+    preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, progress, recipe.train.seed, shard)
+    if gather is not None:
+        preds = sorted(gather(preds), key=lambda p: p["index"])
     summary = {
         "data": str(data),
         "examples": len(preds),

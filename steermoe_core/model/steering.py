@@ -9,6 +9,8 @@ the router costs L times less than computing all L*E logits at every layer and s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +35,9 @@ class SteeringMoE(nn.Module):
         else:
             self.router = nn.ModuleList(nn.Linear(dim, cfg.num_experts) for _ in range(num_layers))
         self.aux_loss: torch.Tensor | None = None
+        # observer(layer, gates (B,T,E), steering delta (B,T,D), hidden h (B,T,D), mask (B,T) or None):
+        # lets analysis see the router at work (``experiments.router_stats``) without touching the math
+        self.observer: Callable[..., None] | None = None
 
     def reset_aux(self) -> None:
         self.aux_loss = None
@@ -60,7 +65,10 @@ class SteeringMoE(nn.Module):
         steer = g.to(self.vectors.dtype) @ self.vectors[layer]
         if self.training and (self.cfg.load_balance_weight > 0 or self.cfg.z_loss_weight > 0):
             self._accumulate_aux(logits, g, mask)
-        return h + (self.scales[layer] * steer).to(h.dtype)
+        delta = self.scales[layer] * steer
+        if self.observer is not None:
+            self.observer(layer, g, delta, h, mask)
+        return h + delta.to(h.dtype)
 
     def _accumulate_aux(self, logits: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None) -> None:
         w = torch.ones(g.shape[:-1], device=g.device) if mask is None else mask.float()

@@ -1,7 +1,8 @@
 """SteerMoE end to end: frozen encoder -> steering -> pool -> projector -> frozen LLM.
 
 The model takes raw 16 kHz waveforms; the encoder computes its own features on the model's device.
-Only ``self.adapter`` trains and is saved; both backbones stay frozen and in eval mode.
+Only ``self.adapter`` (and LoRA matrices, when the recipe asks for them: see ``model.lora``) trains
+and is saved; both backbones stay frozen and in eval mode.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from steermoe_core.data.batch import AudioBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
 from steermoe_core.model.adapter import Adapter
 from steermoe_core.model.decoding import trim_loops
+from steermoe_core.model.lora import (
+    load_lora_state_dict,
+    lora_parameters,
+    lora_state_dict,
+    set_lora_training,
+)
 from steermoe_core.model.prompt import PromptLayout, source_index
 from steermoe_core.model.steering import pooled_lengths
 from steermoe_core.runtime import to_device
@@ -38,6 +45,7 @@ class SteerMoEModel(nn.Module):
         space = tokenizer(" ", add_special_tokens=False)["input_ids"]
         self.ctc_blank_id = space[0] if len(space) == 1 else self.layout.pad_id
         self.grad_checkpointing = False
+        self.lora: dict[str, nn.Module] = {}  # part -> peft tuner (a plain dict: not a submodule)
 
     @property
     def steering(self):
@@ -56,13 +64,14 @@ class SteerMoEModel(nn.Module):
         super().train(mode)
         self.encoder.eval()
         self.llm.train(mode and self.grad_checkpointing)
+        set_lora_training(self, mode)
         return self
 
     def enable_gradient_checkpointing(self) -> None:
         """HF checkpoints only modules in training mode, so the LLM must be in it; every dropout in
         it is zeroed first, so "training mode" changes nothing but the checkpointing."""
-        for m in self.llm.modules():
-            if isinstance(m, nn.Dropout):
+        for name, m in self.llm.named_modules():
+            if isinstance(m, nn.Dropout) and ".lora_dropout." not in name:
                 m.p = 0.0
             if isinstance(getattr(m, "attention_dropout", None), float):
                 m.attention_dropout = 0.0
@@ -70,16 +79,27 @@ class SteerMoEModel(nn.Module):
         self.grad_checkpointing = True
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.adapter.state_dict().items()}
+        """Everything that trains: the adapter, plus ``lora.<part>.*`` when there is LoRA."""
+        return {**{k: v.detach() for k, v in self.adapter.state_dict().items()}, **lora_state_dict(self)}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.adapter.load_checked(state)
+        self.adapter.load_checked({k: v for k, v in state.items() if not k.startswith("lora.")})
+        load_lora_state_dict(self, {k: v for k, v in state.items() if k.startswith("lora.")})
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        return self.adapter.parameter_groups()
+        """The adapter's groups, plus ``lora_encoder`` / ``lora_llm`` when there is LoRA."""
+        groups = self.adapter.parameter_groups()
+        for part in self.lora:
+            groups[f"lora_{part}"] = lora_parameters(getattr(self, part))
+        return groups
 
     def parameter_counts(self) -> dict[str, int]:
-        return self.adapter.parameter_counts()
+        counts = self.adapter.parameter_counts()
+        total = counts.pop("total")
+        for part in self.lora:
+            counts[f"lora_{part}"] = sum(p.numel() for p in lora_parameters(getattr(self, part)))
+            total += counts[f"lora_{part}"]
+        return {**counts, "total": total}
 
     # -- audio side --
     def audio_token_counts(self, lengths: torch.Tensor) -> list[int]:

@@ -18,7 +18,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from steermoe_core.errors import UsageError
 from steermoe_core.training.strategy import Strategy
 
 
@@ -51,15 +50,18 @@ class DDPStrategy(Strategy):
     def forward(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         return self.ddp(batch)
 
+    def token_weighted(self, loss: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """Weight each process's mean by its share of the target tokens, so the engine's average of
+        the gradients equals the gradient of the mean over all tokens (what one process computes)."""
+        if tokens is None:
+            return loss
+        counts = tokens.detach().to(self.device, torch.float32).reshape(1)
+        total = counts.clone()
+        dist.all_reduce(total)
+        return loss * (counts * self.world_size / total).squeeze(0)
+
     def backward(self, loss: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
-        """Weight each process's mean by its share of the target tokens, so DDP's average of the
-        gradients equals the gradient of the mean over all tokens (what one process computes)."""
-        if tokens is not None:
-            counts = tokens.detach().to(self.device, torch.float32).reshape(1)
-            total = counts.clone()
-            dist.all_reduce(total)
-            loss = loss * (counts * self.world_size / total).squeeze(0)
-        loss.backward()
+        self.token_weighted(loss, tokens).backward()
 
     def accumulating(self, last: bool):
         """Gradients are all-reduced once per optimizer step, on its last micro-batch."""
@@ -76,6 +78,11 @@ class DDPStrategy(Strategy):
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
+
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        t = flag.detach().to(self.device, torch.float32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
 
     def reduce_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
@@ -95,16 +102,4 @@ class DDPStrategy(Strategy):
             dist.destroy_process_group()
 
 
-def make_strategy(engine: str, device: torch.device) -> tuple[Strategy, torch.device]:
-    """The strategy for this process (single device, or DDP when started as part of a group) and
-    its device (a GPU rank takes the GPU its LOCAL_RANK names)."""
-    from steermoe_core.training.strategy import SingleDevice
-
-    if engine == "deepspeed":
-        raise UsageError("distributed.engine = 'deepspeed' is not available in this release; use 'ddp'")
-    if launched_by_a_launcher():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        return DDPStrategy(device), device
-    return SingleDevice(), device
+DEEPSPEED_MISSING = "distributed.engine = 'deepspeed' needs DeepSpeed: pip install 'steermoe[deepspeed]'"

@@ -23,7 +23,7 @@ from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
-from steermoe_core.errors import DataError, UsageError
+from steermoe_core.errors import DataError, TrainingError, UsageError
 from steermoe_core.evaluation.evaluate import predict_dataset
 from steermoe_core.evaluation.metrics import score
 from steermoe_core.model.checkpoint import (
@@ -33,7 +33,7 @@ from steermoe_core.model.checkpoint import (
 )
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
-from steermoe_core.training.distributed import make_strategy
+from steermoe_core.training.engines import make_strategy
 from steermoe_core.training.optim import make_optimizer, make_scheduler
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
@@ -48,6 +48,7 @@ class Callbacks:
     on_step: Callable[[dict], None] = lambda rec: None
     on_eval: Callable[[dict], None] = lambda rec: None
     on_save: Callable[[Path], None] = lambda path: None
+    on_skip: Callable[[dict], None] = lambda rec: None
 
 
 @dataclass
@@ -80,35 +81,39 @@ def train_step(
     strategy = strategy or SingleDevice()
     device = model.device
     ce = torch.zeros((), device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     samples, audio_s = 0, 0.0
     for i, batch in enumerate(micro_batches):
         batch.waves = batch.waves.to(device, non_blocking=True)
         with strategy.accumulating(last=i == len(micro_batches) - 1):
             with autocast(device, precision):
                 out = strategy.forward(model, batch)
+            finite &= torch.isfinite(out["loss"].detach())
             strategy.backward(out["loss"] / len(micro_batches), out["tokens"])
         ce += out["ce"].detach()
         samples += len(batch.lengths)
         audio_s += float(batch.lengths.sum()) / SAMPLE_RATE
-    grad_norm = strategy.optimizer_step(optimizer, clip_grad)
-    if scheduler is not None:
+    # one host sync per step: every process must agree before any of them steps
+    bad = strategy.any_rank(~finite)
+    grad_norm = strategy.optimizer_step(optimizer, clip_grad, skip=bad)
+    if scheduler is not None and not bad:
         scheduler.step()
-    return {"ce": ce / len(micro_batches), "grad_norm": grad_norm, "samples": samples, "audio_s": audio_s}
+    return {"ce": ce / len(micro_batches), "grad_norm": grad_norm, "samples": samples, "audio_s": audio_s, "bad": bad}
 
 
 def micro_batch_stream(
     ds: ShardedDataset, recipe: Recipe, start: Position, strategy: Strategy
-) -> Iterator[tuple[AudioBatch, Position]]:
-    """Training micro-batches forever, epoch after epoch, each with the position just after it."""
+) -> Iterator[tuple[AudioBatch, list[str], Position]]:
+    """Training micro-batches forever, epoch after epoch, each with its example ids and the position just after it."""
     epoch, done = start.epoch, start.batch_in_epoch
     d = recipe.data
     while True:
         batches = length_bucketed_batches(ds, d.batch_size, d.max_batch_seconds, recipe.train.seed, epoch)
         batches = strategy.shard(batches)
         augment = Augment(tuple(d.speed_perturb), tuple(d.noise_snr_db), d.noise_prob, d.reverb_prob, recipe.train.seed, epoch)
-        for batch, _ in make_loader(ds, batches[done:], d.prompt, d.num_workers, augment):
+        for batch, examples in make_loader(ds, batches[done:], d.prompt, d.num_workers, augment):
             done += 1
-            yield batch, Position(epoch, done)
+            yield batch, [e.id for e in examples], Position(epoch, done)
         epoch, done = epoch + 1, 0
 
 
@@ -159,22 +164,26 @@ def _prune(out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _train_state(opt, sched, step: int, pos: Position, device: torch.device) -> dict:
+def _train_state(opt, sched, step: int, pos: Position, device: torch.device, strategy: Strategy, bad_steps: int) -> dict:
     return {
-        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "epoch": pos.epoch,
+        "optimizer": strategy.optimizer_state(opt), "scheduler": sched.state_dict(), "step": step, "epoch": pos.epoch,
+        "world_size": strategy.world_size, "bad_steps": bad_steps,
         "batch_in_epoch": pos.batch_in_epoch, "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }
 
 
-def _restore(start: Path, opt, sched, device: torch.device) -> tuple[int, Position]:
+def _restore(start: Path, opt, sched, device: torch.device) -> tuple[dict, int, Position]:
+    """(the saved train state, step, position). An engine that saved its own optimizer state
+    (DeepSpeed) stores None here and reads it back after ``prepare``."""
     st = load_train_state(start)
-    opt.load_state_dict(st["optimizer"])
+    if st["optimizer"] is not None:
+        opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng"])
     if device.type == "cuda" and st.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(st["cuda_rng"], device)
-    return int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
+    return st, int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
 
 
 def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> SteerMoEModel:
@@ -248,7 +257,7 @@ def train(
     device = pick_device(cfg.device)
     if strategy is not None:
         return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
-    strategy, device = make_strategy(recipe.distributed.engine, device)
+    strategy, device = make_strategy(recipe.distributed.engine, device, recipe, resolve_precision(cfg.precision, device))
     try:
         return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
     finally:
@@ -272,11 +281,14 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
 
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
-    step, pos = _restore(start, opt, sched, device) if start is not None else (0, Position())
+    saved, step, pos = _restore(start, opt, sched, device) if start is not None else ({}, 0, Position())
+    bad_steps = int(saved.get("bad_steps", 0))
     log_path = out / "metrics.jsonl"
     if start is not None and strategy.is_main:
         _drop_records_after(log_path, step)
     strategy.prepare(model, opt)
+    if start is not None and saved.get("optimizer") is None:
+        strategy.load_engine(start, saved.get("world_size"))
 
     history: list[dict] = []
     run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name}
@@ -303,13 +315,34 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
         return metrics
 
     def save(metrics: dict) -> None:
+        """Every process takes part (ZeRO-3 gathers the adapter, DeepSpeed writes each rank's
+        optimizer partition); ``latest`` moves only once the whole checkpoint is on disk."""
+        path = out / "checkpoints" / f"step-{step:07d}"
+        with strategy.gathered(model):
+            if strategy.is_main:
+                save_checkpoint(model, recipe, path, step, metrics,
+                                _train_state(opt, sched, step, pos, device, strategy, bad_steps), run_info)
+        strategy.barrier()
+        strategy.save_engine(path)
+        strategy.barrier()
         if strategy.is_main:
-            path = save_checkpoint(model, recipe, out / "checkpoints" / f"step-{step:07d}", step, metrics,
-                                   _train_state(opt, sched, step, pos, device), run_info)
             write_text(out / "checkpoints" / "latest", path.name)
             _prune(out)
             cb.on_save(path)
         strategy.barrier()
+
+    def skipped(ids: list[str]) -> None:
+        """A non-finite loss on some process: logged with every process's batch ids; too many stop the run."""
+        nonlocal bad_steps
+        bad_steps += 1
+        rec = {"step": step, "skipped": "non-finite loss", "bad_steps": bad_steps, "batch_ids": strategy.gather(ids)}
+        log(rec)
+        cb.on_skip(rec)
+        if bad_steps >= cfg.max_bad_steps:
+            last = latest_checkpoint(out)
+            raise TrainingError(
+                f"{out}: {bad_steps} steps had a NaN/inf loss (train.max_bad_steps = {cfg.max_bad_steps}); stopped at step {step}, "
+                + (f"last good checkpoint {last} (continue with --resume after fixing the cause)" if last else "no checkpoint saved yet"))
 
     stream = micro_batch_stream(train_ds, recipe, pos, strategy)
     model.train()
@@ -318,8 +351,11 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
     while step < cfg.max_steps:
         model.ctc_only = step < cfg.ctc_only_steps
         group = [next(stream) for _ in range(cfg.grad_accum)]
-        stats = train_step(model, opt, [b for b, _ in group], precision, cfg.clip_grad, sched, strategy)
-        pos = group[-1][1]
+        stats = train_step(model, opt, [b for b, _, _ in group], precision, cfg.clip_grad, sched, strategy)
+        pos = group[-1][2]
+        if stats["bad"]:
+            skipped([i for _, ids, _ in group for i in ids])
+            continue
         step += 1
         window.add(stats)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
@@ -335,5 +371,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
     if valid_ds is not None:
         metrics = evaluate_now()
     save(metrics)
-    final = save_checkpoint(model, recipe, out / "model", step, metrics, run_info=run_info) if strategy.is_main else out / "model"
+    with strategy.gathered(model):
+        final = save_checkpoint(model, recipe, out / "model", step, metrics, run_info=run_info) if strategy.is_main else out / "model"
     return TrainResult(model_dir=final, history=history, final_metrics=metrics)

@@ -21,7 +21,10 @@ def lr_lambda(step: int, cfg: TrainConfig) -> float:
 
 def make_optimizer(model: SteerMoEModel, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """One AdamW group per parameter family, each with its own learning rate (0 = ``cfg.lr``)."""
-    per_group = {"steering_vectors": cfg.lr_steering, "router": cfg.lr_router, "scales": cfg.lr_scales, "projector": cfg.lr_projector}
+    per_group = {
+        "steering_vectors": cfg.lr_steering, "router": cfg.lr_router, "scales": cfg.lr_scales, "projector": cfg.lr_projector,
+        "lora_encoder": cfg.lr_lora, "lora_llm": cfg.lr_lora,
+    }
     groups = []
     for name, params in model.parameter_groups().items():
         lr = per_group[name] or cfg.lr

@@ -40,8 +40,12 @@ class Strategy:
         """Context for one micro-batch; ``last`` = the one whose backward ends the optimizer step."""
         return contextlib.nullcontext()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, clip_grad: float) -> torch.Tensor:
-        """Clip (0 = no clipping, norm still measured), step, zero; returns the pre-clip gradient norm."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, clip_grad: float, skip: bool = False) -> torch.Tensor:
+        """Clip (0 = no clipping, norm still measured), step, zero; returns the pre-clip gradient norm.
+        ``skip``: a non-finite loss somewhere: drop the gradients, leave weights and optimizer state as they are."""
+        if skip:
+            optimizer.zero_grad(set_to_none=True)
+            return torch.tensor(float("nan"))
         params = [p for g in optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, clip_grad or float("inf"))
         optimizer.step()
@@ -59,6 +63,10 @@ class Strategy:
     def reduce_mean(self, value: float) -> float:
         return value
 
+    def any_rank(self, flag: torch.Tensor) -> bool:
+        """True when ``flag`` (a 0-dim bool tensor) is true on any process: one host sync per call."""
+        return bool(flag)
+
     def reduce_sum(self, values: list[float]) -> list[float]:
         return values
 
@@ -68,6 +76,20 @@ class Strategy:
 
     def barrier(self) -> None:
         """Wait for every process (nothing to wait for in one)."""
+
+    def gathered(self, model: torch.nn.Module):
+        """Context in which the adapter's weights are whole on this process (ZeRO-3 partitions them)."""
+        return contextlib.nullcontext()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
+        """What train_state.pt keeps of the optimizer (None: the engine saves its own, see ``save_engine``)."""
+        return optimizer.state_dict()
+
+    def save_engine(self, path) -> None:
+        """Engine state beside a checkpoint, written by every process (nothing for plain PyTorch)."""
+
+    def load_engine(self, path) -> None:
+        """Read back what ``save_engine`` wrote (after ``prepare``)."""
 
     def close(self) -> None:
         """Leave the process group, if any."""

@@ -1,0 +1,86 @@
+"""`[distributed] engine = "deepspeed"`: 2 CPU processes over gloo train what DDP trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe_dict
+from test_distributed import ROOT, _cli, _sets
+
+from steermoe_core.config import recipe_from_dict
+from steermoe_core.errors import UsageError
+from steermoe_core.model.checkpoint import load_checkpoint
+from steermoe_core.training.loop import train
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the [deepspeed] extra is not installed")
+
+
+def _losses(run: Path) -> list[float]:
+    return [x["loss"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+
+
+def _run_sets(backbones, tiny_data, **kw) -> list[str]:
+    return _sets(backbones, tiny_data, **{"data.valid": "", "train.max_steps": 6, "train.log_every": 1, "train.save_every": 3, **kw})
+
+
+@pytest.fixture(scope="module")
+def reference_runs(backbones, tiny_data, tmp_path_factory) -> dict[str, Path]:
+    """The same 6 steps in one plain process and in 2 DDP processes."""
+    tmp = tmp_path_factory.mktemp("reference")
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"]["valid"] = ""
+    d["train"].update(max_steps=6, log_every=1, save_every=3)
+    train(recipe_from_dict(d), tmp / "one")
+    r = _cli("train", str(ROOT / "recipes" / "tiny_random.toml"), "--gpus", "2", "--out", str(tmp / "ddp"),
+             *_run_sets(backbones, tiny_data), cwd=tmp)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {"one": tmp / "one", "ddp": tmp / "ddp"}
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_with_zero_match_ddp(backbones, tiny_data, tmp_path, stage, reference_runs):
+    """ZeRO-2 (optimizer and gradient partitions) and ZeRO-3 (parameters too, frozen LLM included):
+    the loss curve of 2 DDP processes and the final adapter of one plain process; the checkpoint
+    keeps our format and DeepSpeed's state holds no frozen weights; a run resumed from its middle
+    ends where the uninterrupted one did."""
+    run = tmp_path / "ds"
+    sets = _run_sets(backbones, tiny_data, **{"distributed.engine": "deepspeed", "distributed.zero_stage": stage})
+    r = _cli("train", str(ROOT / "recipes" / "tiny_random.toml"), "--gpus", "2", "--out", str(run), *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    torch.testing.assert_close(torch.tensor(_losses(run)), torch.tensor(_losses(reference_runs["ddp"])), atol=1e-5, rtol=1e-5)
+    one = reference_runs["one"]
+    meta = json.loads((run / "model" / "meta.json").read_text())
+    assert meta["engine"] == "deepspeed" and meta["world_size"] == 2
+    a = load_checkpoint(one / "model")[0].adapter_state_dict()
+    b = load_checkpoint(run / "model")[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+    ds_bytes = sum(f.stat().st_size for f in (run / "checkpoints" / "step-0000003" / "deepspeed").rglob("*.pt"))
+    assert ds_bytes < 1_000_000  # adapter + its Adam moments per rank; the backbones are not in it
+
+    # resume from step 3 with the same two processes: ends with the uninterrupted run's weights
+    shutil.rmtree(run / "model")
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    (run / "checkpoints" / "latest").write_text("step-0000003")
+    r = _cli("train", str(ROOT / "recipes" / "tiny_random.toml"), "--gpus", "2", "--out", str(run), "--resume", *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    c = load_checkpoint(run / "model")[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], c[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_without_the_package_the_error_says_how_to_install_it(monkeypatch):
+    from steermoe_core.training.engines import check_engine_available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(UsageError, match=r"pip install 'steermoe\[deepspeed\]'"):
+        check_engine_available("deepspeed")
+    check_engine_available("ddp")
