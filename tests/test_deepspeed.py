@@ -13,7 +13,7 @@ from conftest import tiny_recipe_dict
 from test_distributed import ROOT, _cli, _sets
 
 from steermoe_core.config import recipe_from_dict
-from steermoe_core.errors import UsageError
+from steermoe_core.errors import CheckpointError, UsageError
 from steermoe_core.model.checkpoint import load_checkpoint
 from steermoe_core.training.loop import train
 
@@ -84,3 +84,63 @@ def test_without_the_package_the_error_says_how_to_install_it(monkeypatch):
     with pytest.raises(UsageError, match=r"pip install 'steermoe\[deepspeed\]'"):
         check_engine_available("deepspeed")
     check_engine_available("ddp")
+
+
+# -- one process, in this process: what a resume may and may not mix ------------------------------
+def _one_process_recipe(backbones, tiny_data, **distributed):
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"]["valid"] = ""
+    d["train"].update(max_steps=2, log_every=1, save_every=1)
+    d["distributed"] = distributed
+    return recipe_from_dict(d)
+
+
+def _rewind_to_step_1(run: Path) -> None:
+    shutil.rmtree(run / "model")
+    shutil.rmtree(run / "checkpoints" / "step-0000002")
+    (run / "checkpoints" / "latest").write_text("step-0000001")
+
+
+@pytest.fixture(scope="module")
+def zero2_run(backbones, tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=2), run)
+    return run
+
+
+@needs_deepspeed
+def test_a_deepspeed_checkpoint_resumed_without_deepspeed_says_so(backbones, tiny_data, zero2_run, tmp_path):
+    """train_state.pt has no optimizer state (it is in deepspeed/rank*.pt): a ddp resume must not drop it silently."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    _rewind_to_step_1(run)
+    with pytest.raises(CheckpointError, match=r"written by the deepspeed engine; resume with distributed.engine = 'deepspeed'"):
+        train(_one_process_recipe(backbones, tiny_data), run, resume=True)
+
+
+@needs_deepspeed
+def test_a_zero_checkpoint_resumes_from_its_own_files_with_weights_only(backbones, tiny_data, zero2_run, tmp_path):
+    """The optimizer state comes back from deepspeed/rank0.pt (torch.load(weights_only=True)): the
+    resumed run ends on the uninterrupted run's weights."""
+    run = tmp_path / "run"
+    shutil.copytree(zero2_run, run)
+    assert sorted(p.name for p in (run / "checkpoints" / "step-0000001" / "deepspeed").iterdir()) == ["rank0.pt"]
+    _rewind_to_step_1(run)
+    train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=2), run, resume=True)
+    a = load_checkpoint(zero2_run / "model")[0].adapter_state_dict()
+    b = load_checkpoint(run / "model")[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+@needs_deepspeed
+def test_a_ddp_checkpoint_resumed_under_zero_says_so(backbones, tiny_data, tmp_path):
+    """ZeRO flattens the optimizer at initialize: Adam state from train_state.pt cannot go in, and
+    must not be dropped silently. ZeRO stage 0 keeps our optimizer and reads it."""
+    run = tmp_path / "run"
+    train(_one_process_recipe(backbones, tiny_data), run)
+    _rewind_to_step_1(run)
+    with pytest.raises(CheckpointError, match=r"written by the ddp engine; resume with distributed.engine = 'ddp'"):
+        train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=1), run, resume=True)
+    train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=0), run, resume=True)
+    assert json.loads((run / "model" / "meta.json").read_text())["step"] == 2

@@ -10,9 +10,9 @@ what differs is that ``deepspeed.initialize`` owns the optimizer step:
   ``gradient_clipping``; the accumulation boundary is set explicitly on the last micro-batch);
 - precision follows the runtime policy: fp32 weights and bf16/fp16 autocast (DeepSpeed's
   ``torch_autocast``), so the adapter keeps fp32 master weights as in every other run;
-- checkpoints keep our format: ``adapter.safetensors`` (gathered under ZeRO-3) plus DeepSpeed's
-  own optimizer partitions in ``CKPT/deepspeed/`` written with ``exclude_frozen_parameters=True``
-  (never the GBs of frozen backbones).
+- checkpoints keep our format: ``adapter.safetensors`` (gathered under ZeRO-3) plus each rank's
+  optimizer partition in ``CKPT/deepspeed/rank{r}.pt`` (trainable parameters only, never the GBs of
+  frozen backbones), loaded with ``torch.load(weights_only=True)``.
 
 On CPU (``train.device = "cpu"``) it runs over gloo with ``DS_ACCELERATOR=cpu`` and without
 building DeepSpeed's C++ shared-memory extension.
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from steermoe_core.atomic import atomic_file
 from steermoe_core.errors import CheckpointError, UsageError
 from steermoe_core.training.distributed import (
     DEEPSPEED_MISSING,
@@ -109,31 +110,79 @@ class DeepSpeedStrategy(DDPStrategy):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, clip_grad: float, skip: bool = False) -> torch.Tensor:
         """DeepSpeed clips and steps. A skipped step: at stage 0 the gradients are dropped before the
         step (AdamW leaves parameters without gradients untouched); at stages 1-3 the non-finite
-        gradients make ZeRO's own overflow check skip the update and clear them."""
+        gradients make ZeRO's own overflow check skip the update and clear them. That check is
+        DeepSpeed's, so a step it did take on a non-finite loss stops the run rather than going on
+        with corrupted weights."""
         if skip and self.stage == 0:
             self.engine.zero_grad()
         self.engine.step()
+        if skip and self.stage > 0 and not getattr(self.engine.optimizer, "overflow", False):
+            raise RuntimeError("DeepSpeed stepped on a non-finite loss")
         norm = self.engine.get_global_grad_norm()
         return torch.tensor(float("nan") if skip or norm is None else float(norm))
 
     def gathered(self, model: torch.nn.Module):
+        """Every trainable parameter whole (adapter and LoRA alike): ZeRO-3 partitions them all."""
         if self.stage == 3:
-            return self.deepspeed.zero.GatheredParameters(list(model.adapter.parameters()), modifier_rank=None)
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            return self.deepspeed.zero.GatheredParameters(trainable, modifier_rank=None)
         return contextlib.nullcontext()
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict | None:
         return None  # partitioned across ranks: saved by save_engine
 
     def save_engine(self, path) -> None:
-        self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag="state", save_latest=False,
-                                    exclude_frozen_parameters=True)
+        """Each rank's optimizer state (its ZeRO partition: Adam moments and fp32 master slices of the
+        trainable parameters only) in ``deepspeed/rank{r}.pt``: plain tensors and a few DeepSpeed
+        records, read back with ``torch.load(weights_only=True)``, never DeepSpeed's pickled engine
+        checkpoint."""
+        with atomic_file(Path(path) / "deepspeed" / f"rank{self.rank}.pt") as f:
+            torch.save(self.engine.optimizer.state_dict(), f)
 
-    def load_engine(self, path, saved_world_size: int | None = None) -> None:
+    def close(self) -> None:
+        """Leave the group, and forget the groups DeepSpeed cached from it: a second run in the same
+        process (ablate variants, tests) would otherwise broadcast over a destroyed group."""
+        super().close()
+        from deepspeed.utils import groups
+
+        for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+
+    def load_engine(self, path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
+        if saved.get("optimizer") is not None:
+            if self.stage > 0:  # ZeRO flattened the client optimizer already: its state cannot go there
+                raise CheckpointError(
+                    f"{path}: optimizer state written by the ddp engine; resume with distributed.engine = 'ddp' "
+                    "(or distributed.zero_stage = 0)")
+            optimizer.load_state_dict(saved["optimizer"])
+            return
         folder = Path(path) / "deepspeed"
-        if not folder.is_dir():
-            raise CheckpointError(f"{path}: not written by the deepspeed engine (no deepspeed/): resume with the engine it was trained with")
-        if self.stage > 0 and saved_world_size not in (None, self.world_size):
+        saved_world = int(saved.get("world_size") or 1)
+        if self.stage > 0 and saved_world != self.world_size:
             raise CheckpointError(
-                f"{path}: ZeRO stage {self.stage} partitioned the optimizer state over {saved_world_size} processes; "
-                f"resume with {saved_world_size} (or train with zero_stage = 0, whose state any world size can read)")
-        self.engine.load_checkpoint(str(folder), tag="state", load_module_strict=False, load_lr_scheduler_states=False)
+                f"{path}: ZeRO stage {self.stage} partitioned the optimizer state over {saved_world} processes; "
+                f"resume with {saved_world} (or train with zero_stage = 0, whose state any world size can read)")
+        ranks = range(saved_world) if self.stage > 0 else [0]
+        missing = [r for r in ranks if not (folder / f"rank{r}.pt").is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: no deepspeed/rank{missing[0]}.pt: not a complete deepspeed checkpoint of this steermoe version")
+        states = [_load_optimizer_state(folder / f"rank{r}.pt") for r in ranks]
+        if self.stage == 0:
+            self.engine.optimizer.load_state_dict(states[0])
+        else:  # ZeRO wants every rank's file (it picks its own, or merges them for an elastic layout)
+            self.engine.optimizer.load_state_dict(states, load_optimizer_states=True,
+                                                  load_from_fp32_weights=self.engine.zero_load_from_fp32_weights())
+
+
+def _load_optimizer_state(path: Path) -> dict:
+    """``torch.load(weights_only=True)`` with only the few DeepSpeed record types ZeRO's state holds allowed."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: unreadable optimizer state ({type(e).__name__}: {e})") from None

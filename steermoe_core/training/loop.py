@@ -173,12 +173,10 @@ def _train_state(opt, sched, step: int, pos: Position, device: torch.device, str
     }
 
 
-def _restore(start: Path, opt, sched, device: torch.device) -> tuple[dict, int, Position]:
-    """(the saved train state, step, position). An engine that saved its own optimizer state
-    (DeepSpeed) stores None here and reads it back after ``prepare``."""
+def _restore(start: Path, sched, device: torch.device) -> tuple[dict, int, Position]:
+    """(the saved train state, step, position). The optimizer state is the strategy's to restore,
+    after ``prepare`` (``Strategy.load_engine``): ZeRO must see it after flattening its partitions."""
     st = load_train_state(start)
-    if st["optimizer"] is not None:
-        opt.load_state_dict(st["optimizer"])
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng"])
     if device.type == "cuda" and st.get("cuda_rng") is not None:
@@ -281,14 +279,14 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
 
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
-    saved, step, pos = _restore(start, opt, sched, device) if start is not None else ({}, 0, Position())
+    saved, step, pos = _restore(start, sched, device) if start is not None else ({}, 0, Position())
     bad_steps = int(saved.get("bad_steps", 0))
     log_path = out / "metrics.jsonl"
     if start is not None and strategy.is_main:
         _drop_records_after(log_path, step)
     strategy.prepare(model, opt)
-    if start is not None and saved.get("optimizer") is None:
-        strategy.load_engine(start, saved.get("world_size"))
+    if start is not None:
+        strategy.load_engine(start, saved, opt)
 
     history: list[dict] = []
     run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name}

@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from steermoe_core.data.batch import AudioBatch
+from steermoe_core.errors import CheckpointError
 
 
 class Strategy:
@@ -88,8 +89,13 @@ class Strategy:
     def save_engine(self, path) -> None:
         """Engine state beside a checkpoint, written by every process (nothing for plain PyTorch)."""
 
-    def load_engine(self, path) -> None:
-        """Read back what ``save_engine`` wrote (after ``prepare``)."""
+    def load_engine(self, path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
+        """Restore a resumed run's optimizer state (after ``prepare``): ``saved`` is its train_state.pt.
+        Here the state lives in train_state.pt; None there means an engine kept its own (DeepSpeed),
+        which this strategy cannot read, and dropping it would silently restart Adam's moments."""
+        if saved.get("optimizer") is None:
+            raise CheckpointError(f"{path}: optimizer state written by the deepspeed engine; resume with distributed.engine = 'deepspeed'")
+        optimizer.load_state_dict(saved["optimizer"])
 
     def close(self) -> None:
         """Leave the process group, if any."""
