@@ -144,3 +144,47 @@ def test_a_ddp_checkpoint_resumed_under_zero_says_so(backbones, tiny_data, tmp_p
         train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=1), run, resume=True)
     train(_one_process_recipe(backbones, tiny_data, engine="deepspeed", zero_stage=0), run, resume=True)
     assert json.loads((run / "model" / "meta.json").read_text())["step"] == 2
+
+
+@needs_deepspeed
+def test_zero3_records_the_backbones_and_lora_of_a_one_process_run(backbones, tiny_data, tmp_path, monkeypatch):
+    """ZeRO-3 partitions the frozen backbones too (empty tensors outside forward, here for every
+    tensor: persistence threshold 0): meta.json's fingerprints and parameter counts are measured
+    before that, and every trainable weight (LoRA included) is gathered whole for the checkpoint."""
+    from steermoe_core.training import deepspeed_strategy
+
+    real = deepspeed_strategy.deepspeed_config
+
+    def no_persistent_params(*a):
+        cfg = real(*a)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        return cfg
+
+    monkeypatch.setattr(deepspeed_strategy, "deepspeed_config", no_persistent_params)
+
+    def recipe(**distributed):
+        d = tiny_recipe_dict(backbones, tiny_data)
+        d["data"]["valid"] = ""
+        d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+        d["train"].update(max_steps=2, log_every=1, save_every=1)
+        d["distributed"] = distributed
+        return recipe_from_dict(d)
+
+    train(recipe(), tmp_path / "one")
+    train(recipe(engine="deepspeed", zero_stage=3), tmp_path / "z3")
+    one = json.loads((tmp_path / "one" / "model" / "meta.json").read_text())
+    z3 = json.loads((tmp_path / "z3" / "model" / "meta.json").read_text())
+    assert z3["backbones"] == one["backbones"]
+    assert z3["parameters"] == one["parameters"] and z3["parameters"]["lora_llm"] == 896
+    a = load_checkpoint(tmp_path / "one" / "model")[0].adapter_state_dict()
+    b = load_checkpoint(tmp_path / "z3" / "model")[0].adapter_state_dict()
+    assert any(".lora_B." in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+    # ZeRO-3's optimizer state (fp32 flat partitions) comes back through the weights-only loader too
+    _rewind_to_step_1(tmp_path / "z3")
+    train(recipe(engine="deepspeed", zero_stage=3), tmp_path / "z3", resume=True)
+    c = load_checkpoint(tmp_path / "z3" / "model")[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=1e-5, msg=k)

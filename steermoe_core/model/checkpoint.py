@@ -22,9 +22,11 @@ from steermoe_core.model.steermoe import SteerMoEModel, backbone_identity
 
 def save_checkpoint(
     model: SteerMoEModel, recipe: Recipe, path: Path, step: int, metrics: dict, train_state: dict | None = None,
-    run_info: dict | None = None,
+    run_info: dict | None = None, identity: dict | None = None,
 ) -> Path:
-    """``run_info`` (engine, world size, precision) goes into meta.json beside the step and metrics."""
+    """``run_info`` (engine, world size, precision) goes into meta.json beside the step and metrics.
+    ``identity``: {"parameters", "backbones"} measured before an engine partitioned the weights
+    (ZeRO-3 leaves empty tensors outside forward, frozen backbones included); None: measured now."""
     from safetensors.torch import save_file
 
     with atomic_dir(path) as tmp:
@@ -36,13 +38,17 @@ def save_checkpoint(
             "step": step,
             **(run_info or {}),
             "metrics": metrics,
-            "parameters": model.parameter_counts(),
-            "backbones": backbone_identity(model),
+            **(identity or model_identity(model)),
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if train_state is not None:
             torch.save(train_state, tmp / "train_state.pt")
     return path
+
+
+def model_identity(model: SteerMoEModel) -> dict:
+    """What meta.json records about the model itself: parameter counts and backbone fingerprints."""
+    return {"parameters": model.parameter_counts(), "backbones": backbone_identity(model)}
 
 
 def read_checkpoint(path: str | Path, overrides: list[str] | None = None) -> tuple[Recipe, dict, dict[str, torch.Tensor]]:

@@ -29,6 +29,7 @@ from steermoe_core.evaluation.metrics import score
 from steermoe_core.model.checkpoint import (
     load_checkpoint,
     load_train_state,
+    model_identity,
     save_checkpoint,
 )
 from steermoe_core.model.steermoe import SteerMoEModel
@@ -284,6 +285,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
     log_path = out / "metrics.jsonl"
     if start is not None and strategy.is_main:
         _drop_records_after(log_path, step)
+    identity = model_identity(model)  # before ZeRO-3 partitions the weights (backbones too)
     strategy.prepare(model, opt)
     if start is not None:
         strategy.load_engine(start, saved, opt)
@@ -293,7 +295,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
     if strategy.is_main:
         write_text(out / "recipe.toml", dump_recipe(recipe))
     cb.on_start({
-        "device": str(device), "precision": str(precision), "parameters": model.parameter_counts(),
+        "device": str(device), "precision": str(precision), "parameters": identity["parameters"],
         "train_examples": len(train_ds), "skipped_too_long": train_ds.too_long, "start_step": step,
         "max_steps": cfg.max_steps, "world_size": strategy.world_size,
     })
@@ -319,7 +321,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
         with strategy.gathered(model):
             if strategy.is_main:
                 save_checkpoint(model, recipe, path, step, metrics,
-                                _train_state(opt, sched, step, pos, device, strategy, bad_steps), run_info)
+                                _train_state(opt, sched, step, pos, device, strategy, bad_steps), run_info, identity)
         strategy.barrier()
         strategy.save_engine(path)
         strategy.barrier()
@@ -370,5 +372,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
         metrics = evaluate_now()
     save(metrics)
     with strategy.gathered(model):
-        final = save_checkpoint(model, recipe, out / "model", step, metrics, run_info=run_info) if strategy.is_main else out / "model"
+        final = save_checkpoint(model, recipe, out / "model", step, metrics, run_info=run_info,
+                                identity=identity) if strategy.is_main else out / "model"
     return TrainResult(model_dir=final, history=history, final_metrics=metrics)
