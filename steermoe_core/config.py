@@ -142,7 +142,7 @@ class EvalConfig:
 @dataclass
 class DistributedConfig:
     engine: Literal["ddp", "deepspeed"] = doc("ddp", "Training engine: ddp (one process = plain single-device training) or deepspeed.")
-    zero_stage: int = doc(2, "DeepSpeed ZeRO stage (engine = deepspeed only; 3 also shards the frozen LLM).", min=0, max=3)
+    zero_stage: int = doc(2, "DeepSpeed ZeRO stage (engine = deepspeed only; 3 also shards the frozen LLM and needs data.valid = '': validate with steermoe eval).", min=0, max=3)
 
 
 @dataclass
@@ -268,6 +268,9 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"data.speed_perturb: factors must lie in [0.5, 2.0], got {d.speed_perturb}")
     if r.distributed.engine != "deepspeed" and r.distributed.zero_stage != DistributedConfig.zero_stage:
         raise RecipeError(f"distributed.zero_stage: only used with distributed.engine = 'deepspeed' (engine is {r.distributed.engine!r})")
+    if r.distributed.engine == "deepspeed" and r.distributed.zero_stage == 3 and r.data.valid:
+        # each rank decodes its own share while ZeRO-3 gathers parameters collectively: the ranks would hang
+        raise RecipeError("distributed.zero_stage = 3: in-run validation is not supported; set data.valid = '' and run steermoe eval")
     if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):
         raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {r.train.betas}")
     for part in ("encoder", "llm"):

@@ -188,3 +188,15 @@ def test_zero3_records_the_backbones_and_lora_of_a_one_process_run(backbones, ti
     c = load_checkpoint(tmp_path / "z3" / "model")[0].adapter_state_dict()
     for k in a:
         torch.testing.assert_close(b[k], c[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_zero3_with_a_validation_set_is_refused_up_front(backbones, tiny_data):
+    """Ranks decode their own shares while ZeRO-3 fetches parameters collectively: it would hang."""
+    from steermoe_core.errors import RecipeError
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["distributed"] = {"engine": "deepspeed", "zero_stage": 3}
+    with pytest.raises(RecipeError, match=r"zero_stage = 3: in-run validation is not supported; set data.valid = ''"):
+        recipe_from_dict(d)
+    d["data"]["valid"] = ""
+    recipe_from_dict(d)
