@@ -17,7 +17,7 @@ from steermoe_core.config import recipe_from_dict
 from steermoe_core.errors import TrainingError
 from steermoe_core.model.checkpoint import load_checkpoint
 from steermoe_core.model.steermoe import SteerMoEModel
-from steermoe_core.training.loop import train
+from steermoe_core.training.loop import Callbacks, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,10 +59,40 @@ def _recipe(backbones, tiny_data, **train_kw):
     return recipe_from_dict(d)
 
 
+def _watch(monkeypatch) -> tuple[Callbacks, dict]:
+    """Callbacks snapshotting the adapter and the optimizer's step counts after step 1 and at a skip."""
+    from steermoe_core.training import loop
+
+    seen: dict = {}
+    real_model, real_opt = loop._model_for_run, loop.make_optimizer
+
+    def model_for_run(*a):
+        seen["model"] = real_model(*a)
+        return seen["model"]
+
+    def make_optimizer(*a):
+        seen["opt"] = real_opt(*a)
+        return seen["opt"]
+
+    monkeypatch.setattr(loop, "_model_for_run", model_for_run)
+    monkeypatch.setattr(loop, "make_optimizer", make_optimizer)
+
+    def snapshot(name: str) -> None:
+        seen[name] = ({k: v.detach().clone() for k, v in seen["model"].adapter_state_dict().items()},
+                      sorted(float(s["step"]) for s in seen["opt"].state.values()))
+
+    return Callbacks(on_step=lambda rec: rec["step"] == 1 and snapshot("step1"), on_skip=lambda rec: snapshot("skip")), seen
+
+
 def test_a_nonfinite_loss_skips_the_step_and_is_logged_with_its_batch(backbones, tiny_data, tmp_path, monkeypatch):
     clean = train(_recipe(backbones, tiny_data), tmp_path / "clean")
     _poison(monkeypatch, {2})
-    run = train(_recipe(backbones, tiny_data), tmp_path / "bad")
+    callbacks, seen = _watch(monkeypatch)
+    run = train(_recipe(backbones, tiny_data), tmp_path / "bad", callbacks=callbacks)
+    # the skipped step (right after step 1) left every weight and the optimizer's step count as they were
+    (w1, steps1), (w_skip, steps_skip) = seen["step1"], seen["skip"]
+    assert steps1 and set(steps1) == {1.0} and steps_skip == steps1
+    assert w1.keys() == w_skip.keys() and all(torch.equal(w1[k], w_skip[k]) for k in w1)
     skipped = [h for h in run.history if "skipped" in h]
     assert len(skipped) == 1 and skipped[0]["step"] == 1 and len(skipped[0]["batch_ids"]) == 2
     assert all(x.startswith("utt") for x in skipped[0]["batch_ids"])
@@ -108,3 +138,33 @@ def test_a_nan_on_one_of_two_processes_skips_the_step_on_both(backbones, tiny_da
     assert [x["step"] for x in lines if "loss" in x] == [1, 2, 3]
     w = load_checkpoint(tmp_path / "run" / "model")[0].adapter_state_dict()
     assert all(torch.isfinite(v).all() for v in w.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="the [deepspeed] extra is not installed")
+def test_zero_skips_a_nonfinite_step_through_its_overflow_check(backbones, tiny_data, tmp_path, monkeypatch):
+    """ZeRO-2 in one process: DeepSpeed's own overflow check drops the step; the run goes on finite."""
+    _poison(monkeypatch, {2})
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"].update(valid="", batch_size=2)
+    d["train"].update(max_steps=3, log_every=1)
+    d["distributed"] = {"engine": "deepspeed", "zero_stage": 2}
+    run = train(recipe_from_dict(d), tmp_path / "run")
+    assert [h["step"] for h in run.history if "skipped" in h] == [1]
+    assert [h["step"] for h in run.history if "loss" in h] == [1, 2, 3]
+    w = load_checkpoint(run.model_dir)[0].adapter_state_dict()
+    assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_a_zero_step_taken_on_a_nonfinite_loss_stops_the_run():
+    """Skipping at ZeRO 1-3 is DeepSpeed's overflow check: if it ever stepped anyway, stop, loudly."""
+    from types import SimpleNamespace
+
+    from steermoe_core.training.deepspeed_strategy import DeepSpeedStrategy
+
+    s = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    s.stage = 2
+    s.engine = SimpleNamespace(step=lambda: None, get_global_grad_norm=lambda: 1.0, optimizer=SimpleNamespace(overflow=False))
+    with pytest.raises(RuntimeError, match="DeepSpeed stepped on a non-finite loss"):
+        s.optimizer_step(None, 1.0, skip=True)
+    s.engine.optimizer.overflow = True
+    assert s.optimizer_step(None, 1.0, skip=True).isnan()
