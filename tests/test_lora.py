@@ -22,7 +22,7 @@ def lora_recipe(backbones, data, **train):
     d["model"]["encoder"]["lora"] = {"rank": 4, "target_modules": ["q_proj", "v_proj", "fc1"]}
     d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
     d["data"]["valid"] = ""
-    d["train"].update(max_steps=12, log_every=4, lr_lora=5e-3, **train)
+    d["train"].update({"max_steps": 12, "log_every": 4, "lr_lora": 5e-3, **train})
     return recipe_from_dict(d)
 
 
@@ -102,3 +102,27 @@ def test_unknown_target_module_names_the_recipe_key(backbones, tiny_data):
     recipe.model.encoder.lora.target_modules = ["query"]
     with pytest.raises(RecipeError, match=r"model.encoder.lora.target_modules: \['query'\] match no layer .*q_proj"):
         build_model(recipe.model, CPU)
+
+
+def test_ddp_looks_for_unused_weights_only_when_llm_lora_sits_out_ctc_steps(backbones, tiny_data):
+    from steermoe_core.training.distributed import some_weights_sit_out
+
+    assert some_weights_sit_out(lora_recipe(backbones, tiny_data, ctc_only_steps=2, ctc_weight=0.3))
+    assert not some_weights_sit_out(lora_recipe(backbones, tiny_data))
+    r = lora_recipe(backbones, tiny_data, ctc_only_steps=2, ctc_weight=0.3)
+    r.model.llm.lora = None
+    assert not some_weights_sit_out(r)
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_llm_lora_through_ctc_only_steps(backbones, tiny_data, tmp_path):
+    """The LLM's LoRA gets no gradient in the CTC-only steps: DDP must not wait for it."""
+    from test_distributed import _cli
+
+    from steermoe_core.config import dump_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(dump_recipe(lora_recipe(backbones, tiny_data, max_steps=3, ctc_only_steps=2, log_every=1, ctc_weight=0.3)))
+    r = _cli("train", str(recipe), "--gpus", "2", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "run" / "model")[2]["step"] == 3

@@ -26,13 +26,22 @@ def launched_by_a_launcher() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
+def some_weights_sit_out(recipe) -> bool:
+    """True when some trainable weights get no gradient in some steps: the CTC-only steps of a
+    curriculum (``train.ctc_only_steps``) skip the LLM, so its LoRA matrices sit them out."""
+    return recipe is not None and recipe.model.llm.lora is not None and recipe.train.ctc_only_steps > 0
+
+
 class DDPStrategy(Strategy):
     """DistributedDataParallel over the adapter only: the frozen backbones are plain replicas on
     every process and get no gradient buckets. NCCL on GPUs, gloo on CPUs."""
 
     name = "ddp"
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, find_unused_parameters: bool = False):
+        """``find_unused_parameters``: some trainable weights get no gradient in some steps (see
+        ``some_weights_sit_out``); DDP then has to look for them instead of waiting forever."""
+        self.find_unused_parameters = find_unused_parameters
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -45,7 +54,7 @@ class DDPStrategy(Strategy):
         frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
         DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
         ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        self.ddp = DDP(model, device_ids=ids, broadcast_buffers=False)
+        self.ddp = DDP(model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=self.find_unused_parameters)
 
     def forward(self, model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
         return self.ddp(batch)

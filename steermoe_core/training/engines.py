@@ -11,6 +11,7 @@ from steermoe_core.training.distributed import (
     DEEPSPEED_MISSING,
     DDPStrategy,
     launched_by_a_launcher,
+    some_weights_sit_out,
 )
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
@@ -36,5 +37,5 @@ def make_strategy(engine: str, device: torch.device, recipe=None, precision=None
 
         return DeepSpeedStrategy(device, recipe, precision), device
     if launched_by_a_launcher():
-        return DDPStrategy(device), device
+        return DDPStrategy(device, some_weights_sit_out(recipe)), device
     return SingleDevice(), device
