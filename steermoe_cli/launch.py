@@ -28,12 +28,19 @@ def without_launch_options(argv: list[str]) -> list[str]:
     return out
 
 
+DEFAULT_MASTER_PORT = 29500
+
+
 def torchrun_args(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-                  master_port: int = 29500) -> list[str]:
-    """torch.distributed.run's arguments for ``python -m steermoe_cli *argv`` in ``nproc`` processes per node."""
+                  master_port: int | None = None) -> list[str]:
+    """torch.distributed.run's arguments for ``python -m steermoe_cli *argv`` in ``nproc`` processes per node.
+    One node and no port given: ``--standalone`` (a free port), so that concurrent runs on one machine
+    never meet on the same rendezvous; across nodes every node must name the same port (29500 unless given)."""
+    if nnodes == 1 and master_port is None:
+        return ["--standalone", f"--nproc-per-node={nproc}", "--module", "steermoe_cli", *argv]
     return [
         f"--nproc-per-node={nproc}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
-        f"--master-addr={master_addr}", f"--master-port={master_port}", "--module", "steermoe_cli", *argv,
+        f"--master-addr={master_addr}", f"--master-port={master_port or DEFAULT_MASTER_PORT}", "--module", "steermoe_cli", *argv,
     ]
 
 
@@ -47,7 +54,7 @@ def subcommand_argv() -> list[str]:
     return without_launch_options(sys.argv[1:])
 
 
-def relaunch(nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int = 29500) -> None:
+def relaunch(nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1", master_port: int | None = None) -> None:
     """Run this very command in ``nproc`` processes per node under torch.distributed.run; raise
     ``SystemExit`` with a failure if any process failed."""
     import typer

@@ -22,7 +22,7 @@ def train(
     nodes: Annotated[int, typer.Option(help="Nodes in the job")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank")] = 0,
     master_addr: Annotated[str, typer.Option(help="Rendezvous host (node 0)")] = "127.0.0.1",
-    master_port: Annotated[int, typer.Option(help="Rendezvous port")] = 29500,
+    master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port (default: a free one on one node, 29500 across nodes)")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (launch command, world size, per-process batches, engine) and load nothing")] = False,
 ):
     """Train the adapter; checkpoints and metrics.jsonl go to the run folder."""

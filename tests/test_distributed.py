@@ -75,3 +75,14 @@ def test_dry_run_prints_the_plan_and_loads_nothing(tmp_path):
 def test_global_batch_must_divide_by_the_processes(tmp_path):
     r = _cli("train", str(ROOT / "recipes" / "tiny_random.toml"), "--gpus", "3", "--set", "train.device=cpu", cwd=tmp_path)
     assert r.returncode == 2 and "must divide by the 3 processes" in r.stderr
+
+
+def test_one_node_launches_on_a_free_port_unless_told_otherwise():
+    """Two runs on one machine must not meet on torchrun's default port 29500."""
+    from steermoe_cli.launch import torchrun_args
+
+    one = torchrun_args(["train", "r.toml"], 2)
+    assert one[:2] == ["--standalone", "--nproc-per-node=2"] and not any(a.startswith("--master-port") for a in one)
+    assert "--master-port=29600" in torchrun_args(["train", "r.toml"], 2, master_port=29600)
+    multi = torchrun_args(["train", "r.toml"], 8, nnodes=2, node_rank=1, master_addr="10.0.0.1")
+    assert "--master-port=29500" in multi and "--master-addr=10.0.0.1" in multi and "--standalone" not in multi
