@@ -78,16 +78,16 @@ def infer(
         return
     text_prompt = prompt or (question if task == Task.qa else TASK_PROMPTS[task.value])
     transcribe = prompt is None and task == Task.transcribe
+    paths = iter_inputs(inputs or [], from_list)
+    first = next(paths, None)
+    if first is None:  # every process of a sharded run finds the same nothing, and says so
+        raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
+    paths = itertools.chain([first], paths)
     if launched_by_a_launcher():
-        _infer_shard(iter_inputs(inputs or [], from_list), out, fmt, resume, device, model, trust_remote_code,
+        _infer_shard(paths, out, fmt, resume, device, model, trust_remote_code,
                      dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           num_beams=beams, workers=decode_workers))
         return
-    paths = iter_inputs(inputs or [], from_list)
-    first = next(paths, None)
-    if first is None:
-        raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
-    paths = itertools.chain([first], paths)
     done: set[tuple[str, int | None, int | None]] = set()
     if resume:
         done = _finished_records(out)
@@ -239,9 +239,10 @@ def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model
     try:
         rank, world = strategy.rank, strategy.world_size
         out.parent.mkdir(parents=True, exist_ok=True)
+        paths = list(paths)  # every process walks the same list: global indices, and a resumed merge's order
         done: set = set()
-        if resume:  # what any earlier run (any number of processes) finished
-            for p in _parts(out):
+        if resume:  # what any earlier run finished: one process's --out, or parts of N processes
+            for p in [out, *_parts(out)]:
                 done |= _finished_records(p)
         elif strategy.is_main:
             _drop_parts(out)
@@ -266,15 +267,21 @@ def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model
         strategy.barrier()
         if not strategy.is_main:
             return
-        by_index: dict[int, Result] = {}
-        for p in _parts(out):
+        # a resumed run merges the records already in --out too, all placed by their input's position now
+        order = {_key(p): i for i, p in enumerate(paths)} if resume else {}
+        merged: dict = {}
+        for p in ([out] if resume and out.exists() else []) + _parts(out):
             for line in p.read_text(encoding="utf-8").splitlines():
                 d = json.loads(line)
                 segments = [Segment(**x) for x in d.pop("segments")]
                 r = Result(**{k: v for k, v in d.items() if k != "index"}, segments=segments)
-                r.index = d["index"]
-                by_index[r.index] = r
-        records = [by_index[i] for i in sorted(by_index)]
+                if resume:  # one record per input file, as one process's --resume keeps
+                    key = (r.path, r.size, r.mtime_ns)
+                    r.index = order.get(key, len(paths) + len(merged))
+                else:
+                    key = r.index = d["index"]
+                merged[key] = r
+        records = sorted(merged.values(), key=lambda r: r.index)
         try:
             _finish(records, fmt, out, 0, wall=time.perf_counter() - t0)
         except typer.Exit:  # some inputs failed: the merged output is written all the same
