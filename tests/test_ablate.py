@@ -79,3 +79,52 @@ def test_cli_ablate_reuses_finished_variants(recipe_file, tmp_path):
     assert "layer_wise" in r.stdout and (out / "ablation.md").exists()
     r = CliRunner().invoke(app, args[:-3] + ["3", "--out", str(out)])
     assert r.exit_code == 2 and "finished with 2 steps" in r.output
+
+
+def test_variants_take_lora_only_when_they_ask_and_checkpoint_mid_run(backbones, tiny_data):
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.experiments.ablate import variant_recipe
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    d["train"].update(lr_lora=5e-3, save_every=1000)
+    base = recipe_from_dict(d)
+    v = {x.name: x for x in parse_variants("linear,layer_wise,encoder_lora,llm_lora", base)}
+    for name in ("linear", "layer_wise"):
+        r = variant_recipe(base, v[name], 8)
+        assert r.model.encoder.lora is None and r.model.llm.lora is None and r.train.lr_lora == 0.0
+    enc = variant_recipe(base, v["encoder_lora"], 8)
+    assert enc.model.encoder.lora is not None and enc.model.llm.lora is None and enc.train.lr_lora == 5e-3
+    llm = variant_recipe(base, v["llm_lora"], 8)
+    assert llm.model.llm.lora.rank == 2 and llm.model.llm.lora.alpha == 4.0 and llm.model.encoder.lora is None
+    # a checkpoint at least every quarter of the run, whatever the recipe's save_every
+    assert [variant_recipe(base, v["linear"], n).train.save_every for n in (8, 3, 1)] == [2, 1, 1]
+    base.train.save_every = 1
+    assert variant_recipe(base, v["linear"], 8).train.save_every == 1
+
+
+def test_a_finished_variant_trained_with_another_recipe_is_not_reused(recipe_file, tmp_path, monkeypatch):
+    """--set changed since the variant finished: its result would mix recipes in one table. The
+    variant's own callbacks (on_skip included) reach the training loop."""
+    from steermoe_core.model.steermoe import SteerMoEModel
+
+    real, calls = SteerMoEModel.forward, [0]
+
+    def forward(self, batch):
+        out = real(self, batch)
+        calls[0] += 1
+        if calls[0] == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(SteerMoEModel, "forward", forward)
+    skips = []
+    out = tmp_path / "abl"
+    run_ablation(recipe_file, "linear", 2, out, callbacks_for=lambda v: Callbacks(on_skip=skips.append))
+    assert [s["step"] for s in skips] == [1]
+    assert json.loads((out / "linear" / "result.json").read_text())["recipe_hash"]
+    run_ablation(recipe_file, "linear", 2, out)  # same recipe: reused
+    with pytest.raises(UsageError, match=r"finished with another recipe .*delete .*linear to retrain it"):
+        run_ablation(recipe_file, "linear", 2, out, overrides=["train.lr=0.01"])

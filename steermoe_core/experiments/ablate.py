@@ -6,15 +6,19 @@ then decoded on the same evaluation set. Each variant lives in its own folder:
 
     OUT/<variant>/run/            the training run (checkpoints, metrics.jsonl, model/)
     OUT/<variant>/train_seconds   wall time spent training so far (kept across kills)
-    OUT/<variant>/result.json     written last: its presence means "finished, skip"
+    OUT/<variant>/result.json     written last: its presence means "finished, skip" (a result whose
+                                  recipe hash differs from the variant's recipe now is an error)
     OUT/ablation.md, .json        the table over all finished variants, rewritten after each
 
-A killed variant resumes from its latest checkpoint (``save_every`` defaults to a quarter of the
-steps); a finished one is never retrained.
+A killed variant resumes from its latest checkpoint (one at least every quarter of the steps); a
+finished one is never retrained: when the recipe or ``--set`` changed since, reusing it would mix
+recipes in one table, so that is a UsageError (use another --out, or delete the variant's folder).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 import shutil
@@ -27,6 +31,7 @@ from steermoe_core.atomic import write_text
 from steermoe_core.config import (
     LoRAConfig,
     Recipe,
+    dump_recipe,
     load_recipe,
     recipe_from_dict,
     recipe_to_dict,
@@ -104,17 +109,33 @@ def parse_variants(spec: str, base: Recipe) -> list[Variant]:
 
 def variant_recipe(base: Recipe, variant: Variant, steps: int) -> Recipe:
     """The base recipe + the variant's overrides, ``steps`` long, without in-loop validation (every
-    variant is decoded once at the end on the ablation's own set), checkpointed for resuming."""
+    variant is decoded once at the end on the ablation's own set), checkpointed for resuming.
+
+    LoRA is part of what a variant compares: a ``[model.*.lora]`` section of the base recipe applies
+    only to the variants that ask for LoRA there (encoder_lora, llm_lora), never to the others (and
+    ``train.lr_lora`` goes with it when no LoRA is left)."""
     from steermoe_core.errors import RecipeError
 
+    d = recipe_to_dict(base)
+    asked = {part for part in ("encoder", "llm") if any(o.startswith(f"model.{part}.lora.") for o in variant.overrides)}
+    for part in {"encoder", "llm"} - asked:
+        d["model"][part]["lora"] = None
+    if not asked:
+        d["train"]["lr_lora"] = 0.0
     try:
-        r = recipe_from_dict(recipe_to_dict(base), [*variant.overrides, f"train.max_steps={steps}"])
+        r = recipe_from_dict(d, [*variant.overrides, f"train.max_steps={steps}"])
     except RecipeError as e:
         raise UsageError(f"variant {variant.name}: {e}") from None
     r.data.valid = ""
     r.train.eval_every = 0
-    r.train.save_every = r.train.save_every or max(1, steps // 4)
+    # at least one checkpoint before the end (every quarter of the run), so that a kill loses little
+    r.train.save_every = min(r.train.save_every or steps, max(1, steps // 4))
     return r
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """What a finished variant was trained with (its full resolved recipe), to tell when it is stale."""
+    return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:
@@ -150,7 +171,7 @@ def _train_variant(recipe: Recipe, vdir: Path, callbacks: Callbacks) -> int:
         write_text(clock, f"{spent + time.perf_counter() - t0:.3f}")
         callbacks.on_step(rec)
 
-    cb = Callbacks(on_start=callbacks.on_start, on_step=tick, on_eval=callbacks.on_eval, on_save=callbacks.on_save)
+    cb = dataclasses.replace(callbacks, on_step=tick)
     train(recipe, run, resume=start is not None, callbacks=cb)
     write_text(clock, f"{spent + time.perf_counter() - t0:.3f}")
     return resumed
@@ -183,13 +204,17 @@ def run_ablation(
     for v in chosen:
         vdir = out / v.slug
         done = vdir / "result.json"
+        recipe = variant_recipe(base, v, steps)
         if done.exists():
             res = _read_json(done)
             if res["steps"] != steps or res["eval_data"] != data:
                 raise UsageError(f"{vdir}: finished with {res['steps']} steps on {res['eval_data']}, not {steps} on {data}; "
                                  "use another --out")
+            if res.get("recipe_hash", recipe_hash(recipe)) != recipe_hash(recipe):
+                raise UsageError(f"{vdir}: finished with another recipe (the recipe file or --set changed since; see "
+                                 f"{vdir / 'run' / 'recipe.toml'}); use another --out, or delete {vdir} to retrain it")
         else:
-            res = _run_variant(v, variant_recipe(base, v, steps), vdir, data, callbacks_for(v) if callbacks_for else Callbacks())
+            res = _run_variant(v, recipe, vdir, data, callbacks_for(v) if callbacks_for else Callbacks())
             write_text(done, json.dumps(res, indent=2))
         results.append(res)
         write_report(out, results, base.eval.metric, {"recipe": str(recipe_path), "steps": steps, "eval_data": data})
@@ -205,7 +230,7 @@ def _run_variant(v: Variant, recipe: Recipe, vdir: Path, data: str, callbacks: C
     summary = evaluate(model, data, recipe, vdir / "predictions.jsonl")
     metric = recipe.eval.metric
     return {
-        "variant": v.name, "description": v.description, "overrides": v.overrides,
+        "variant": v.name, "description": v.description, "overrides": v.overrides, "recipe_hash": recipe_hash(recipe),
         "metric": metric, "value": summary.get(metric), "eval": summary, "eval_data": data,
         "trainable_parameters": meta["parameters"]["total"], "parameters": meta["parameters"],
         "steps": recipe.train.max_steps, "resumed_from_step": resumed,
