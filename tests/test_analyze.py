@@ -83,3 +83,25 @@ def test_analyze_refuses_an_adapter_without_router(backbones, tiny_data, tmp_pat
     ckpt = _trained(backbones, tiny_data, tmp_path / "run", placement="none")
     r = CliRunner().invoke(app, ["analyze", str(ckpt), str(tiny_data), "--out", str(tmp_path / "a")])
     assert r.exit_code == 2 and "has no router" in r.output
+
+
+@pytest.mark.parametrize("trim", ["true", "false"])
+def test_router_figures_cover_audio_frames_only_whatever_the_batching(steermoe_ckpt, tiny_data, trim):
+    """One clip at a time or all in one batch: the same figures, over the clips' own frames (never
+    Whisper's 30 s of padding with trim_padding = false)."""
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.experiments.router_stats import router_statistics
+
+    def stats(batch_size):
+        return router_statistics(steermoe_ckpt, tiny_data,
+                                 overrides=[f"eval.batch_size={batch_size}", f"model.encoder.trim_padding={trim}"])
+
+    one, four = stats(1), stats(4)
+    ds = ShardedDataset(tiny_data)
+    audio_frames = sum((len(ds[i].audio) // 160 + 1) // 2 for i in range(len(ds)))
+    assert one["frames"] == four["frames"] == audio_frames  # 10 ms mel hop, 2x conv stride
+    for a, b in zip(one["layers"], four["layers"]):
+        for k in ("mean_gate", "top1_frequency"):
+            torch.testing.assert_close(torch.tensor(a[k]), torch.tensor(b[k]), atol=1e-4, rtol=1e-4)
+        for k in ("entropy", "steering_norm", "relative_steering"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k

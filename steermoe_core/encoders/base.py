@@ -35,6 +35,11 @@ class AudioEncoder(nn.Module):
         """(B,) sample counts -> (B,) output frame counts, on the host."""
         raise NotImplementedError
 
+    def audio_frames(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(B,) sample counts -> (B,) output frames that carry the clip's audio (the first ones),
+        not the padding an encoder may run on as well (Whisper's fixed 30 s layout)."""
+        return self.output_lengths(lengths)
+
     def forward_layers(
         self, feats: torch.Tensor, feat_lengths: torch.Tensor, hook: LayerHook | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,9 @@ class WhisperAudioEncoder(AudioEncoder):
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         if not self.trim_padding:
             return torch.full((len(lengths),), self.max_frames // 2, dtype=torch.long)
+        return self.audio_frames(lengths)
+
+    def audio_frames(self, lengths: torch.Tensor) -> torch.Tensor:
         frames = (torch.as_tensor(lengths).cpu() // HOP).clamp_max(self.max_frames)
         return (frames + 1) // 2
 

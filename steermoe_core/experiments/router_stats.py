@@ -73,10 +73,12 @@ def router_statistics(
     max_examples: int = 0,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
+    overrides: list[str] | None = None,
 ) -> dict:
     """Router figures of ``checkpoint`` over the prepared set ``data`` (all of it, or a seeded
-    sample of ``max_examples``), overall and per prompt."""
-    model, recipe, meta = load_checkpoint(checkpoint, device)
+    sample of ``max_examples``), overall and per prompt. ``overrides``: ``key=value`` changes to
+    the checkpoint's recipe (``eval.batch_size``, ``model.encoder.trim_padding``)."""
+    model, recipe, meta = load_checkpoint(checkpoint, device, overrides)
     steering = model.steering
     if steering is None:
         raise UsageError(f"{checkpoint}: this adapter has no router (model.steering.placement = 'none')")
@@ -88,8 +90,12 @@ def router_statistics(
     overall, by_prompt = _Totals(layers, experts), {}
     rows: dict[str, list[int]] = {}
 
+    real = torch.zeros(0)  # (B,) audio frames of the batch being encoded
+
     def observe(layer, g, delta, h, mask):
-        w = torch.ones(g.shape[:2], device=g.device) if mask is None else mask.float()
+        # real audio frames only: not the mask, which counts every frame of Whisper's padded 30 s
+        # layout (trim_padding = false) as real, so figures would be mostly about padding
+        w = (torch.arange(g.shape[1]) < real[:, None]).to(g.device, torch.float32)
         overall.add(layer, g, delta, h, w)
         for prompt, idx in rows.items():
             sel = torch.tensor(idx, device=g.device)
@@ -105,6 +111,7 @@ def router_statistics(
             for p, idx in rows.items():
                 by_prompt[p].examples += len(idx)
             overall.examples += len(examples)
+            real = model.encoder.audio_frames(batch.lengths)
             with autocast(model.device, precision):
                 model.encode_audio(batch.waves.to(model.device), batch.lengths)
             if progress:
