@@ -88,7 +88,8 @@ class WhisperAudioEncoder(AudioEncoder):
         b, t = x.shape[:2]
         x = x + enc.embed_positions.weight[:t]
         enc_frames = (feat_lengths.cpu() + 1) // 2  # frame counts live on the host: no device sync below
-        uniform = bool((enc_frames >= t).all())
+        # under export the lengths are graph inputs, not host values: always build the mask then
+        uniform = not _exporting() and bool((enc_frames >= t).all())
         enc_frames = to_device(enc_frames, x.device)
         if self.trim_padding:
             mask = torch.arange(t, device=x.device)[None, :] < enc_frames[:, None]
@@ -116,6 +117,10 @@ class WhisperAudioEncoder(AudioEncoder):
 
     def fingerprint_tensor(self) -> torch.Tensor:
         return self.model.conv1.weight
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", trim_padding: bool = True) -> WhisperAudioEncoder:
