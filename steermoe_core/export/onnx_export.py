@@ -29,7 +29,7 @@ from steermoe_core import __version__
 from steermoe_core.atomic import atomic_dir
 from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.encoders.log_mel import HOP, N_FFT, mel_filters
-from steermoe_core.errors import CheckpointError, UsageError
+from steermoe_core.errors import BackboneError, CheckpointError, UsageError
 from steermoe_core.export.graphs import (
     AudioTower,
     Decoder,
@@ -85,7 +85,10 @@ def export_onnx(
 
     say = step or (lambda msg: None)
     say("loading the checkpoint and its backbones")
-    model, recipe, meta = load_checkpoint(checkpoint, torch.device("cpu"), trust_remote_code=trust_remote_code)
+    try:
+        model, recipe, meta = load_checkpoint(checkpoint, torch.device("cpu"), trust_remote_code=trust_remote_code)
+    except BackboneError as e:
+        raise BackboneError(f"{checkpoint}: cannot load the backbones it was trained on ({e})") from None
     model = model.float().eval()
     if model.encoder.kind != "whisper":
         raise UsageError(f"{checkpoint}: ONNX export supports Whisper encoders only (this one is {model.encoder.kind!r})")
@@ -176,9 +179,11 @@ def _check(path: Path) -> None:
 def _to_fp16(path: Path) -> None:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
-    _save_onnx(model, path)
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(path)), keep_io_types=True))
+    model.topological_sort()  # the converter appends its input casts after their users
+    _save_onnx(model.model, path)
 
 
 def _to_int8(path: Path) -> None:
