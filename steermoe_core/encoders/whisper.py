@@ -84,6 +84,12 @@ class WhisperAudioEncoder(AudioEncoder):
             raise ValueError(f"audio longer than {self.max_frames // 100} s reached the encoder; split it into windows first")
         dtype = enc.conv1.weight.dtype
         x = nn.functional.gelu(enc.conv1(feats.to(dtype)))
+        f = x.shape[-1]
+        # A clip shorter than the batch must see, at its end, the zeros conv2 pads with when it is
+        # alone: conv1's output past its features (gelu(bias) != 0) would leak into its last frame
+        # and, through attention, into every frame. (Under export the lengths are graph inputs.)
+        if self.trim_padding and (_exporting() or bool((feat_lengths.cpu() < f).any())):
+            x = x * (torch.arange(f, device=x.device) < to_device(feat_lengths, x.device)[:, None])[:, None, :].to(dtype)
         x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
         b, t = x.shape[:2]
         x = x + enc.embed_positions.weight[:t]

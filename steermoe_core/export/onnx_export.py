@@ -80,7 +80,7 @@ def export_onnx(
 ) -> dict:
     """Export ``checkpoint`` to the folder ``out`` (written atomically). Returns the manifest."""
     check_options(opset, dtype, quantize)
-    require("onnx", "onnxscript", *(["onnxruntime"] if dtype != "fp32" or quantize else []))
+    require("onnx", "onnxscript", "onnxruntime")
     from steermoe_core.model.checkpoint import load_checkpoint
 
     say = step or (lambda msg: None)
@@ -117,6 +117,10 @@ def export_onnx(
                 say(f"quantising the {name} to int8")
                 _to_int8(tmp / FILES[name])
             _check(tmp / FILES[name])
+        say("comparing the graphs with torch")
+        parity = _parity(model, tmp)
+        if dtype == "fp32" and not quantize and max(parity.values()) > 1e-3:
+            raise RuntimeError(f"the exported graphs disagree with torch (max relative difference {parity}): an exporter bug")
         say("writing embeddings, tokenizer and manifest")
         enc = model.encoder
         np.save(tmp / FILES["embeddings"], model.llm.get_input_embeddings().weight.detach().float().numpy())
@@ -134,6 +138,7 @@ def export_onnx(
             "quantize": quantize,
             "files": FILES,
             "export_seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "parity": parity,
             "checkpoint": {"path": str(checkpoint), "step": meta.get("step"), "backbones": meta.get("backbones")},
             "audio": {
                 "kind": enc.kind, "n_mels": enc.n_mels, "sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP,
@@ -167,6 +172,37 @@ def _export(module, args, shapes, inputs: list[str], outputs: list[str], path: P
         program.save(path)
     finally:
         noisy.setLevel(level)
+
+
+@torch.no_grad()
+def _parity(model: SteerMoEModel, folder: Path) -> dict[str, float]:
+    """Each graph in onnxruntime against torch on one random example: the largest difference
+    relative to the largest value (recorded in the manifest; float32 exports must agree to 1e-3)."""
+    import onnxruntime as ort
+
+    g = torch.Generator().manual_seed(0)
+    (feats, lengths), _ = audio_tower_shapes(model)
+    feats = torch.randn(feats.shape, generator=g)
+    (embeds, mask, pos, past), _ = decoder_shapes(model.llm, torch.float32)
+    scale = model.llm.get_input_embeddings().weight.float().pow(2).mean().sqrt()
+    embeds = torch.randn(embeds.shape, generator=g) * scale
+    layers = kv_shape(model.llm)[0]
+    empty = [t[:, :, :0] for t in past]
+    cases = {
+        "audio_tower": (AudioTower(model), (feats, lengths), {"features": feats, "feature_lengths": lengths}),
+        "decoder": (Decoder(model.llm), (embeds, mask[:, 3:], pos, empty), {
+            "inputs_embeds": embeds, "attention_mask": mask[:, 3:], "position_ids": pos,
+            **dict(zip(cache_names(layers, "past"), empty)),
+        }),
+    }
+    out = {}
+    for name, (module, args, feed) in cases.items():
+        want = module(*args)
+        want = (want if isinstance(want, tuple) else (want,))[0].float()
+        sess = ort.InferenceSession(str(folder / FILES[name]), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]).float()
+        out[name] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    return out
 
 
 def _check(path: Path) -> None:
