@@ -79,7 +79,7 @@ def test_decoder_graph_matches_the_llm_with_an_empty_and_a_filled_cache(backends
     import onnxruntime as ort
 
     from steermoe_core.export.graphs import Decoder
-    from steermoe_core.export.onnx_manifest import cache_names
+    from steermoe_core.inference.onnx_manifest import cache_names
 
     tb, _ = backends
     sess = ort.InferenceSession(str(exported / "decoder.onnx"), providers=["CPUExecutionProvider"])
@@ -245,3 +245,17 @@ def test_fp16_int8_and_newer_opsets_export_and_run(ckpt, backends, tmp_path, fla
     assert all(texts)
     if flags[0] == "--opset":
         assert texts == ob.generate(clips, [1, 1, 1], [PROMPT] * 3, 8, 1)
+
+
+@pytest.mark.slow
+def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(ckpt, backends, tmp_path, monkeypatch):
+    from steermoe_core.export import onnx_export
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 0)  # as if every graph were over 2 GB
+    onnx_export.export_onnx(ckpt, tmp_path / "m")
+    data = sorted(p.name for p in (tmp_path / "m").iterdir() if p.suffix not in (".onnx", ".npy", ".json") and p.is_file())
+    assert data, sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert (tmp_path / "m" / "decoder.onnx").stat().st_size < 100_000  # the weights are not inside
+    clips = _clips()[:3]
+    assert OnnxBackend.load(tmp_path / "m", "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 8, 1) == backends[1].generate(clips, [1] * 3, [PROMPT] * 3, 8, 1)

@@ -38,7 +38,7 @@ from steermoe_core.export.graphs import (
     frame_multiple,
     kv_shape,
 )
-from steermoe_core.export.onnx_manifest import (
+from steermoe_core.inference.onnx_manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -52,6 +52,7 @@ OPSETS = range(18, 22)  # what the dynamo exporter emits natively and onnxruntim
 DEFAULT_OPSET = 18
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("int8",)
+_PROTOBUF_LIMIT = (1 << 31) - (1 << 26)  # 2 GB less room for the graph itself: weights go to a side file past it
 FILES = {
     "audio_tower": "audio_tower.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
     "mel_filters": "mel_filters.npy", "tokenizer": "tokenizer/tokenizer.json",
@@ -169,7 +170,8 @@ def _export(module, args, shapes, inputs: list[str], outputs: list[str], path: P
                 module.eval(), args, dynamo=True, dynamic_shapes=shapes, input_names=inputs,
                 output_names=outputs, opset_version=opset, verbose=False,
             )
-        program.save(path)
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        program.save(path, external_data=weights > _PROTOBUF_LIMIT)
     finally:
         noisy.setLevel(level)
 
@@ -226,7 +228,8 @@ def _to_int8(path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(".int8.onnx")
-    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    big = path.with_name(path.name + ".data").exists() or path.stat().st_size > _PROTOBUF_LIMIT
+    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=big)
     _drop(path)
     tmp.replace(path)
 
@@ -236,7 +239,7 @@ def _save_onnx(model, path: Path) -> None:
     import onnx
 
     _drop(path)
-    big = model.ByteSize() > (1 << 31) - (1 << 26) if not any(t.data_location for t in model.graph.initializer) else True
+    big = sum(len(t.raw_data) for t in model.graph.initializer) > _PROTOBUF_LIMIT
     onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
 
 

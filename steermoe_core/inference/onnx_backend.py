@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from steermoe_core.errors import UsageError
-from steermoe_core.export.onnx_manifest import cache_names, read_manifest, require
+from steermoe_core.inference.onnx_manifest import cache_names, read_manifest, require
 from steermoe_core.model.decoding import finish_rows
 
 

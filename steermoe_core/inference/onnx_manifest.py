@@ -1,4 +1,4 @@
-"""The exported ONNX folder's contract, shared by the exporter and the onnxruntime backend.
+"""The exported ONNX folder's contract: what `steermoe export --onnx` writes and the onnxruntime backend reads.
 
     DIR/manifest.json        format + version, shapes, prompt pieces, generation settings
     DIR/audio_tower.onnx     log-mel features (B, n_mels, F) + lengths -> audio tokens (B, F/(2k), H)
