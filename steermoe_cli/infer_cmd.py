@@ -85,7 +85,7 @@ def infer(
     text_prompt = prompt or (question if task == Task.qa else TASK_PROMPTS[task.value])
     transcribe = prompt is None and task == Task.transcribe
     if launched_by_a_launcher():
-        _infer_shard(iter_inputs(inputs or [], from_list), out, fmt, resume, device, model, trust_remote_code,
+        _infer_shard(iter_inputs(inputs or [], from_list), out, fmt, resume, device, model, trust_remote_code, backend.value,
                      dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           num_beams=beams, workers=decode_workers))
         return
@@ -225,7 +225,9 @@ def _drop_parts(out: Path) -> None:
         p.unlink()
 
 
-def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model, trust_remote_code: bool, opts: dict) -> None:
+def _infer_shard(
+    paths, out: Path, fmt: Format, resume: bool, device: str, model, trust_remote_code: bool, backend: str, opts: dict
+) -> None:
     """One of N processes (started by `--gpus/--workers N` or any launcher): take every N-th input,
     append its records to its own jsonl part beside ``out`` (resumable like one process's output),
     then rank 0 merges every part in input order into ``out`` and prints the summary."""
@@ -262,7 +264,7 @@ def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model
                 r.index = index[r.index]
                 yield r
 
-        sm = SteerMoE.load(model, str(dev), trust_remote_code)
+        sm = SteerMoE.load(model, str(dev), trust_remote_code, backend=backend)
         _emit(global_index(sm.stream(mine(), **opts)), Format.jsonl, part, resume, quiet=not strategy.is_main,
               extra=lambda r: {"index": r.index})
         strategy.barrier()

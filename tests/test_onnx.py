@@ -259,3 +259,29 @@ def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(ckpt, bac
     assert side > 100_000, sizes  # the weights live beside the graph (decoder: 0.4 MB of 0.7 MB)
     clips = _clips()[:3]
     assert OnnxBackend.load(tmp_path / "m", "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 8, 1) == backends[1].generate(clips, [1] * 3, [PROMPT] * 3, 8, 1)
+
+
+@pytest.mark.slow
+def test_lora_is_folded_into_the_exported_backbones(backbones, tmp_path):
+    pytest.importorskip("peft")
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.model.build import build_model
+    from steermoe_core.model.checkpoint import save_checkpoint
+    from steermoe_core.model.lora import lora_parameters
+
+    d = tiny_recipe_dict(backbones)
+    d["model"]["encoder"]["lora"] = {"rank": 4, "target_modules": ["q_proj", "v_proj", "fc1"]}
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    recipe = recipe_from_dict(d)
+    model = build_model(recipe.model, torch.device("cpu"))
+    with torch.no_grad():  # B starts at zero; a trained LoRA does not
+        for p in lora_parameters(model.encoder) + lora_parameters(model.llm):
+            p.normal_(0, 0.3)
+    ckpt = save_checkpoint(model, recipe, tmp_path / "ckpt", 0, {})
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    clips = _clips()[:3]
+    want = TorchBackend.load(ckpt, "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 10, 1)
+    assert OnnxBackend.load(tmp_path / "m", "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 10, 1) == want

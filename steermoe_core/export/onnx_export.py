@@ -46,6 +46,7 @@ from steermoe_core.inference.onnx_manifest import (
     cache_names,
     require,
 )
+from steermoe_core.model.lora import merge_lora
 from steermoe_core.model.steermoe import SteerMoEModel
 
 OPSETS = range(18, 22)  # what the dynamo exporter emits natively and onnxruntime >= 1.17 runs
@@ -90,7 +91,7 @@ def export_onnx(
         model, recipe, meta = load_checkpoint(checkpoint, torch.device("cpu"), trust_remote_code=trust_remote_code)
     except BackboneError as e:
         raise BackboneError(f"{checkpoint}: cannot load the backbones it was trained on ({e})") from None
-    model = model.float().eval()
+    model = merge_lora(model.float()).eval()  # LoRA folded into the backbones: plain modules, same function
     if model.encoder.kind != "whisper":
         raise UsageError(f"{checkpoint}: ONNX export supports Whisper encoders only (this one is {model.encoder.kind!r})")
     seconds = {}
