@@ -172,6 +172,8 @@ def test_cli_infer_with_onnxruntime_equals_torch(ckpt, exported, tmp_path):
     assert r_ort.exit_code == 0 == r_torch.exit_code, r_ort.output
     texts = [rec["text"] for rec in json.loads(r_ort.stdout)]
     assert texts == [rec["text"] for rec in json.loads(r_torch.stdout)] and all(texts)
+    r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(exported), paths[0], "--stream", "--max-new-tokens", "10"])
+    assert r.exit_code == 0 and r.stdout.strip()[:3] == texts[0][:3], (r.stdout, texts[0])  # printed as generated
     r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(exported), paths[0], "--beams", "2"])
     assert r.exit_code == 2 and "greedily" in r.stderr
 
