@@ -46,6 +46,11 @@ def smoke_inputs(root: Path) -> tuple[Path, list, list[str]]:
 
 
 def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="onnx-bench-") as work:  # exports of a real model take a GB
+        run(Path(work))
+
+
+def run(work: Path) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", nargs="?")
     ap.add_argument("data", nargs="?", help="prepared dataset folder")
@@ -60,7 +65,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["STEERMOE_ORT_THREADS"] = str(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="onnx-bench-"))
     if args.smoke:
         ckpt, audio, refs = smoke_inputs(work)
         args.max_new_tokens = 12
