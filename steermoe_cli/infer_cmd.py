@@ -22,6 +22,11 @@ class Task(str, Enum):
     qa = "qa"
 
 
+class BackendName(str, Enum):
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
 class Format(str, Enum):
     text = "text"
     json = "json"
@@ -32,7 +37,8 @@ class Format(str, Enum):
 @friendly
 def infer(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Audio files, folders (recursive) and globs")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Checkpoint (default: $STEERMOE_MODEL, else the demo's)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or an exported folder with --backend onnxruntime (default: $STEERMOE_MODEL, else the demo's)")] = None,
+    backend: Annotated[BackendName, typer.Option(help="torch | onnxruntime (a folder from `steermoe export --onnx`; no torch needed)")] = BackendName.torch,
     prompt: Annotated[Optional[str], typer.Option(help="Free-form instruction, e.g. 'Summarize the main points'")] = None,
     task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question)")] = Task.transcribe,
     question: Annotated[Optional[str], typer.Option(help="The question, with --task qa")] = None,
@@ -84,7 +90,7 @@ def infer(
         raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
     paths = itertools.chain([first], paths)
     if launched_by_a_launcher():
-        _infer_shard(paths, out, fmt, resume, device, model, trust_remote_code,
+        _infer_shard(paths, out, fmt, resume, device, model, trust_remote_code, backend.value,
                      dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
                           num_beams=beams, workers=decode_workers))
         return
@@ -101,12 +107,8 @@ def infer(
         if len(paths) > 1:
             raise UsageError("--format srt with several inputs needs --out FOLDER (one .srt per input)")
 
-    sm = SteerMoE.load(model, device, trust_remote_code)
-    streamer = None
-    if stream:
-        from transformers import TextStreamer
-
-        streamer = TextStreamer(sm.backend.tokenizer, skip_special_tokens=True)
+    sm = SteerMoE.load(model, device, trust_remote_code, backend=backend.value)
+    streamer = sm.backend.text_streamer() if stream else None
     results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers)
     records = _emit(results, fmt, out, resume, quiet=stream)
     if len(records) == 0 and resume:
@@ -223,7 +225,9 @@ def _drop_parts(out: Path) -> None:
         p.unlink()
 
 
-def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model, trust_remote_code: bool, opts: dict) -> None:
+def _infer_shard(
+    paths, out: Path, fmt: Format, resume: bool, device: str, model, trust_remote_code: bool, backend: str, opts: dict
+) -> None:
     """One of N processes (started by `--gpus/--workers N` or any launcher): take every N-th input,
     append its records to its own jsonl part beside ``out`` (resumable like one process's output),
     then rank 0 merges every part in input order into ``out`` and prints the summary."""
@@ -261,7 +265,7 @@ def _infer_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model
                 r.index = index[r.index]
                 yield r
 
-        sm = SteerMoE.load(model, str(dev), trust_remote_code)
+        sm = SteerMoE.load(model, str(dev), trust_remote_code, backend=backend)
         _emit(global_index(sm.stream(mine(), **opts)), Format.jsonl, part, resume, quiet=not strategy.is_main,
               extra=lambda r: {"index": r.index})
         strategy.barrier()

@@ -51,7 +51,7 @@ class EncoderConfig:
 
 @dataclass
 class LLMConfig:
-    path: str = doc("Qwen/Qwen2.5-7B-Instruct", "Hub id, local HF folder, or a .gguf file (dequantised to a dense module).")
+    path: str = doc("Qwen/Qwen2.5-7B-Instruct", "Hub id, local HF folder, or a .gguf file (dequantised to a dense module); a .gguf split in byte-parts is `part1 + part2 + ...` (each may be pkg:NAME/path).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc("auto", "Frozen LLM weights dtype; auto = bfloat16 on GPU, float32 on CPU.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
     trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")

@@ -50,3 +50,7 @@ class DeviceError(SteermoeError):
 
 class ModelNotFound(SteermoeError):
     """No --model, no STEERMOE_MODEL and no demo checkpoint: says how to get one."""
+
+
+class MissingDependency(SteermoeError):
+    """An optional package a feature needs is not installed: says which extra to install."""

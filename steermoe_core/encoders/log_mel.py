@@ -20,7 +20,7 @@ MAX_FRAMES = 3000  # 30 s, Whisper's window
 
 
 @functools.lru_cache(maxsize=8)
-def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
+def mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
     """Cached per device: copying them up for every clip would sync the GPU every clip."""
     from transformers.audio_utils import mel_filter_bank
 
@@ -44,7 +44,7 @@ def log_mel(wave: torch.Tensor, n_mels: int) -> torch.Tensor:
     window = torch.hann_window(N_FFT, device=wave.device)
     stft = torch.stft(wave, N_FFT, HOP, window=window, return_complex=True)
     power = stft[..., :-1].abs() ** 2
-    filters = _mel_filters(n_mels, wave.device)
+    filters = mel_filters(n_mels, wave.device)
     mel = filters.T @ power
     logspec = mel.clamp_min(1e-10).log10()
     logspec = torch.maximum(logspec, logspec.max() - 8.0)

@@ -87,11 +87,18 @@ class WhisperAudioEncoder(AudioEncoder):
             raise ValueError(f"audio longer than {self.max_frames // 100} s reached the encoder; split it into windows first")
         dtype = enc.conv1.weight.dtype
         x = nn.functional.gelu(enc.conv1(feats.to(dtype)))
+        f = x.shape[-1]
+        # A clip shorter than the batch must see, at its end, the zeros conv2 pads with when it is
+        # alone: conv1's output past its features (gelu(bias) != 0) would leak into its last frame
+        # and, through attention, into every frame. (Under export the lengths are graph inputs.)
+        if self.trim_padding and (_exporting() or bool((feat_lengths.cpu() < f).any())):
+            x = x * (torch.arange(f, device=x.device) < to_device(feat_lengths, x.device)[:, None])[:, None, :].to(dtype)
         x = nn.functional.gelu(enc.conv2(x)).permute(0, 2, 1)
         b, t = x.shape[:2]
         x = x + enc.embed_positions.weight[:t]
         enc_frames = (feat_lengths.cpu() + 1) // 2  # frame counts live on the host: no device sync below
-        uniform = bool((enc_frames >= t).all())
+        # under export the lengths are graph inputs, not host values: always build the mask then
+        uniform = not _exporting() and bool((enc_frames >= t).all())
         enc_frames = to_device(enc_frames, x.device)
         if self.trim_padding:
             mask = torch.arange(t, device=x.device)[None, :] < enc_frames[:, None]
@@ -119,6 +126,10 @@ class WhisperAudioEncoder(AudioEncoder):
 
     def fingerprint_tensor(self) -> torch.Tensor:
         return self.model.conv1.weight
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def load(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa", trim_padding: bool = True) -> WhisperAudioEncoder:

@@ -1,5 +1,6 @@
-"""Inference: the Python API (``SteerMoE``), the ``Backend`` seam and its torch implementation,
-and output formats. Import ``SteerMoE`` from here.
+"""Inference: the Python API (``SteerMoE``), the ``Backend`` seam, its torch implementation and
+its onnxruntime one (``onnx_backend``: an exported folder, no torch), and output formats. Import
+``SteerMoE`` from here.
 
 To add a backend: implement ``inference.backend.Backend`` (encode audio + generate) in a module of
 this folder, and construct ``SteerMoE(YourBackend(...))``; windowing, batching, timing and

@@ -170,11 +170,20 @@ class SteerMoE:
         self.backend = backend
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", trust_remote_code: bool = False) -> SteerMoE:
-        """A checkpoint on the torch backend (``trust_remote_code`` only from the caller, never the checkpoint)."""
+    def load(
+        cls, path: str | Path | None = None, device: str = "auto", trust_remote_code: bool = False, backend: str = "torch"
+    ) -> SteerMoE:
+        """A checkpoint on the torch backend (``trust_remote_code`` only from the caller, never the
+        checkpoint), or with ``backend="onnxruntime"`` a folder from `steermoe export --onnx`
+        (then torch is never imported)."""
+        path = path or default_model_path()
+        if backend == "onnxruntime":
+            from steermoe_core.inference.onnx_backend import OnnxBackend
+
+            return cls(OnnxBackend.load(path, device))
         from steermoe_core.inference.torch_backend import TorchBackend
 
-        return cls(TorchBackend.load(path or default_model_path(), device, trust_remote_code))
+        return cls(TorchBackend.load(path, device, trust_remote_code))
 
     @property
     def max_context(self) -> int:

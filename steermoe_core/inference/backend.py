@@ -24,6 +24,9 @@ class Backend(Protocol):
     def prompt_tokens(self, prompt: str) -> int:
         """Text tokens around the audio for ``prompt`` (chat template included)."""
 
+    def text_streamer(self):
+        """An object with ``put(token_ids)`` / ``end()`` that prints text as it is generated (``--stream``)."""
+
     def generate(
         self, clips: list[np.ndarray], groups: list[int], prompts: list[str], max_new_tokens: int, num_beams: int, streamer=None
     ) -> list[str]:

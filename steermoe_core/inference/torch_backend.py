@@ -35,6 +35,11 @@ class TorchBackend:
     def tokenizer(self):
         return self.model.tokenizer
 
+    def text_streamer(self):
+        from transformers import TextStreamer
+
+        return TextStreamer(self.tokenizer, skip_special_tokens=True)
+
     def audio_token_counts(self, lengths: list[int]) -> list[int]:
         return self.model.audio_token_counts(torch.tensor(lengths, dtype=torch.long))
 

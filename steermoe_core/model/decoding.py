@@ -8,6 +8,8 @@ n-gram (n <= 4) repeated ``min_repeats`` or more times in a row, one copy is kep
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 def trim_loops(ids: list[int], min_repeats: int = 4, max_ngram: int = 4) -> list[int]:
     for n in range(1, max_ngram + 1):
@@ -20,3 +22,17 @@ def trim_loops(ids: list[int], min_repeats: int = 4, max_ngram: int = 4) -> list
         if reps >= min_repeats:
             return ids[: len(ids) - n * (reps - 1)]
     return ids
+
+
+def finish_rows(rows: Iterable[list[int]], stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """Generated ids per example, as every backend hands them to the tokenizer: the padding that
+    follows an early finisher dropped, and a row that never reached end-of-turn (it ran out of
+    budget) cut after its first copy of a runaway loop."""
+    stops = set(stop_ids)
+    out = []
+    for row in rows:
+        row = list(row)
+        while row and row[-1] == pad_id and pad_id not in stops:
+            row.pop()
+        out.append(row if row and row[-1] in stops else trim_loops(row))
+    return out

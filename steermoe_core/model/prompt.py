@@ -61,17 +61,25 @@ class PromptLayout:
             ids.append(self.tok.eos_token_id)
         return ids
 
+    def pieces(self, prompt: str) -> tuple[list[int], str]:
+        """Token ids before the audio, and the text after it, for a given prompt.
+
+        The text is returned untokenised so an exporter can render the template once around a
+        marker prompt and let a runtime without the chat template fill in any prompt later.
+        """
+        if self.chat:
+            msgs = self.system + [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}]
+            text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            pre, post = text.split(PLACEHOLDER, 1)
+            return self._encode(pre), post
+        bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
+        return bos + self._encode("Audio:"), f"\n{prompt}\nAnswer:"
+
     def around_audio(self, prompt: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the audio for a given prompt."""
         if prompt not in self._cache:
-            if self.chat:
-                msgs = self.system + [{"role": "user", "content": f"{PLACEHOLDER}\n{prompt}"}]
-                text = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-                pre, post = text.split(PLACEHOLDER, 1)
-                self._cache[prompt] = (self._encode(pre), self._encode(post))
-            else:
-                bos = [self.tok.bos_token_id] if self.tok.bos_token_id is not None else []
-                self._cache[prompt] = (bos + self._encode("Audio:"), self._encode(f"\n{prompt}\nAnswer:"))
+            pre, post = self.pieces(prompt)
+            self._cache[prompt] = (pre, self._encode(post))
         return self._cache[prompt]
 
     def target_ids(self, text: str, max_tokens: int) -> list[int]:

@@ -18,7 +18,7 @@ from steermoe_core.config import ModelConfig
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
 from steermoe_core.model.adapter import Adapter
-from steermoe_core.model.decoding import trim_loops
+from steermoe_core.model.decoding import finish_rows
 from steermoe_core.model.lora import (
     load_lora_state_dict,
     lora_parameters,
@@ -193,13 +193,7 @@ class SteerMoEModel(nn.Module):
         sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
         """
         ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, **options)
-        stops, pad = set(self.layout.stop_ids), self.layout.pad_id
-        rows = []
-        for row in ids.tolist():
-            while row and row[-1] == pad and pad not in stops:
-                row.pop()
-            # an output that never reached end-of-turn ran out of budget: cut a runaway loop
-            rows.append(row if row and row[-1] in stops else trim_loops(row))
+        rows = finish_rows(ids.tolist(), self.layout.stop_ids, self.layout.pad_id)
         return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.no_grad()

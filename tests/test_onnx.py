@@ -1,0 +1,289 @@
+"""`steermoe export --onnx` and the onnxruntime backend, against the torch backend, on tiny random backbones."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import tiny_recipe_dict, tone_clip
+from typer.testing import CliRunner
+
+from steermoe_cli.main import app
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+runner = CliRunner()
+PROMPT = "Transcribe the audio."
+
+
+@pytest.fixture(scope="module")
+def ckpt(backbones, tmp_path_factory):
+    """A checkpoint with a random adapter: generations are gibberish, but deterministic gibberish
+    that the two backends must agree on token for token."""
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.model.build import build_model
+    from steermoe_core.model.checkpoint import save_checkpoint
+
+    recipe = recipe_from_dict(tiny_recipe_dict(backbones))
+    model = build_model(recipe.model, torch.device("cpu"))
+    return save_checkpoint(model, recipe, tmp_path_factory.mktemp("onnx-ckpt") / "ckpt", 0, {})
+
+
+@pytest.fixture(scope="module")
+def exported(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx-export") / "model"
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "onnxruntime" in r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def backends(ckpt, exported):
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+    from steermoe_core.inference.torch_backend import TorchBackend
+
+    return TorchBackend.load(ckpt, "cpu"), OnnxBackend.load(exported, "cpu")
+
+
+def _clips() -> list[np.ndarray]:
+    noise = np.random.RandomState(0).randn(16000 * 3).astype(np.float32) * 0.1
+    return [tone_clip(i, 0.8 + 0.3 * i) for i in range(4)] + [noise, tone_clip(1, 0.05)]
+
+
+def test_export_writes_a_checked_folder_whose_graphs_load_with_dynamic_axes(exported):
+    import onnx
+    import onnxruntime as ort
+
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["opset"] == 18 and manifest["dtype"] == "fp32"
+    assert manifest["llm"]["layers"] == 2 and manifest["audio"]["stride"] == 4
+    for name in ("audio_tower.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(exported / name))
+    dec = ort.InferenceSession(str(exported / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    shapes = {i.name: i.shape for i in dec.get_inputs()}
+    assert shapes["inputs_embeds"][:2] == ["batch", "seq"] and shapes["inputs_embeds"][2] == 64
+    assert shapes["past_key_0"][0] == "batch" and isinstance(shapes["past_key_0"][2], str)  # batch and past length are dynamic
+    assert len([n for n in shapes if n.startswith("past_")]) == 4
+    assert np.load(exported / "embeddings.npy").shape == (manifest["llm"]["vocab"], 64)
+
+
+def test_decoder_graph_matches_the_llm_with_an_empty_and_a_filled_cache(backends, exported):
+    import onnxruntime as ort
+
+    from steermoe_core.export.graphs import Decoder
+    from steermoe_core.inference.onnx_manifest import cache_names
+
+    tb, _ = backends
+    sess = ort.InferenceSession(str(exported / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    dec = Decoder(tb.model.llm).eval()
+    g = torch.Generator().manual_seed(0)
+    for b, s, p in [(1, 7, 0), (3, 4, 0), (2, 1, 9), (3, 5, 6)]:
+        embeds = torch.randn(b, s, 64, generator=g) * 0.2
+        mask = torch.ones(b, p + s, dtype=torch.long)
+        mask[-1, :2] = 0 if b > 1 else 1  # left padding in the last row
+        pos = torch.where(mask == 1, mask.cumsum(-1) - 1, 0)[:, p:]
+        past = [torch.randn(b, 2, p, 16, generator=g) for _ in range(4)]
+        with torch.no_grad():
+            ref = dec(embeds, mask, pos, past)
+        feed = {"inputs_embeds": embeds.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy()}
+        out = sess.run(None, {**feed, **{n: t.numpy() for n, t in zip(cache_names(2, "past"), past)}})
+        assert out[0].shape == (b, 400) and out[1].shape == (b, 2, p + s, 16)
+        real = mask.numpy()[:, None, :, None] == 1  # padded positions hold garbage in both, never read
+        for k, (got, want) in enumerate(zip(out, ref)):
+            want = want.numpy()
+            got, want = (got, want) if k == 0 else (got * real, want * real)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def test_audio_tower_and_numpy_features_match_torch(backends):
+    from steermoe_core.data.batch import pad_clips
+    from steermoe_core.encoders.log_mel import log_mel
+
+    tb, ob = backends
+    clips = _clips()
+    for c in clips:
+        ref = log_mel(torch.from_numpy(c), 80).numpy()
+        feats, _ = ob.features([c])
+        np.testing.assert_allclose(feats[0, :, : ref.shape[1]], ref, atol=1e-4)
+    waves, lengths = pad_clips(clips)
+    with torch.no_grad():
+        ref = tb.model.encode_audio(waves, lengths).numpy()
+    got = ob.encode_audio(clips)
+    assert [len(a) for a in got] == tb.audio_token_counts([len(c) for c in clips]) == ob.audio_token_counts([len(c) for c in clips])
+    for i, a in enumerate(got):
+        want = ref[i, : len(a)]
+        assert np.abs(a - want).max() <= 1e-4 * np.abs(want).max(), i
+
+
+def test_greedy_generations_equal_torch_alone_and_batched(backends):
+    tb, ob = backends
+    clips = _clips()
+    alone_t = [tb.generate([c], [1], [PROMPT], 12, 1)[0] for c in clips]
+    alone_o = [ob.generate([c], [1], [PROMPT], 12, 1)[0] for c in clips]
+    batch_o = ob.generate(clips, [1] * len(clips), [PROMPT] * len(clips), 12, 1)
+    assert alone_o == alone_t
+    assert batch_o == tb.generate(clips, [1] * len(clips), [PROMPT] * len(clips), 12, 1)
+    assert len(set(alone_o)) == len(clips)  # the clips really decode differently
+    # several windows in one prompt, and a free prompt the exporter never saw
+    groups, prompts = [2, 3, 1], ["What is said?", PROMPT, "Summarize the main points of the audio."]
+    assert ob.generate(clips, groups, prompts, 10, 1) == tb.generate(clips, groups, prompts, 10, 1)
+    assert ob.prompt_tokens("What is said?") == tb.prompt_tokens("What is said?")
+
+
+def test_rows_that_stop_early_are_padded_and_trimmed_as_torch_does(backends):
+    """Random weights never say end-of-turn: make a token that one row produces the stop token."""
+    tb, ob = backends
+    clips = _clips()[:4]
+    rows = ob.greedy(_prompt_rows(ob, clips), 12)
+    stop = next(t for t in rows[0][2:8] if all(t not in r[:12] for r in rows[1:]))
+    layout = tb.model.layout
+    saved = layout.eot_id, ob.stop_ids
+    layout.eot_id, ob.stop_ids = stop, [stop, *saved[1][1:]]
+    try:
+        got = ob.generate(clips, [1] * 4, [PROMPT] * 4, 12, 1)
+        assert got == tb.generate(clips, [1] * 4, [PROMPT] * 4, 12, 1)
+        assert len(ob.greedy(_prompt_rows(ob, clips), 12)[0]) == 12  # the others run on, row 0 padded
+    finally:
+        layout.eot_id, ob.stop_ids = saved
+
+
+def _prompt_rows(ob, clips):
+    audio = ob.encode_audio(clips)
+    pre, post = ob.prompt["pre_ids"], ob.post_ids(PROMPT)
+    return [np.concatenate([ob.embeddings[pre], a, ob.embeddings[post]]).astype(np.float32) for a in audio]
+
+
+def test_cli_infer_with_onnxruntime_equals_torch(ckpt, exported, tmp_path):
+    paths = []
+    for i, c in enumerate(_clips()[:4]):
+        paths.append(str(tmp_path / f"c{i}.wav"))
+        sf.write(paths[-1], c, 16000, subtype="FLOAT")
+    common = [*paths, "--format", "json", "--max-new-tokens", "10"]
+    r_ort = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(exported), *common])
+    r_torch = runner.invoke(app, ["infer", "--model", str(ckpt), "--device", "cpu", *common])
+    assert r_ort.exit_code == 0 == r_torch.exit_code, r_ort.output
+    texts = [rec["text"] for rec in json.loads(r_ort.stdout)]
+    assert texts == [rec["text"] for rec in json.loads(r_torch.stdout)] and all(texts)
+    r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(exported), paths[0], "--stream", "--max-new-tokens", "10"])
+    assert r.exit_code == 0 and r.stdout.strip()[:3] == texts[0][:3], (r.stdout, texts[0])  # printed as generated
+    r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(exported), paths[0], "--beams", "2"])
+    assert r.exit_code == 2 and "greedily" in r.stderr
+
+
+def test_the_backend_runs_without_importing_torch(exported, tmp_path):
+    wav = tmp_path / "a.wav"
+    sf.write(wav, tone_clip(2, 1.0), 16000, subtype="FLOAT")
+    code = textwrap.dedent(f"""
+        import sys
+        from steermoe_core.inference.onnx_backend import OnnxBackend
+        from steermoe_core.inference import SteerMoE
+        sm = SteerMoE(OnnxBackend.load({str(exported)!r}, "cpu"))
+        r = sm.transcribe([{str(wav)!r}], max_new_tokens=5)[0]
+        assert r.error is None and r.text, r
+        bad = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+        print("imported:", bad)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "imported: []" in out.stdout
+
+
+def test_clear_errors(ckpt, exported, tmp_path, monkeypatch):
+    old = tmp_path / "old"
+    shutil.copytree(exported, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    wav = tmp_path / "a.wav"
+    sf.write(wav, tone_clip(0), 16000)
+    r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(old), str(wav)])
+    assert r.exit_code == 2 and "format version 0" in r.stderr and "export the checkpoint again" in r.stderr, r.stderr
+    r = runner.invoke(app, ["infer", "--backend", "onnxruntime", "--model", str(ckpt), str(wav)])
+    assert r.exit_code == 2 and "steermoe export" in r.stderr, r.stderr  # a checkpoint, not an export
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "x"), "--opset", "13"])
+    assert r.exit_code == 2 and "--opset 13 is not supported" in r.stderr
+    r = runner.invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "--onnx" in r.stderr
+    lost = tmp_path / "lost"
+    shutil.copytree(ckpt, lost)
+    (lost / "recipe.toml").write_text(_point_llm_elsewhere((lost / "recipe.toml").read_text(), tmp_path / "nowhere"))
+    r = runner.invoke(app, ["export", str(lost), "--onnx", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and str(lost) in r.stderr and "nowhere" in r.stderr, r.stderr
+    assert not (tmp_path / "x").exists()
+    monkeypatch.setitem(sys.modules, "onnxscript", None)
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and 'pip install "steermoe[onnx]"' in r.stderr, r.stderr
+
+
+def _point_llm_elsewhere(recipe: str, where) -> str:
+    import tomllib
+
+    llm = tomllib.loads(recipe)["model"]["llm"]["path"]
+    return recipe.replace(f'"{llm}"', f'"{where}"')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--dtype", "fp16"], ["--quantize", "int8"], ["--opset", "21"]])
+def test_fp16_int8_and_newer_opsets_export_and_run(ckpt, backends, tmp_path, flags):
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+
+    tb, ob = backends
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "m"), *flags])
+    assert r.exit_code == 0, r.output
+    other = OnnxBackend.load(tmp_path / "m", "cpu")
+    clips = _clips()[:3]
+    ref = ob.encode_audio(clips)
+    for a, b in zip(other.encode_audio(clips), ref):
+        assert np.abs(a - b).max() <= (1e-4 if flags[0] == "--opset" else 0.1) * np.abs(b).max()
+    texts = other.generate(clips, [1, 1, 1], [PROMPT] * 3, 8, 1)
+    assert all(texts)
+    if flags[0] == "--opset":
+        assert texts == ob.generate(clips, [1, 1, 1], [PROMPT] * 3, 8, 1)
+
+
+@pytest.mark.slow
+def test_graphs_past_the_protobuf_limit_keep_their_weights_beside_them(ckpt, backends, tmp_path, monkeypatch):
+    from steermoe_core.export import onnx_export
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+
+    monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 0)  # as if every graph were over 2 GB
+    onnx_export.export_onnx(ckpt, tmp_path / "m")
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "m").iterdir() if p.is_file()}
+    side = sum(v for k, v in sizes.items() if k.startswith("decoder.onnx") and k != "decoder.onnx")
+    assert side > 100_000, sizes  # the weights live beside the graph (decoder: 0.4 MB of 0.7 MB)
+    clips = _clips()[:3]
+    assert OnnxBackend.load(tmp_path / "m", "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 8, 1) == backends[1].generate(clips, [1] * 3, [PROMPT] * 3, 8, 1)
+
+
+@pytest.mark.slow
+def test_lora_is_folded_into_the_exported_backbones(backbones, tmp_path):
+    pytest.importorskip("peft")
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.model.build import build_model
+    from steermoe_core.model.checkpoint import save_checkpoint
+    from steermoe_core.model.lora import lora_parameters
+
+    d = tiny_recipe_dict(backbones)
+    d["model"]["encoder"]["lora"] = {"rank": 4, "target_modules": ["q_proj", "v_proj", "fc1"]}
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    recipe = recipe_from_dict(d)
+    model = build_model(recipe.model, torch.device("cpu"))
+    with torch.no_grad():  # B starts at zero; a trained LoRA does not
+        for p in lora_parameters(model.encoder) + lora_parameters(model.llm):
+            p.normal_(0, 0.3)
+    ckpt = save_checkpoint(model, recipe, tmp_path / "ckpt", 0, {})
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    clips = _clips()[:3]
+    want = TorchBackend.load(ckpt, "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 10, 1)
+    assert OnnxBackend.load(tmp_path / "m", "cpu").generate(clips, [1] * 3, [PROMPT] * 3, 10, 1) == want
