@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import console, friendly, stdout
@@ -38,7 +39,8 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
             empty.append(split)
     stdout.print(table)
     if empty:
-        console.print(f"[bold red]error:[/] {source}: no usable input in {', '.join(empty)}; every input was skipped:")
+        console.print(f"[bold red]error:[/] {escape(source)}: no usable input in {', '.join(empty)}; every input was skipped:",
+                      highlight=False, soft_wrap=True)  # one line whatever the terminal's width: grep-able
         _list_skipped(all_skipped)
         raise typer.Exit(2)
     if all_skipped:
@@ -51,7 +53,7 @@ def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, stric
 
 def _list_skipped(skipped: list[dict], most: int = 20) -> None:
     for s in skipped[:most]:
-        console.print(f"  {s['input']}: {s['reason']}", highlight=False, soft_wrap=True)
+        console.print(f"  {escape(str(s['input']))}: {escape(str(s['reason']))}", highlight=False, soft_wrap=True)
     if len(skipped) > most:
         console.print(f"  ... and {len(skipped) - most} more")
 

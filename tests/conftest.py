@@ -55,6 +55,16 @@ def tiny_recipe_dict(backbones: dict[str, Path], data: Path | None = None) -> di
     }
 
 
+def train_tiny(backbones: dict[str, Path], data: Path, out: Path, steps: int) -> Path:
+    """A checkpoint of the tiny recipe trained for ``steps`` without validation: what infer tests decode with."""
+    from steermoe_core.training.loop import train
+
+    d = tiny_recipe_dict(backbones, data)
+    d["data"]["valid"] = ""
+    d["train"]["max_steps"] = steps
+    return train(recipe_from_dict(d), out).model_dir
+
+
 @pytest.fixture()
 def tiny_recipe(backbones, tiny_data):
     return recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))

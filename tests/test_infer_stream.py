@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import tiny_recipe_dict, tone_clip
+from conftest import tone_clip, train_tiny
 
 from steermoe_core.inference import SteerMoE, iter_inputs
 
@@ -20,13 +20,7 @@ N_CLIPS = 300
 
 @pytest.fixture(scope="module")
 def ckpt(backbones, tiny_data, tmp_path_factory):
-    from steermoe_core.config import recipe_from_dict
-    from steermoe_core.training.loop import train
-
-    d = tiny_recipe_dict(backbones, tiny_data)
-    d["data"]["valid"] = ""
-    d["train"]["max_steps"] = 60
-    return train(recipe_from_dict(d), tmp_path_factory.mktemp("stream-run")).model_dir
+    return train_tiny(backbones, tiny_data, tmp_path_factory.mktemp("stream-run"), steps=60)
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,12 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import tiny_recipe_dict, tone_clip
+from conftest import tone_clip, train_tiny
 
 
 @pytest.fixture(scope="module")
 def ckpt(backbones, tiny_data, tmp_path_factory):
-    from steermoe_core.config import recipe_from_dict
-    from steermoe_core.training.loop import train
-
-    d = tiny_recipe_dict(backbones, tiny_data)
-    d["data"]["valid"] = ""
-    d["train"]["max_steps"] = 3
-    return train(recipe_from_dict(d), tmp_path_factory.mktemp("par-run")).model_dir
+    return train_tiny(backbones, tiny_data, tmp_path_factory.mktemp("par-run"), steps=3)
 
 
 def _cli(*args, cwd: Path) -> subprocess.CompletedProcess:

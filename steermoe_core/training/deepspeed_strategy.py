@@ -141,7 +141,12 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def close(self) -> None:
         """Leave the group, and forget the groups DeepSpeed cached from it: a second run in the same
-        process (ablate variants, tests) would otherwise broadcast over a destroyed group."""
+        process (ablate variants, tests) would otherwise broadcast over a destroyed group. The engine
+        goes first: ZeRO-3's parameter hooks and prefetch state still reference the group, and a
+        process that exits with them alive aborts ("terminate called without an active exception")."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
         super().close()
         from deepspeed.utils import groups
 
