@@ -108,6 +108,9 @@ class DDPStrategy(Strategy):
 
     def close(self) -> None:
         if dist.is_initialized():
+            # every rank done with its collectives first: a group destroyed under another rank's
+            # pending work aborts that process at exit
+            dist.barrier()
             dist.destroy_process_group()
 
 
