@@ -43,6 +43,16 @@ def reference_runs(backbones, tiny_data, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
+def test_two_ddp_processes_end_where_one_process_ends(reference_runs):
+    """Issue 12's bar for DDP: 2 gloo processes with global batch B leave the adapter one process
+    with batch B leaves, within 1e-5 (6 AdamW steps, fp32)."""
+    a = load_checkpoint(reference_runs["one"] / "model")[0].adapter_state_dict()
+    b = load_checkpoint(reference_runs["ddp"] / "model")[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_with_zero_match_ddp(backbones, tiny_data, tmp_path, stage, reference_runs):
