@@ -59,23 +59,25 @@ def predict_dataset(
 
 def evaluate(
     model: SteerMoEModel,
-    data: str | Path,
+    data: str | Path | ShardedDataset,
     recipe: Recipe,
     predictions_path: Path | None = None,
     progress: Callable[[int], None] | None = None,
     shard: Callable[[list[int]], list[int]] | None = None,
     gather: Callable[[list], list] | None = None,
+    precision: Precision | None = None,
 ) -> dict:
-    """Score ``data``. With several processes, ``shard`` gives this one its share of the examples
-    and ``gather`` collects every share (in rank order); predictions are re-sorted into dataset
-    order, so the score and the predictions file are those of one process."""
-    ds = ShardedDataset(data)
-    precision = resolve_precision(recipe.train.precision, model.device)
+    """Score ``data`` (``steermoe eval``, and validation during training). With several processes,
+    ``shard`` gives this one its share of the examples and ``gather`` collects every share (in rank
+    order); predictions are re-sorted into dataset order, so the score and the predictions file are
+    those of one process."""
+    ds = data if isinstance(data, ShardedDataset) else ShardedDataset(data)
+    precision = precision or resolve_precision(recipe.train.precision, model.device)
     preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, progress, recipe.train.seed, shard)
     if gather is not None:
         preds = sorted(gather(preds), key=lambda p: p["index"])
     summary = {
-        "data": str(data),
+        "data": str(ds.folder) if isinstance(data, ShardedDataset) else str(data),
         "examples": len(preds),
         "precision": precision.name,
         **score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]),

@@ -24,8 +24,7 @@ from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
 from steermoe_core.errors import DataError, TrainingError, UsageError
-from steermoe_core.evaluation.evaluate import predict_dataset
-from steermoe_core.evaluation.metrics import score
+from steermoe_core.evaluation.evaluate import evaluate
 from steermoe_core.model.checkpoint import (
     load_checkpoint,
     load_train_state,
@@ -141,11 +140,9 @@ def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision
     strategy = strategy or SingleDevice()
     model.eval()
     metrics = {"valid_loss": validation_loss(model, ds, recipe, precision, strategy)}
-    mine = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, seed=recipe.train.seed,
-                           shard=strategy.shard_items)
-    preds = sorted(strategy.gather(mine), key=lambda p: p["index"])
-    metrics.update(score(recipe.eval.metric, [p["reference"] for p in preds], [p["prediction"] for p in preds]))
-    metrics["valid_examples"] = len(preds)
+    summary = evaluate(model, ds, recipe, shard=strategy.shard_items, gather=strategy.gather, precision=precision)
+    metrics.update({k: v for k, v in summary.items() if k not in ("data", "examples", "precision")})
+    metrics["valid_examples"] = summary["examples"]
     model.train()
     return metrics
 
