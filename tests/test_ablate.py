@@ -58,7 +58,9 @@ def test_ablate_trains_every_variant_and_resumes_after_a_kill(recipe_file, tmp_p
     for r in results:
         assert r["steps"] == 4 and r["eval"]["examples"] == 4 and 0.0 <= r["value"]
         assert r["samples_per_s"] > 0 and r["train_wall_s"] > 0
+        assert 0.0 < r["eval_loss"] < 20.0  # teacher-forced loss on the eval set, beside the metric
     table = (out / "ablation.md").read_text()
+    assert "| eval loss |" in table
     for name in VARIANTS.split(","):
         assert f"| {name} |" in table
     assert json.loads((out / "ablation.json").read_text())["results"] == results
