@@ -18,24 +18,32 @@ def demo(
     sentences: Annotated[Optional[int], typer.Option(help="Synthesised training sentences (default: the demo's size)")] = None,
     workers: Annotated[int, typer.Option(help="Prep worker processes (0 = all cores)")] = 0,
     full: Annotated[bool, typer.Option(help="The longer run whose adapter ships with steermoe (`make demo-full`)")] = False,
+    size: Annotated[str, typer.Option(help="auto | standard | small: auto picks small where the CPU runs fp32 (no native bf16), to stay near 20 minutes")] = "auto",
 ):
     """The offline demo: synthesise data, train SteerMoE and a linear adapter, score them on held-out
     and out-of-domain speech against Whisper's own decoder, transcribe real clips."""
     import time
 
     from steermoe_core.backbones.weights import cache_root
-    from steermoe_core.demo.run import DemoConfig, full_config, run_demo
+    from steermoe_core.config import load_recipe
+    from steermoe_core.demo.run import RECIPE, full_config, run_demo, sized_config
+    from steermoe_core.runtime import pick_device, resolve_precision
 
     t0 = time.perf_counter()
+    log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
     if full:
         cfg = full_config(workdir or cache_root() / "demo-full", workers)
     else:
-        cfg = DemoConfig(workdir or cache_root() / "demo", workers=workers)
+        train = load_recipe(RECIPE).train
+        precision = resolve_precision(train.precision, pick_device(train.device))
+        cfg, why = sized_config(size, cache_root(), precision, workdir, workers)
+        log(f"size: {cfg.steps} steps of batch {cfg.batch_size or 16}, {cfg.train_sentences} training sentences, "
+            f"{cfg.valid_sentences} + {cfg.ood_sentences} held-out clips ({why}); work folder {cfg.workdir}")
     if steps is not None:
         cfg.steps = steps
     if sentences is not None:
         cfg.train_sentences = sentences
-    res = run_demo(cfg, log=lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False))
+    res = run_demo(cfg, log=log)
     t = Table(title="steermoe infer on real speech (pytest-audioeval) and a synthesised clip")
     for col in ("file", "reference", "steermoe"):
         t.add_column(col)

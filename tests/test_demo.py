@@ -27,3 +27,34 @@ def test_demo_pipeline_learns(tmp_path):
     mtime = (cfg.workdir / "steermoe" / "model" / "adapter.safetensors").stat().st_mtime_ns
     run_demo(cfg, log=lambda s: None)
     assert (cfg.workdir / "steermoe" / "model" / "adapter.safetensors").stat().st_mtime_ns == mtime
+
+
+
+def test_demo_size_follows_the_cpu(tmp_path):
+    """`make demo` stays near 20 minutes: where the recipe runs fp32 on a CPU (no native bf16, ~4x slower a
+    step), `auto` picks the small size, in its own folder; the user can still ask for either."""
+    from steermoe_core.demo.run import DemoConfig, sized_config
+    from steermoe_core.errors import UsageError
+    from steermoe_core.runtime import Precision
+
+    fp32, bf16 = Precision("fp32", "auto: CPU without native bf16"), Precision("bf16", "auto: CPU with native bf16")
+    small, why = sized_config("auto", tmp_path, fp32)
+    assert (small.steps, small.batch_size, small.ood_sentences, small.workdir) == (64, 8, 30, tmp_path / "demo-small")
+    assert "fp32" in why and "--size standard" in why
+    standard, _ = sized_config("auto", tmp_path, bf16)
+    assert standard == DemoConfig(tmp_path / "demo") and standard.steps == 200
+    assert sized_config("standard", tmp_path, fp32)[0] == standard
+    assert sized_config("small", tmp_path, bf16, workdir=tmp_path / "mine")[0].workdir == tmp_path / "mine"
+    with pytest.raises(UsageError, match="expected one of auto, standard, small"):
+        sized_config("large", tmp_path, bf16)
+
+
+def test_demo_folder_refuses_another_size(tmp_path):
+    """Every stage reuses what the folder holds: a folder made at one size must not silently serve another."""
+    from steermoe_core.demo.run import DemoConfig, _claim_workdir
+    from steermoe_core.errors import UsageError
+
+    _claim_workdir(DemoConfig(tmp_path / "d"))
+    _claim_workdir(DemoConfig(tmp_path / "d"))  # the same size again: reuse
+    with pytest.raises(UsageError, match=r"d: made by a demo of another size \(steps 200 -> 64"):
+        _claim_workdir(DemoConfig(tmp_path / "d", steps=64))

@@ -22,6 +22,8 @@ from steermoe_core.demo.text import (
     out_of_domain_sentences,
     train_sentences,
 )
+from steermoe_core.errors import UsageError
+from steermoe_core.runtime import Precision
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
@@ -48,6 +50,33 @@ class DemoConfig:
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
     eval_every: int = 0  # > 0: score the out-of-domain set every so many steps (the learning curve) and checkpoint
+
+
+SIZES = ("auto", "standard", "small")
+
+
+def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | None = None, workers: int = 0) -> tuple[DemoConfig, str]:
+    """The demo's size for this machine, and why: `make demo` promises about 20 minutes on 2 CPU cores.
+
+    A CPU without native bf16 (AVX2-only x86) runs the recipe in fp32 at about a quarter of the speed:
+    measured on a 2-core AVX2 AMD EPYC, a CTC+LLM step of batch 16 takes 19 s (about 3.5 s with bf16 on an
+    AVX512-BF16 CPU) and scoring one adapter on the standard sets 177 s, so the standard size would take
+    about 65 minutes there. ``auto`` therefore picks ``small`` wherever the recipe resolves to fp32 on a CPU:
+    a third of the steps at half the batch, half the evaluation clips. Each size has its own default
+    folder, so their data and checkpoints never mix.
+    """
+    if size not in SIZES:
+        raise UsageError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
+    why = f"--size {size}"
+    if size == "auto":
+        slow = precision.name == "fp32"
+        size = "small" if slow else "standard"
+        why = (f"auto: precision {precision.name}, about 4x slower a step than bf16 on a CPU that has it; "
+               "`--size standard` for the full-size run (about an hour on such a CPU)") if slow else f"auto: precision {precision.name}"
+    if size == "standard":
+        return DemoConfig(workdir or cache / "demo", workers=workers), why
+    return DemoConfig(workdir or cache / "demo-small", train_sentences=1500, valid_sentences=30, ood_sentences=30,
+                      steps=64, ctc_only_steps=48, batch_size=8, workers=workers), why
 
 
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
@@ -85,14 +114,12 @@ def _prep_real(out: Path, log: Log) -> None:
     log(f"real English clips: {len(items)} from pytest-audioeval")
 
 
-def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> Path:
-    from steermoe_core.training.loop import Callbacks, train
+def demo_recipe(cfg: DemoConfig, placement: str, data: Path):
+    """The recipe a demo run trains with: `recipes/demo_tiny.toml` plus the run's size and data.
 
-    run = cfg.workdir / name
-    if (run / "model" / "adapter.safetensors").exists():
-        log(f"reusing {run / 'model'}")
-        return run / "model"
-    recipe = load_recipe(cfg.recipe, [
+    Public so that a test can check the shipped adapter was trained with what `demo --full` builds today.
+    """
+    return load_recipe(cfg.recipe, [
         f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
         f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
         *([f"data.batch_size={cfg.batch_size}"] if cfg.batch_size else []),
@@ -101,6 +128,16 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
         *([f"data.valid={data / 'ood'}", f"train.eval_every={cfg.eval_every}", f"train.save_every={cfg.eval_every}"]
           if cfg.eval_every else ["train.eval_every=0"]),
     ])
+
+
+def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> Path:
+    from steermoe_core.training.loop import Callbacks, train
+
+    run = cfg.workdir / name
+    if (run / "model" / "adapter.safetensors").exists():
+        log(f"reusing {run / 'model'}")
+        return run / "model"
+    recipe = demo_recipe(cfg, placement, data)
     log(f"training {name} ({placement}) for {cfg.steps} steps")
     cb = Callbacks(on_step=lambda r: log(f"  {name} step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
     resume = (run / "checkpoints" / "latest").exists()
@@ -150,6 +187,22 @@ def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
     return out
 
 
+def _claim_workdir(cfg: DemoConfig) -> None:
+    """Every stage reuses what the folder holds, so a folder made at one size must not serve another."""
+    size = {k: getattr(cfg, k) for k in ("train_sentences", "valid_sentences", "ood_sentences", "steps",
+                                          "ctc_only_steps", "batch_size", "voices", "heldout_voices")}
+    size = json.loads(json.dumps(size))  # tuples as lists, as they read back
+    stamp = cfg.workdir / "size.json"
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        if old != size:
+            diff = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in size.items() if old.get(k) != v)
+            raise UsageError(f"{cfg.workdir}: made by a demo of another size ({diff}); pass another --workdir or delete it")
+        return
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    write_text(stamp, json.dumps(size, indent=2))
+
+
 def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
@@ -158,6 +211,7 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     from steermoe_core.training.loop import validation_loss
     from steermoe_core.training.strategy import SingleDevice
 
+    _claim_workdir(cfg)
     data = cfg.workdir / "data"
     data.mkdir(parents=True, exist_ok=True)
     _prep_synth(train_sentences(cfg.train_sentences), data / "train", list(cfg.voices), cfg.workers, log)

@@ -75,9 +75,10 @@ def default_model_path() -> Path:
         return Path(env)
     from steermoe_core.backbones.weights import cache_root
 
-    demo = cache_root() / "demo" / "steermoe" / "model"
-    if (demo / "adapter.safetensors").exists():
-        return demo
+    for size in ("demo", "demo-small"):  # `make demo`'s folder at either size (demo.run.sized_config)
+        demo = cache_root() / size / "steermoe" / "model"
+        if (demo / "adapter.safetensors").exists():
+            return demo
     raise ModelNotFound(
         "no model given: pass --model CKPT, set STEERMOE_MODEL, or run `make demo` to train the offline demo model"
     )
