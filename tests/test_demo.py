@@ -39,7 +39,7 @@ def test_demo_size_follows_the_cpu(tmp_path):
 
     fp32, bf16 = Precision("fp32", "auto: CPU without native bf16"), Precision("bf16", "auto: CPU with native bf16")
     small, why = sized_config("auto", tmp_path, fp32)
-    assert (small.steps, small.batch_size, small.ood_sentences, small.workdir) == (64, 8, 30, tmp_path / "demo-small")
+    assert (small.steps, small.batch_size, small.ood_sentences, small.workdir) == (32, 8, 24, tmp_path / "demo-small")
     assert "fp32" in why and "--size standard" in why
     standard, _ = sized_config("auto", tmp_path, bf16)
     assert standard == DemoConfig(tmp_path / "demo") and standard.steps == 200

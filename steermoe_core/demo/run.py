@@ -45,7 +45,7 @@ class DemoConfig:
     voices: tuple[str, ...] = TRAIN_VOICES
     heldout_voices: tuple[str, ...] = HELDOUT_VOICES
     workers: int = 0
-    ctc_only_steps: int = 150  # first stage: CTC alone, no LLM pass (several times faster a step)
+    ctc_only_steps: int = 150  # first stage: CTC alone, no LLM pass (several times faster a step); at most steps // 2
     batch_size: int = 0  # 0 = the recipe's (16); the CI-size test uses a smaller one
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
@@ -58,11 +58,12 @@ SIZES = ("auto", "standard", "small")
 def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | None = None, workers: int = 0) -> tuple[DemoConfig, str]:
     """The demo's size for this machine, and why: `make demo` promises about 20 minutes on 2 CPU cores.
 
-    A CPU without native bf16 (AVX2-only x86) runs the recipe in fp32 at about a quarter of the speed:
-    measured on a 2-core AVX2 AMD EPYC, a CTC+LLM step of batch 16 takes 19 s (about 3.5 s with bf16 on an
-    AVX512-BF16 CPU) and scoring one adapter on the standard sets 177 s, so the standard size would take
-    about 65 minutes there. ``auto`` therefore picks ``small`` wherever the recipe resolves to fp32 on a CPU:
-    a third of the steps at half the batch, half the evaluation clips. Each size has its own default
+    A CPU without native bf16 (AVX2-only x86) runs the recipe in fp32 at about a quarter of the speed.
+    Measured on a 2-core AVX2 AMD EPYC: per adapter, a CTC-only step of batch 16 takes 5.4 s and a
+    CTC+LLM step 19 s (about 1 s and 3.5 s with bf16 on an AVX512-BF16 CPU), scoring one adapter on the
+    standard sets 177 s; the standard size (100 + 100 such steps per adapter) would take about 90 minutes
+    there. ``auto`` therefore picks ``small`` wherever the recipe resolves to fp32 on a CPU: 32 steps (16 of
+    them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each size has its own default
     folder, so their data and checkpoints never mix.
     """
     if size not in SIZES:
@@ -72,11 +73,11 @@ def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | N
         slow = precision.name == "fp32"
         size = "small" if slow else "standard"
         why = (f"auto: precision {precision.name}, about 4x slower a step than bf16 on a CPU that has it; "
-               "`--size standard` for the full-size run (about an hour on such a CPU)") if slow else f"auto: precision {precision.name}"
+               "`--size standard` for the full-size run (about 90 minutes on such a CPU)") if slow else f"auto: precision {precision.name}"
     if size == "standard":
         return DemoConfig(workdir or cache / "demo", workers=workers), why
-    return DemoConfig(workdir or cache / "demo-small", train_sentences=1500, valid_sentences=30, ood_sentences=30,
-                      steps=64, ctc_only_steps=48, batch_size=8, workers=workers), why
+    return DemoConfig(workdir or cache / "demo-small", train_sentences=1000, valid_sentences=24, ood_sentences=24,
+                      steps=32, ctc_only_steps=16, batch_size=8, workers=workers), why
 
 
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
