@@ -27,10 +27,13 @@ def demo(
     from steermoe_core.backbones.weights import cache_root
     from steermoe_core.config import load_recipe
     from steermoe_core.demo.run import RECIPE, full_config, run_demo, sized_config
+    from steermoe_core.errors import UsageError
     from steermoe_core.runtime import pick_device, resolve_precision
 
     t0 = time.perf_counter()
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
+    if full and size != "auto":
+        raise UsageError("--size sets the short demo's size; --full has its own (`steermoe demo --full` alone)")
     if full:
         cfg = full_config(workdir or cache_root() / "demo-full", workers)
     else:

@@ -29,7 +29,6 @@ def test_demo_pipeline_learns(tmp_path):
     assert (cfg.workdir / "steermoe" / "model" / "adapter.safetensors").stat().st_mtime_ns == mtime
 
 
-
 def test_demo_size_follows_the_cpu(tmp_path):
     """`make demo` stays near 20 minutes: where the recipe runs fp32 on a CPU (no native bf16, ~4x slower a
     step), `auto` picks the small size, in its own folder; the user can still ask for either."""
@@ -58,3 +57,13 @@ def test_demo_folder_refuses_another_size(tmp_path):
     _claim_workdir(DemoConfig(tmp_path / "d"))  # the same size again: reuse
     with pytest.raises(UsageError, match=r"d: made by a demo of another size \(steps 200 -> 64"):
         _claim_workdir(DemoConfig(tmp_path / "d", steps=64))
+
+
+def test_demo_cli_refuses_a_bad_size():
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    for args, msg in ((["--size", "large"], "expected one of auto, standard, small"), (["--full", "--size", "small"], "--full has its own")):
+        r = CliRunner().invoke(app, ["demo", *args])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output

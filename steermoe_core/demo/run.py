@@ -116,10 +116,9 @@ def _prep_real(out: Path, log: Log) -> None:
 
 
 def demo_recipe(cfg: DemoConfig, placement: str, data: Path):
-    """The recipe a demo run trains with: `recipes/demo_tiny.toml` plus the run's size and data.
-
-    Public so that a test can check the shipped adapter was trained with what `demo --full` builds today.
-    """
+    """The recipe a demo run trains with: `recipes/demo_tiny.toml` plus the run's size and data (the
+    CTC-only stage is at most half of the steps). Public: an adapter shipped in ``demo/pretrained`` must
+    carry exactly the recipe `demo --full` builds."""
     return load_recipe(cfg.recipe, [
         f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
         f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
