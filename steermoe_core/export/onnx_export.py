@@ -226,11 +226,16 @@ def _to_fp16(path: Path) -> None:
 
 
 def _to_int8(path: Path) -> None:
+    """Dynamic int8 MatMuls, with 7-bit per-channel weights: the graph runs wherever it is deployed, and on
+    x86 CPUs without VNNI (AVX2, plain AVX512) onnxruntime's u8 x s8 kernels saturate full-range 8-bit
+    weights (measured on an AVX2-only CPU: audio embeddings 20% off the fp32 graph; ``reduce_range`` is
+    onnxruntime's documented remedy, ``per_channel`` wins back the lost bit)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(".int8.onnx")
     big = path.with_name(path.name + ".data").exists() or path.stat().st_size > _PROTOBUF_LIMIT
-    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], use_external_data_format=big)
+    quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True,
+                     reduce_range=True, use_external_data_format=big)
     _drop(path)
     tmp.replace(path)
 
