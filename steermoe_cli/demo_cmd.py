@@ -34,18 +34,18 @@ def demo(
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
     if full and size != "auto":
         raise UsageError("--size sets the short demo's size; --full has its own (`steermoe demo --full` alone)")
+    recipe = load_recipe(RECIPE)
     if full:
-        cfg = full_config(workdir or cache_root() / "demo-full", workers)
+        cfg, why = full_config(workdir or cache_root() / "demo-full", workers), "--full"
     else:
-        train = load_recipe(RECIPE).train
-        precision = resolve_precision(train.precision, pick_device(train.device))
+        precision = resolve_precision(recipe.train.precision, pick_device(recipe.train.device))
         cfg, why = sized_config(size, cache_root(), precision, workdir, workers)
-        log(f"size: {cfg.steps} steps of batch {cfg.batch_size or 16}, {cfg.train_sentences} training sentences, "
-            f"{cfg.valid_sentences} + {cfg.ood_sentences} held-out clips ({why}); work folder {cfg.workdir}")
     if steps is not None:
         cfg.steps = steps
     if sentences is not None:
         cfg.train_sentences = sentences
+    log(f"size: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
+        f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips ({why}); work folder {cfg.workdir}")
     res = run_demo(cfg, log=log)
     t = Table(title="steermoe infer on real speech (pytest-audioeval) and a synthesised clip")
     for col in ("file", "reference", "steermoe"):

@@ -233,9 +233,10 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     pretrained = cfg.pretrained if cfg.pretrained is not None and (cfg.pretrained / "adapter.safetensors").exists() else None
     scored = _checkpoint_stamp([steer_ckpt, linear_ckpt, pretrained])
     previous = cfg.workdir / "results.json"
-    if previous.exists() and json.loads(previous.read_text()).get("scored") == scored:
+    stored = json.loads(previous.read_text()) if previous.exists() else {}
+    if stored.get("scored") == scored:
         log(f"reusing {previous}: the same checkpoints were scored")  # scoring is minutes; the table is not
-        return json.loads(previous.read_text())
+        return stored
     steer, recipe, _ = load_checkpoint(steer_ckpt, torch.device("cpu"))
     precision = resolve_precision(recipe.train.precision, steer.device)
     log(f"precision: {precision}")
@@ -272,5 +273,5 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         "parameters": steer.parameter_counts(),
         "scored": scored,
     }
-    write_text(cfg.workdir / "results.json", json.dumps(result, indent=2))
+    write_text(previous, json.dumps(result, indent=2))
     return result
