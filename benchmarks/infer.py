@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     if args.smoke:
-        args.whisper, args.llm, args.device, args.tokens, args.batch, args.batches = "tiny", "smollm2-135m", "cpu", 16, 4, 1
+        args.whisper, args.llm, args.device, args.tokens, args.batch, args.batches = "tiny", "smoke", "cpu", 16, 4, 1
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
     print(f"precision: {precision}")

@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     if args.smoke:
-        args.whisper, args.llm, args.device, args.utterances, args.steps, args.warmup = "tiny", "smollm2-135m", "cpu", 12, 2, 1
+        args.whisper, args.llm, args.device, args.utterances, args.steps, args.warmup = "tiny", "smoke", "cpu", 12, 2, 1
         args.batch_seconds, args.batch = 60.0, 2
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)

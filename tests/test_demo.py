@@ -10,11 +10,15 @@ import pytest
 def test_demo_pipeline_learns(tmp_path):
     from steermoe_core.demo.run import DemoConfig, run_demo
 
+    # batch 2 is too noisy: its CTC loss does not fall by step 20. The linear baseline is the same training
+    # code with placement "none" (trained by the ablation tests); training and scoring it here would cost
+    # 140 of this test's 360 s on an AVX2-only CPU.
     cfg = DemoConfig(tmp_path / "demo", train_sentences=120, valid_sentences=6, ood_sentences=6, steps=40,
-                     batch_size=4, pretrained=None)  # batch 2 is too noisy: its CTC loss does not fall by step 20
+                     batch_size=4, pretrained=None, train_linear=False)
     res = run_demo(cfg, log=lambda s: None)
     wer = res["wer"]
-    assert set(wer) == {"untrained adapter", "linear-only adapter", "steermoe", "whisper tiny.en decoder"}
+    assert set(wer) == {"untrained adapter", "steermoe", "whisper tiny.en decoder"}
+    assert not (cfg.workdir / "linear").exists()
     losses = [json.loads(x)["loss"] for x in (cfg.workdir / "steermoe" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert losses[1] < 0.9 * losses[0], losses  # the CTC stage (steps 1-20) learns
     # the trained checkpoint transcribes held-out speech better than the untrained adapter
