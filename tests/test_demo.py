@@ -16,6 +16,7 @@ def test_demo_pipeline_learns(tmp_path):
     # would cost 140 s more.
     recipe = tmp_path / "demo_tiny.toml"
     recipe.write_text(RECIPE.read_text().replace("log_every = 10", "log_every = 5"))
+    assert "log_every = 5" in recipe.read_text()
     cfg = DemoConfig(tmp_path / "demo", train_sentences=120, valid_sentences=6, ood_sentences=6, steps=24,
                      batch_size=4, pretrained=None, train_linear=False, recipe=recipe)
     res = run_demo(cfg, log=lambda s: None)
