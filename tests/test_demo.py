@@ -26,7 +26,6 @@ def test_demo_pipeline_learns(tmp_path):
     rows = [json.loads(x) for x in (cfg.workdir / "steermoe" / "metrics.jsonl").read_text().splitlines()]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert losses[10] < 0.9 * losses[5], losses  # the CTC stage (steps 1-12) learns
-    # the trained checkpoint transcribes held-out speech better than the untrained adapter
     # at CI size the adapters do not transcribe yet (WER > 100%); the LLM's loss on held-out speech shows learning
     assert res["in_domain_loss"]["steermoe"] < res["in_domain_loss"]["untrained adapter"], res["in_domain_loss"]
     assert set(wer["steermoe"]) == {"in-domain", "out-of-domain", "real clips"}

@@ -187,15 +187,6 @@ def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
     return out
 
 
-def _checkpoint_stamp(folders: list[Path | None]) -> list:
-    """Which adapters a table scored: path, size and modification time of each ``adapter.safetensors``."""
-    out = []
-    for f in folders:
-        st = (f / "adapter.safetensors").stat() if f is not None else None
-        out.append(None if st is None else [str(f), st.st_size, st.st_mtime_ns])
-    return out
-
-
 def _claim_workdir(cfg: DemoConfig) -> None:
     """Every stage reuses what the folder holds, so a folder made at one size must not serve another."""
     size = {k: getattr(cfg, k) for k in ("train_sentences", "valid_sentences", "ood_sentences", "steps",
@@ -213,6 +204,7 @@ def _claim_workdir(cfg: DemoConfig) -> None:
 
 
 def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
+    from steermoe_core.backbones.weights import file_key
     from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
     from steermoe_core.model.steermoe import SteerMoEModel
@@ -231,7 +223,8 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     steer_ckpt = _train(cfg, "steermoe", "layer_wise", data, log)
     linear_ckpt = _train(cfg, "linear", "none", data, log) if cfg.train_linear else None
     pretrained = cfg.pretrained if cfg.pretrained is not None and (cfg.pretrained / "adapter.safetensors").exists() else None
-    scored = _checkpoint_stamp([steer_ckpt, linear_ckpt, pretrained])
+    # which adapters a stored table scored: each adapter.safetensors' path, size and modification time
+    scored = [None if f is None else file_key(f / "adapter.safetensors") for f in (steer_ckpt, linear_ckpt, pretrained)]
     previous = cfg.workdir / "results.json"
     stored = json.loads(previous.read_text()) if previous.exists() else {}
     if stored.get("scored") == scored:
