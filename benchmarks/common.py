@@ -13,6 +13,7 @@ from steermoe_core.config import ModelConfig
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.encoders.whisper import WhisperAudioEncoder
 from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.runtime import prefer_shape_free_attention
 from steermoe_core.testing.random_backbones import write_tokenizer
 from steermoe_core.testing.shapes import random_llm, random_whisper_encoder
 
@@ -20,7 +21,12 @@ PROMPT = "Transcribe the audio."
 TOKENS_PER_SECOND = 3.5  # LibriSpeech: about 3.5 target tokens per second of audio
 
 
-def build(whisper: str, llm: str, device: torch.device, trim: bool, experts: int = 8, attn: str = "sdpa") -> SteerMoEModel:
+def build(whisper: str, llm: str, device: torch.device, trim: bool, experts: int = 8, attn: str = "sdpa",
+          cudnn_attention: bool = False) -> SteerMoEModel:
+    """``cudnn_attention`` keeps torch's cuDNN attention on, for comparison; the product turns it off
+    on CUDA (``runtime.prefer_shape_free_attention``), and so does the benchmark by default."""
+    if not cudnn_attention:
+        prefer_shape_free_attention(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     enc = WhisperAudioEncoder(random_whisper_encoder(whisper, device, dtype, attn), trim_padding=trim)
     lm = random_llm(llm, device, dtype, attn)

@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--static-cache", action="store_true", help="static KV cache (transformers compiles the decode step)")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--cudnn-attention", action="store_true", help="keep torch's cuDNN attention on (the product turns it off on CUDA)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -62,7 +63,7 @@ def main() -> None:
     device = torch.device(args.device)
     precision = resolve_precision(args.precision, device)
     print(f"precision: {precision}")
-    model = build(args.whisper, args.llm, device, trim=True).eval()
+    model = build(args.whisper, args.llm, device, trim=True, cudnn_attention=args.cudnn_attention).eval()
     options = {"cache_implementation": "static"} if args.static_cache else {}
 
     one = make_batch([args.clip_seconds], device, None, 1)
@@ -85,7 +86,7 @@ def main() -> None:
         audio += float(sum(durs_b))
     res = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "static_cache": args.static_cache, "precision": precision.name,
+        "torch": torch.__version__, "whisper": args.whisper, "llm": args.llm, "static_cache": args.static_cache, "cudnn_attention": args.cudnn_attention, "precision": precision.name,
         "single_stream_prefill_s": prefill, "single_stream_decode_tokens_per_s": decode_tps,
         "single_stream_end_to_end_tokens_per_s": args.tokens / total,
         "batched_clips": args.batch * args.batches, "batch": args.batch, "batched_real_time_factor": audio / wall,

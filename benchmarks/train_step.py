@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--cudnn-attention", action="store_true", help="keep torch's cuDNN attention on (the product turns it off on CUDA)")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile encoder layers and LLM layers")
     ap.add_argument("--peak-tflops", type=float, default=778.0, help="measured bf16 matmul ceiling of the card")
@@ -104,7 +105,7 @@ def main() -> None:
     precision = resolve_precision(args.precision, device)
     print(f"precision: {precision}")
     trim = args.layout == "librispeech"
-    model = build(args.whisper, args.llm, device, trim)
+    model = build(args.whisper, args.llm, device, trim, cudnn_attention=args.cudnn_attention)
     model.max_target_tokens = 448
     if args.grad_ckpt:
         model.enable_gradient_checkpointing()
@@ -147,7 +148,7 @@ def main() -> None:
         "step_s": wall / len(timed), "samples_per_s": samples / wall, "audio_hours_per_hour": audio_s / wall,
         "target_tokens_per_s": tokens / wall, "peak_mem_gib": peak, "tflop_per_sample": flops / samples / 1e12,
         "achieved_tflops": flops / wall / 1e12, "mfu": flops / wall / 1e12 / args.peak_tflops,
-        "split_s": split, "grad_ckpt": args.grad_ckpt, "compile": args.compile,
+        "split_s": split, "grad_ckpt": args.grad_ckpt, "compile": args.compile, "cudnn_attention": args.cudnn_attention,
     }
     if args.layout == "librispeech":
         res["librispeech960_epoch_h"] = 281_241 / res["samples_per_s"] / 3600

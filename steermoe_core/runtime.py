@@ -35,6 +35,20 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def prefer_shape_free_attention(device: torch.device) -> None:
+    """On CUDA, switch off the cuDNN backend of ``scaled_dot_product_attention`` (flash and
+    memory-efficient attention stay on).
+
+    torch picks cuDNN attention on Hopper GPUs, and cuDNN builds an execution plan for every new
+    sequence length: about 6 ms of CPU per attention call on an H200 (torch 2.11). Speech batches
+    are length-bucketed, so nearly every training step and every decoded token has a new length.
+    Measured with ``benchmarks/train_step.py`` (see benchmarks/RESULTS.md). The switch is global to
+    the process, as torch's backend flags are.
+    """
+    if device.type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def weights_dtype(name: str, device: torch.device) -> torch.dtype:
     """dtype of the frozen backbones' weights: ``auto`` = bf16 on a GPU, fp32 on a CPU.
 

@@ -21,3 +21,13 @@ def test_benchmark_smoke(script, args, expect):
     assert r.returncode == 0, r.stderr[-2000:]
     for word in expect:
         assert word in r.stdout
+
+
+def test_gpu_only_benchmark_says_so_on_a_cpu():
+    """attention_backends.py compares CUDA attention backends: on a CPU it stops with one line, not a traceback."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run")
+    r = subprocess.run([sys.executable, str(BENCH / "attention_backends.py")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == "attention_backends.py: needs a CUDA GPU (cuDNN attention exists only there)"

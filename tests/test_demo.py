@@ -58,6 +58,22 @@ def test_demo_size_follows_the_cpu(tmp_path):
         sized_config("large", tmp_path, bf16)
 
 
+def test_full_run_uses_a_gpu_where_there_is_one_and_feeds_it_with_loader_workers(tmp_path):
+    """`make demo-full` on a GPU: one process decoding and augmenting 16 clips (~80 ms) would starve a
+    ~130 ms step; the short demo keeps the recipe's single process for its 2 CPU cores."""
+    from steermoe_core.demo.run import (
+        FULL_LOADER_WORKERS,
+        DemoConfig,
+        demo_recipe,
+        full_config,
+    )
+
+    full = demo_recipe(full_config(tmp_path / "f"), "layer_wise", tmp_path / "data")
+    assert (full.train.device, full.data.num_workers) == ("auto", FULL_LOADER_WORKERS)
+    short = demo_recipe(DemoConfig(tmp_path / "s"), "layer_wise", tmp_path / "data")
+    assert (short.train.device, short.data.num_workers) == ("auto", 0)
+
+
 def test_demo_folder_refuses_another_size(tmp_path):
     """Every stage reuses what the folder holds: a folder made at one size must not silently serve another."""
     from steermoe_core.demo.run import DemoConfig, _claim_workdir

@@ -29,6 +29,9 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the longer run `make demo-full` trains, shipped
 FULL_STEPS, FULL_CTC_ONLY_STEPS, FULL_EVAL_EVERY = 2000, 700, 250
+# on a GPU a step takes milliseconds and one process decoding and augmenting 16 clips (about 80 ms) would
+# be the bottleneck; on a CPU the 4 workers cost nothing beside a 19-second step
+FULL_LOADER_WORKERS = 4
 SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 
 
@@ -50,6 +53,7 @@ class DemoConfig:
     pretrained: Path | None = PRETRAINED  # scored beside the short run when present
     train_linear: bool = True
     eval_every: int = 0  # > 0: score the out-of-domain set every so many steps (the learning curve) and checkpoint
+    loader_workers: int = 0  # DataLoader processes; 0 = the recipe's (none: on 2 CPU cores they only compete)
 
 
 SIZES = ("auto", "standard", "small")
@@ -83,7 +87,8 @@ def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | N
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
     """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE only)."""
     return DemoConfig(workdir, train_sentences=12000, steps=FULL_STEPS, ctc_only_steps=FULL_CTC_ONLY_STEPS,
-                      workers=workers, pretrained=None, train_linear=False, eval_every=FULL_EVAL_EVERY)
+                      workers=workers, pretrained=None, train_linear=False, eval_every=FULL_EVAL_EVERY,
+                      loader_workers=FULL_LOADER_WORKERS)
 
 
 Log = Callable[[str], None]
@@ -123,6 +128,7 @@ def demo_recipe(cfg: DemoConfig, placement: str, data: Path):
         f"data.train={data / 'train'}", "data.valid=", f"train.max_steps={cfg.steps}",
         f"train.ctc_only_steps={min(cfg.ctc_only_steps, cfg.steps // 2)}",
         *([f"data.batch_size={cfg.batch_size}"] if cfg.batch_size else []),
+        *([f"data.num_workers={cfg.loader_workers}"] if cfg.loader_workers else []),
         f"model.steering.placement={placement}",
         # the curve: out-of-domain WER every eval_every steps, in the run's metrics.jsonl
         *([f"data.valid={data / 'ood'}", f"train.eval_every={cfg.eval_every}", f"train.save_every={cfg.eval_every}"]
@@ -230,7 +236,7 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
     if stored.get("scored") == scored:
         log(f"reusing {previous}: the same checkpoints were scored")  # scoring is minutes; the table is not
         return stored
-    steer, recipe, _ = load_checkpoint(steer_ckpt, torch.device("cpu"))
+    steer, recipe, _ = load_checkpoint(steer_ckpt)  # on the recipe's device: a GPU where `auto` finds one
     precision = resolve_precision(recipe.train.precision, steer.device)
     log(f"precision: {precision}")
 

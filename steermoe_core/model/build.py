@@ -11,12 +11,13 @@ from steermoe_core.config import ModelConfig
 from steermoe_core.encoders import load_encoder
 from steermoe_core.model.lora import attach_lora
 from steermoe_core.model.steermoe import SteerMoEModel
-from steermoe_core.runtime import weights_dtype
+from steermoe_core.runtime import prefer_shape_free_attention, weights_dtype
 
 
 def build_model(cfg: ModelConfig, device: torch.device, seed: int = 0, trust_remote_code: bool = False) -> SteerMoEModel:
     """``trust_remote_code`` comes from the caller (the user's flag or own recipe), never from a checkpoint."""
     quiet_transformers()
+    prefer_shape_free_attention(device)
     enc = cfg.encoder
     encoder = load_encoder(
         enc.kind, enc.path, dtype=weights_dtype(enc.dtype, device),
