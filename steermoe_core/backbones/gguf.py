@@ -111,8 +111,12 @@ def gguf_to_hf_folder(parts: list[Path]) -> Path:
         config = copy.deepcopy(quantised.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        dense.load_state_dict(quantised.state_dict(), strict=True)
+        with torch.device("meta"):  # no random init of weights that are overwritten at once (seconds at 0.5B)
+            dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        dense.load_state_dict(quantised.state_dict(), strict=True, assign=True)
+        # non-persistent buffers (rotary frequencies) stay on "meta": save_pretrained never writes them,
+        # and every load rebuilds them; a parameter left there would be a bug
+        assert not any(p.is_meta for p in dense.parameters())
         dense.generation_config = quantised.generation_config
         del quantised
         if len(parts) > 1:
