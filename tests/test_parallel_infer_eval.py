@@ -70,10 +70,15 @@ def test_eval_with_two_workers_scores_like_one_process(ckpt, tiny_data, tmp_path
 
 
 def test_workers_need_an_output_file_and_a_cpu_device(ckpt, tmp_path):
-    r = _cli("infer", str(tmp_path), "--model", str(ckpt), "--workers", "2", "--device", "cpu", cwd=tmp_path)
-    assert r.returncode == 2 and "need --out FILE" in r.stderr
-    r = _cli("infer", str(tmp_path), "--model", str(ckpt), "--workers", "2", "--out", "x.jsonl", cwd=tmp_path)
-    assert r.returncode == 2 and "--device cpu" in r.stderr
+    """Refused before anything starts, so checked in this process (two interpreter starts saved)."""
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    r = CliRunner().invoke(app, ["infer", str(tmp_path), "--model", str(ckpt), "--workers", "2", "--device", "cpu"])
+    assert r.exit_code == 2 and "need --out FILE" in r.output
+    r = CliRunner().invoke(app, ["infer", str(tmp_path), "--model", str(ckpt), "--workers", "2", "--out", "x.jsonl"])
+    assert r.exit_code == 2 and "--device cpu" in r.output
 
 
 @pytest.mark.slow
