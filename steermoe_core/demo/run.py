@@ -171,7 +171,7 @@ def _whisper_wer(encoder_path: str, ds_dir: Path) -> float:
     return word_error_rate([e.text for e in exs], hyps)
 
 
-def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
+def _infer_clips(model, precision, workdir: Path, max_new_tokens: int, log: Log) -> list[dict]:
     """What `steermoe infer` prints for the real clips and for a freshly synthesised one."""
     import soundfile as sf
 
@@ -184,7 +184,7 @@ def _infer_clips(model, precision, workdir: Path, log: Log) -> list[dict]:
     if not clip.exists():
         sf.write(clip, synthesize("Good morning everyone, the meeting starts at ten.", "flite", "slt", 1.0), 16000)
     real = sorted(Path(resolve_path(REAL_CLIPS)).glob("*.wav"))
-    results = SteerMoE(TorchBackend(model, precision)).transcribe([str(p) for p in real + [clip]], max_new_tokens=48)
+    results = SteerMoE(TorchBackend(model, precision)).transcribe([str(p) for p in real + [clip]], max_new_tokens=max_new_tokens)
     refs = {p.name: p.with_suffix(".txt").read_text().strip() for p in real}
     refs[clip.name] = "Good morning everyone, the meeting starts at ten."
     out = [{"file": Path(r.path).name, "reference": refs[Path(r.path).name], "steermoe": r.text, "rtf": r.rtf} for r in results]
@@ -261,7 +261,7 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         log(f"scored {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in table[name].items()))
     table["whisper tiny.en decoder"] = {label: _whisper_wer(recipe.model.encoder.path, path) for label, path in sets.items()}
     best = models[list(models)[-1]]
-    inferred = _infer_clips(best, precision, cfg.workdir, log)
+    inferred = _infer_clips(best, precision, cfg.workdir, recipe.eval.max_new_tokens, log)  # the recipe's decode limit, as scoring
     result = {
         "steps": cfg.steps, "train_utterances": cfg.train_sentences, "precision": str(precision),
         "wer": table,
