@@ -25,12 +25,14 @@ system-deps:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite espeak-ng >/dev/null; }
 
 # Each target prints its own total time (set-up included) at the end; pip and apt run side by side (-j2).
+# The suite runs in TEST_WORKERS pytest-xdist processes, whole modules each (see tests/conftest.py).
+TEST_WORKERS ?= 2
 test:
-	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(PY) -m pytest -q; rc=$$?; \
+	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope; rc=$$?; \
 	  echo "make test: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
 demo:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \

@@ -33,14 +33,26 @@ def write_text(path: Path | str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path | str) -> Iterator[Path]:
-    """Fill a temp folder beside ``path``; on success it replaces ``path`` in one rename."""
+def atomic_dir(path: Path | str, keep_existing: bool = False) -> Iterator[Path]:
+    """Fill a temp folder beside ``path``; on success it replaces ``path`` in one rename.
+
+    ``keep_existing``: for caches of a deterministic conversion. When several processes convert the
+    same file at once (every rank of a torchrun job on one node, parallel test workers), the first to
+    finish wins and the others drop their copy instead of swapping the folder out from under a
+    process that is already loading from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if path.exists():
+        if keep_existing:
+            try:
+                os.rename(tmp, path)  # atomic; fails when another process's copy is already there
+            except OSError:
+                if not path.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)

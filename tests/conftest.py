@@ -10,12 +10,29 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `make test` runs the suite in pytest-xdist workers, one per core (-n 2 on the 2-core CI machine): most tests are
+# single-threaded Python (tracing an ONNX export, parsing a GGUF, starting processes), so two run side by side.
+# Each worker, and every process a test starts, then keeps to its share of the cores: torch's default (every
+# core per process) would oversubscribe them, and OpenMP's spinning threads slow down badly when they are.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 from steermoe_core.config import recipe_from_dict  # noqa: E402
 from steermoe_core.data.prep.shards import Row, write_manifest, write_shard  # noqa: E402
 from steermoe_core.testing.random_backbones import write_llm, write_whisper  # noqa: E402
 
 TEXTS = ["hello world", "good morning", "the quick brown fox", "one two three"]
+
+
+# The longest modules first (seconds on the 2-core AVX2-only CPU, one worker): with --dist loadscope each module
+# runs whole on one worker (its module fixtures built once), so the last one handed out should be short.
+LONGEST_FIRST = ("test_demo.py", "test_backbone_formats.py", "test_onnx.py", "test_deepspeed.py", "test_parallel_infer_eval.py",
+                 "test_benchmarks.py", "test_infer_stream.py", "test_distributed.py", "test_bad_steps.py", "test_lora.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order otherwise
 
 
 def tone_clip(idx: int, seconds: float = 1.0) -> np.ndarray:

@@ -101,6 +101,24 @@ def test_ct2_folder_loads_as_an_encoder_and_is_cached(whisper_and_ct2, tmp_path,
     assert list((tmp_path / "ct2").iterdir()) == cached
 
 
+def test_a_conversion_finishing_second_keeps_the_first_copy(tmp_path):
+    """Every rank of a torchrun job on one node converts the same backbone at once: the folder a first
+    rank is already loading from must not be swapped out when a later one finishes."""
+    from steermoe_core.atomic import atomic_dir
+
+    out = tmp_path / "cache" / "model-key"
+    with atomic_dir(out, keep_existing=True) as late:
+        (late / "w").write_text("late")
+        with atomic_dir(out, keep_existing=True) as early:
+            (early / "w").write_text("early")
+        inode = out.stat().st_ino
+    assert (out / "w").read_text() == "early" and out.stat().st_ino == inode
+    assert [p.name for p in out.parent.iterdir()] == ["model-key"]  # the late copy is gone
+    with atomic_dir(out) as again:  # a checkpoint or an export: the newest replaces
+        (again / "w").write_text("new")
+    assert (out / "w").read_text() == "new"
+
+
 def test_fp16_model_bin_reads_as_float16(whisper_and_ct2, tmp_path):
     model, _ = whisper_and_ct2
     write_model_bin(tmp_path / "model.bin", hf_to_ct2_variables(model), dtype_code=4)

@@ -155,7 +155,7 @@ def convert_ct2_folder(folder: Path, cache: Path) -> Path:
         return out
     state, cfg = ct2_to_hf_state(read_ct2(model_bin))
     config = WhisperConfig(**cfg, **_special_ids(folder))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, keep_existing=True) as tmp:
         tensors = {k: torch.from_numpy(np.array(a, dtype=np.float32)) for k, a in state.items()}  # a writable copy
         save_file(tensors, str(tmp / "model.safetensors"))
         config.save_pretrained(tmp)

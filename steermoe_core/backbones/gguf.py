@@ -102,7 +102,7 @@ def gguf_to_hf_folder(parts: list[Path]) -> Path:
     out = cache_root() / "gguf" / _cache_name(parts)
     if (out / "config.json").exists():
         return out
-    with atomic_dir(out) as tmp, _read_once():
+    with atomic_dir(out, keep_existing=True) as tmp, _read_once():
         path = parts[0] if len(parts) == 1 else join_parts(parts, tmp / "joined.gguf")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
