@@ -71,6 +71,8 @@ def test_full_run_uses_a_gpu_where_there_is_one_and_feeds_it_with_loader_workers
 
     full = demo_recipe(full_config(tmp_path / "f"), "layer_wise", tmp_path / "data")
     assert (full.train.device, full.data.num_workers) == ("auto", FULL_LOADER_WORKERS)
+    # on a 2-core CPU a joint step takes ~19 s: a checkpoint every 50 steps, the curve every 250
+    assert (full.train.save_every, full.train.eval_every) == (50, 250)
     short = demo_recipe(DemoConfig(tmp_path / "s"), "layer_wise", tmp_path / "data")
     assert (short.train.device, short.data.num_workers) == ("auto", 0)
 
