@@ -40,7 +40,7 @@ demo:
 
 # The longer run whose adapter ships in steermoe_core/demo/pretrained/ (see README: The offline demo).
 demo-full: setup system-deps
-	$(VENV)/bin/steermoe demo --full
+	$(VENV)/bin/steermoe demo --full --ship
 
 clean:
 	rm -rf $(VENV) demo runs

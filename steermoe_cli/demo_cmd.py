@@ -19,6 +19,7 @@ def demo(
     workers: Annotated[int, typer.Option(help="Prep worker processes (0 = all cores)")] = 0,
     full: Annotated[bool, typer.Option(help="The longer run whose adapter ships with steermoe (`make demo-full`)")] = False,
     size: Annotated[str, typer.Option(help="auto | standard | small: auto picks small where the CPU runs fp32 (no native bf16), to stay near 20 minutes")] = "auto",
+    ship: Annotated[bool, typer.Option(help="With --full: copy the finished adapter into steermoe_core/demo/pretrained, where `make demo` scores it (maintainers)")] = False,
 ):
     """The offline demo: synthesise data, train SteerMoE and a linear adapter, score them on held-out
     and out-of-domain speech against Whisper's own decoder, transcribe real clips."""
@@ -26,7 +27,7 @@ def demo(
 
     from steermoe_core.backbones.weights import cache_root
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.run import RECIPE, full_config, run_demo, sized_config
+    from steermoe_core.demo.run import RECIPE, full_config, run_demo, ship_adapter, sized_config
     from steermoe_core.errors import UsageError
     from steermoe_core.runtime import pick_device, resolve_precision
 
@@ -34,6 +35,8 @@ def demo(
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
     if full and size != "auto":
         raise UsageError("--size sets the short demo's size; --full has its own (`steermoe demo --full` alone)")
+    if ship and (not full or steps is not None or sentences is not None):
+        raise UsageError("--ship copies the adapter of the full run as `make demo-full` makes it: --full, without --steps or --sentences")
     recipe = load_recipe(RECIPE)
     if full:
         cfg, why = full_config(workdir or cache_root() / "demo-full", workers), "--full"
@@ -64,4 +67,6 @@ def demo(
     stdout.print("in-domain: held-out Brown-corpus sentences, training voices; out-of-domain: Harvard sentences, "
                  "voices never trained on; real clips: pytest-audioeval's English recordings")
     stdout.print(f"precision {res['precision']}; checkpoint: {res['checkpoint']}")
+    if ship:
+        stdout.print(f"shipped: {res['checkpoint']} -> {ship_adapter(Path(res['checkpoint']))}", soft_wrap=True)
     stdout.print(f"demo: {time.perf_counter() - t0:.0f} s in total")

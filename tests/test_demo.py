@@ -2,8 +2,10 @@
 synthesised speech, both adapters trained, everything scored."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 
 @pytest.mark.slow
@@ -93,6 +95,39 @@ def test_demo_cli_refuses_a_bad_size():
 
     from steermoe_cli.main import app
 
-    for args, msg in ((["--size", "large"], "expected one of auto, standard, small"), (["--full", "--size", "small"], "--full has its own")):
+    for args, msg in ((["--size", "large"], "expected one of auto, standard, small"), (["--full", "--size", "small"], "--full has its own"),
+                      (["--ship"], "--ship copies the adapter of the full run"), (["--full", "--ship", "--steps", "9"], "without --steps")):
         r = CliRunner().invoke(app, ["demo", *args])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+
+
+def test_ship_takes_only_the_finished_full_run(tmp_path):
+    """`make demo-full` copies its adapter into demo/pretrained: only the recipe `demo --full` builds
+    (data folders aside), trained to the last step, so the README's shipped figure is reproducible."""
+    from safetensors.torch import save_file
+
+    from steermoe_core.config import dump_recipe
+    from steermoe_core.demo.run import FULL_STEPS, SHIPPED_FILES, demo_recipe, full_config, ship_adapter
+    from steermoe_core.errors import CheckpointError
+
+    def model_dir(name, step=FULL_STEPS, placement="layer_wise", **cfg_kw):
+        d = tmp_path / name
+        d.mkdir()
+        cfg = full_config(tmp_path / "elsewhere")
+        for k, v in cfg_kw.items():
+            setattr(cfg, k, v)
+        (d / "recipe.toml").write_text(dump_recipe(demo_recipe(cfg, placement, Path("/trainer/machine/data"))))
+        (d / "meta.json").write_text(json.dumps({"step": step}))
+        save_file({"projector.weight": torch.ones(2, 2)}, str(d / "adapter.safetensors"))
+        return d
+
+    dest = ship_adapter(model_dir("ok"), tmp_path / "pretrained")
+    assert sorted(p.name for p in dest.iterdir()) == sorted(SHIPPED_FILES)
+    assert (dest / "meta.json").read_bytes() == (tmp_path / "ok" / "meta.json").read_bytes()
+    with pytest.raises(CheckpointError, match="stopped at step 1000, not the full run's 2000"):
+        ship_adapter(model_dir("early", step=1000), tmp_path / "p2")
+    with pytest.raises(CheckpointError, match=r"not the adapter `steermoe demo --full` trains: .*train.max_steps 200 \(want 2000\)"):
+        ship_adapter(model_dir("short", steps=200, ctc_only_steps=100), tmp_path / "p3")
+    with pytest.raises(CheckpointError, match=r"model.steering.*placement"):
+        ship_adapter(model_dir("linear", placement="none"), tmp_path / "p4")
+    assert not (tmp_path / "p2").exists() and not (tmp_path / "p3").exists()

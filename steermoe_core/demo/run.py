@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from steermoe_core.atomic import write_text
+from steermoe_core.atomic import atomic_file, write_text
 from steermoe_core.config import load_recipe
 from steermoe_core.demo.text import (
     HELDOUT_VOICES,
@@ -96,6 +96,35 @@ def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
 
 
 Log = Callable[[str], None]
+SHIPPED_FILES = ("adapter.safetensors", "meta.json", "recipe.toml")
+
+
+def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
+    """Copy `make demo-full`'s finished adapter into ``demo/pretrained``, where `make demo` scores it beside
+    its own short run and the package carries it. Refused unless it is that run's: the recipe `demo --full`
+    builds (data folders aside, they are the trainer's machine's) trained to its last step, so the README's
+    figure is reproducible with one documented command."""
+    from dataclasses import asdict
+
+    from steermoe_core.errors import CheckpointError
+    from steermoe_core.model.checkpoint import read_checkpoint
+
+    recipe, meta, _ = read_checkpoint(model_dir)
+    want = demo_recipe(full_config(model_dir), "layer_wise", Path(recipe.data.train).parent)
+    for section in ("model", "data", "train", "eval"):
+        have, need = asdict(getattr(recipe, section)), asdict(getattr(want, section))
+        diff = [f"{section}.{k} {have.get(k)!r} (want {need[k]!r})" for k in need
+                if have.get(k) != need[k] and (section, k) not in (("data", "train"), ("data", "valid"))]
+        if diff:
+            raise CheckpointError(f"{model_dir}: not the adapter `steermoe demo --full` trains: " + ", ".join(diff))
+    if meta.get("step") != FULL_STEPS:
+        raise CheckpointError(f"{model_dir}: stopped at step {meta.get('step')}, not the full run's {FULL_STEPS}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        blob = (model_dir / name).read_bytes()
+        with atomic_file(dest / name) as f:
+            f.write(blob)
+    return dest
 
 
 def _prep_synth(texts: list[str], out: Path, voices: list[str], workers: int, log: Log) -> None:
