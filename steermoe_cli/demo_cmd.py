@@ -27,7 +27,13 @@ def demo(
 
     from steermoe_core.backbones.weights import cache_root
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.run import RECIPE, full_config, run_demo, ship_adapter, sized_config
+    from steermoe_core.demo.run import (
+        RECIPE,
+        full_config,
+        run_demo,
+        ship_adapter,
+        sized_config,
+    )
     from steermoe_core.errors import UsageError
     from steermoe_core.runtime import pick_device, resolve_precision
 

@@ -107,7 +107,13 @@ def test_ship_takes_only_the_finished_full_run(tmp_path):
     from safetensors.torch import save_file
 
     from steermoe_core.config import dump_recipe
-    from steermoe_core.demo.run import FULL_STEPS, SHIPPED_FILES, demo_recipe, full_config, ship_adapter
+    from steermoe_core.demo.run import (
+        FULL_STEPS,
+        SHIPPED_FILES,
+        demo_recipe,
+        full_config,
+        ship_adapter,
+    )
     from steermoe_core.errors import CheckpointError
 
     def model_dir(name, step=FULL_STEPS, placement="layer_wise", **cfg_kw):
