@@ -24,8 +24,8 @@ from steermoe_core.testing.random_backbones import write_llm, write_whisper  # n
 TEXTS = ["hello world", "good morning", "the quick brown fox", "one two three"]
 
 
-# The longest modules first (seconds on the 2-core AVX2-only CPU, one worker): with --dist loadscope each module
-# runs whole on one worker (its module fixtures built once), so the last one handed out should be short.
+# The longest modules first, by their time on the 2-core AVX2-only CPU: with --dist loadscope each module runs
+# whole on one worker (its module fixtures built once), so the last one handed out should be short.
 LONGEST_FIRST = ("test_demo.py", "test_backbone_formats.py", "test_onnx.py", "test_deepspeed.py", "test_parallel_infer_eval.py",
                  "test_benchmarks.py", "test_infer_stream.py", "test_distributed.py", "test_bad_steps.py", "test_lora.py")
 

