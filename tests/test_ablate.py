@@ -83,7 +83,7 @@ def test_cli_ablate_reuses_finished_variants(recipe_file, tmp_path):
     assert r.exit_code == 2 and "finished with 2 steps" in r.output
 
 
-def test_variants_take_lora_only_when_they_ask_and_checkpoint_mid_run(backbones, tiny_data):
+def test_variants_take_lora_and_vocab_posterior_only_when_they_ask_and_checkpoint_mid_run(backbones, tiny_data):
     from conftest import tiny_recipe_dict
 
     from steermoe_core.config import recipe_from_dict
@@ -93,10 +93,11 @@ def test_variants_take_lora_only_when_they_ask_and_checkpoint_mid_run(backbones,
     d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
     d["train"].update(lr_lora=5e-3, save_every=1000)
     base = recipe_from_dict(d)
-    v = {x.name: x for x in parse_variants("linear,layer_wise,encoder_lora,llm_lora", base)}
-    for name in ("linear", "layer_wise"):
+    v = {x.name: x for x in parse_variants("linear,layer_wise,encoder_lora,llm_lora,vocab_posterior", base)}
+    for name in ("linear", "layer_wise", "vocab_posterior"):
         r = variant_recipe(base, v[name], 8)
         assert r.model.encoder.lora is None and r.model.llm.lora is None and r.train.lr_lora == 0.0
+        assert r.model.projector.vocab_posterior == (name == "vocab_posterior")
     enc = variant_recipe(base, v["encoder_lora"], 8)
     assert enc.model.encoder.lora is not None and enc.model.llm.lora is None and enc.train.lr_lora == 5e-3
     llm = variant_recipe(base, v["llm_lora"], 8)

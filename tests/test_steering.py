@@ -102,3 +102,24 @@ def test_variants_change_the_counts():
     assert count_adapter_parameters(32, 1280, 3584, cfg)["total"] == 1280 * 3584 + 3584
     cfg.projector.pooling = "stack"
     assert count_adapter_parameters(32, 1280, 3584, cfg)["projector"] == 4 * 1280 * 3584 + 3584
+
+
+def test_vocab_posterior_feeds_the_llm_mixtures_of_its_own_embeddings():
+    """A confident token reads as the LLM's own embedding of that word; an unsure one as a weighted
+    mean of its candidates; the option adds no parameters and off it passes tokens through."""
+    from steermoe_core.config import ProjectorConfig
+    from steermoe_core.model.adapter import Adapter
+
+    torch.manual_seed(2)
+    vocab = torch.randn(50, 16)
+    on = Adapter(2, 8, 16, ModelConfig(projector=ProjectorConfig(vocab_posterior=True)))
+    off = Adapter(2, 8, 16, ModelConfig())
+    assert on.parameter_counts() == off.parameter_counts()
+    confident = 20.0 * vocab[[7, 3]]  # dot product with its own row dominates every other
+    torch.testing.assert_close(on.llm_inputs(confident[None], vocab)[0], vocab[[7, 3]], atol=1e-3, rtol=0)
+    unsure = torch.randn(1, 4, 16, requires_grad=True)
+    mixed = on.llm_inputs(unsure, vocab)
+    torch.testing.assert_close(mixed, torch.softmax(unsure @ vocab.T, -1) @ vocab)
+    mixed.sum().backward()
+    assert unsure.grad.abs().sum() > 0  # the LLM's loss reaches the projector through the softmax
+    assert off.llm_inputs(unsure, vocab) is unsure

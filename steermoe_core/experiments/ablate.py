@@ -58,6 +58,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "per_layer_router": ("SteerMoE with a separate router per layer", ["model.steering.placement=layer_wise", "model.steering.router=per_layer"]),
     "encoder_lora": ("LoRA on the encoder + linear adapter (the paper's baseline)", ["model.steering.placement=none"]),
     "llm_lora": ("SteerMoE + LoRA on the LLM", STEERMOE),
+    "vocab_posterior": ("SteerMoE, the LLM reading mixtures of its own embeddings (model.projector.vocab_posterior)",
+                        [*STEERMOE, "model.projector.vocab_posterior=true"]),
 }
 # name=value variants: SteerMoE with one steering field changed
 PARAMETRIC: dict[str, tuple[str, type]] = {

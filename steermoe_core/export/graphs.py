@@ -1,7 +1,7 @@
 """The two exported graphs as plain modules over the model's own parts (no second implementation).
 
 ``AudioTower``: features + lengths -> audio tokens, through the encoder's ``forward_layers`` with
-the adapter's steering hook, the final norm, pooling and the projector: exactly ``encode_audio``
+the adapter's steering hook, the final norm, pooling, the projector (and ``vocab_posterior``'s mixture): exactly ``encode_audio``
 minus the feature front end (which the backend computes in numpy).
 
 ``Decoder``: one step of the frozen LLM with an explicit KV cache, flattened to tensors so that
@@ -23,11 +23,14 @@ class AudioTower(nn.Module):
     def __init__(self, model: SteerMoEModel):
         super().__init__()
         self.encoder, self.adapter = model.encoder, model.adapter
+        # the LLM's embedding table enters the graph only when the adapter mixes it (``vocab_posterior``)
+        self.vocab = model.llm.get_input_embeddings().weight if model.cfg.projector.vocab_posterior else None
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
         x, mask = self.encoder.forward_layers(features, feature_lengths, hook=self.adapter.layer_hook)
         x = self.adapter.after_encoder(x, mask)
-        return self.adapter.project(self.encoder.final_norm(x), mask)
+        tokens = self.adapter.project(self.encoder.final_norm(x), mask)
+        return tokens if self.vocab is None else self.adapter.llm_inputs(tokens, self.vocab)
 
 
 def frame_multiple(stride: int) -> int:

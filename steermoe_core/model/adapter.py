@@ -24,6 +24,7 @@ class Adapter(nn.Module):
     def __init__(self, num_layers: int, dim: int, hidden: int, cfg: ModelConfig):
         super().__init__()
         self.placement, self.pooling, self.stride = cfg.steering.placement, cfg.projector.pooling, cfg.projector.stride
+        self.vocab_posterior = cfg.projector.vocab_posterior
         n = num_layers if self.placement == "layer_wise" else 1
         self.steering = None if self.placement == "none" else SteeringMoE(n, dim, cfg.steering)
         self.projector = nn.Linear(dim * self.stride if self.pooling == "stack" else dim, hidden)
@@ -38,9 +39,22 @@ class Adapter(nn.Module):
         return self.steering(0, x, mask) if self.placement == "post_encoder" else x
 
     def project(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Final-normed (B, T, D) frames -> (B, ceil(T/k), H) audio tokens for the LLM."""
+        """Final-normed (B, T, D) frames -> (B, ceil(T/k), H) audio tokens (what the CTC loss reads)."""
         pooled, _ = pool_frames(z, mask, self.stride, self.pooling)
         return self.projector(pooled)
+
+    def llm_inputs(self, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+        """What the LLM reads for each audio token: the token itself, or (``vocab_posterior``) the
+        mixture of the LLM's (V, H) input embeddings ``vocab`` under softmax(token . vocab).
+
+        A frozen LLM has only ever read its own embeddings; a mixture of them, peaked on the word the
+        CTC loss found, is text it already understands, where a raw projected vector is a foreign input
+        it must first learn to read (hundreds of LLM steps on a CPU). The softmax runs in fp32.
+        """
+        if not self.vocab_posterior:
+            return tokens
+        vocab = vocab.to(tokens.dtype)
+        return (tokens @ vocab.T).float().softmax(-1).to(tokens.dtype) @ vocab
 
     @torch.no_grad()
     def init_projector(self, target_rms: float) -> None:

@@ -106,15 +106,19 @@ class SteerMoEModel(nn.Module):
         """Audio tokens per clip, from sample counts alone (host arithmetic, no device sync)."""
         return pooled_lengths(self.encoder.output_lengths(lengths), self.cfg.projector.stride).tolist()
 
-    def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(B, S) waveforms -> (B, T', H) audio embeddings (padded positions are garbage-free zeros)."""
+    def audio_tokens(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, T', H) projected audio tokens, before ``vocab_posterior`` (the CTC loss's input)."""
         feats, feat_lengths = self.encoder.features(waves, lengths)
         x, mask = self.encoder.forward_layers(feats, feat_lengths, hook=self.adapter.layer_hook)
         x = self.adapter.after_encoder(x, mask)
         return self.adapter.project(self.encoder.final_norm(x), mask)
 
+    def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, S) waveforms -> (B, T', H) what the LLM reads for the audio (rows past a clip's length are padding)."""
+        return self.adapter.llm_inputs(self.audio_tokens(waves, lengths), self.llm.get_input_embeddings().weight)
+
     def _embed(self, batch: AudioBatch, targets: list[str] | None):
-        audio = self.encode_audio(batch.waves, batch.lengths)
+        audio = self.audio_tokens(batch.waves, batch.lengths)
         per_clip = self.audio_token_counts(batch.lengths)
         src_index = source_index(per_clip, audio.shape[1])  # clip-major, so windows stay in order
         groups = batch.clips_per_example or [1] * len(per_clip)
@@ -125,7 +129,7 @@ class SteerMoEModel(nn.Module):
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(to_device(lb.input_ids, dev))
         b, s, h = embeds.shape
-        src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))
+        src = self.adapter.llm_inputs(audio, emb_layer.weight).reshape(-1, h).index_select(0, to_device(src_index, dev))
         flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
         return flat.view(b, s, h), lb, audio, per_clip
 
@@ -154,7 +158,7 @@ class SteerMoEModel(nn.Module):
 
     def _ctc_only_forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
         """Stage one of a CTC curriculum: the audio side and the embedding table only, no LLM pass."""
-        audio = self.encode_audio(batch.waves, batch.lengths)
+        audio = self.audio_tokens(batch.waves, batch.lengths)
         ids = self.ctc_targets(batch.targets)
         ctc = self.ctc_loss(audio, self.audio_token_counts(batch.lengths), ids)
         aux = self.adapter.aux_loss
