@@ -49,14 +49,14 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     batch.waves = batch.waves.to(device, non_blocking=True)
     sync(device)
     times["data_h2d"] = time.perf_counter() - t
-    real_encode = model.encode_audio
+    real_encode = model.audio_tokens  # what the loss's forward calls for the audio side
     t = time.perf_counter()
     with autocast(device, precision):
         audio = real_encode(batch.waves, batch.lengths)
     sync(device)
     times["encoder_steering_fwd"] = time.perf_counter() - t
     leaf = audio.detach().requires_grad_()
-    model.encode_audio = lambda *a: leaf
+    model.audio_tokens = lambda *a: leaf
     t = time.perf_counter()
     with autocast(device, precision):
         out = model(batch)
@@ -70,7 +70,7 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     audio.backward(leaf.grad)
     sync(device)
     times["encoder_steering_bwd"] = time.perf_counter() - t
-    model.encode_audio = real_encode
+    del model.audio_tokens  # the instance attribute shadowed the method
     t = time.perf_counter()
     SingleDevice().optimizer_step(opt, 1.0)
     sync(device)
