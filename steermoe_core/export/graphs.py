@@ -1,8 +1,9 @@
 """The two exported graphs as plain modules over the model's own parts (no second implementation).
 
 ``AudioTower``: features + lengths -> audio tokens, through the encoder's ``forward_layers`` with
-the adapter's steering hook, the final norm, pooling, the projector (and ``vocab_posterior``'s mixture): exactly ``encode_audio``
-minus the feature front end (which the backend computes in numpy).
+the adapter's steering hook, the final norm, pooling, the projector and (``vocab_posterior``) the
+mixture of the LLM's embeddings: exactly ``encode_audio`` minus the feature front end (which the
+backend computes in numpy).
 
 ``Decoder``: one step of the frozen LLM with an explicit KV cache, flattened to tensors so that
 runtimes see ``past_key_i``/``past_value_i`` inputs and ``present_key_i``/``present_value_i``

@@ -47,9 +47,10 @@ class Adapter(nn.Module):
         """What the LLM reads for each audio token: the token itself, or (``vocab_posterior``) the
         mixture of the LLM's (V, H) input embeddings ``vocab`` under softmax(token . vocab).
 
-        A frozen LLM has only ever read its own embeddings; a mixture of them, peaked on the word the
-        CTC loss found, is text it already understands, where a raw projected vector is a foreign input
-        it must first learn to read (hundreds of LLM steps on a CPU). The softmax runs in fp32.
+        The idea (LegoSLM): a frozen LLM has only ever read its own embeddings, and a mixture of them
+        peaked on the word the CTC loss found reads like text, where a raw projected vector is an input
+        it must first learn to read. Measured on the demo it learned no faster (README: *The offline
+        demo*), so it is an option, off by default. The softmax runs in fp32.
         """
         if not self.vocab_posterior:
             return tokens
