@@ -129,7 +129,8 @@ class SteerMoEModel(nn.Module):
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(to_device(lb.input_ids, dev))
         b, s, h = embeds.shape
-        src = self.adapter.llm_inputs(audio, emb_layer.weight).reshape(-1, h).index_select(0, to_device(src_index, dev))
+        src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))  # real tokens only: padding is never mixed
+        src = self.adapter.llm_inputs(src, emb_layer.weight)
         flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
         return flat.view(b, s, h), lb, audio, per_clip
 
