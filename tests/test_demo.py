@@ -15,8 +15,8 @@ def test_demo_pipeline_learns(tmp_path):
     # Sized for under 5 minutes on a 2-core AVX2-only CPU (fp32), where a CTC+LLM step of batch 4 takes 4.5 s:
     # 20 steps, the first 10 CTC-only, logged every 5 (141 s alone there; 24 steps took 157 s). Batch 2 is too
     # noisy for the CTC loss to fall. The linear baseline is the same training code with placement "none" (the
-    # ablation tests train it); here it would cost 140 s more. Scoring decodes at most 16 tokens (the recipe's 48): adapters this young ramble to
-    # the limit, and each adapter's scoring took 35 s at 48.
+    # ablation tests train it); here it would cost 140 s more. Scoring decodes at most 16 tokens (the recipe's
+    # 48): adapters this young ramble to the limit, and each adapter's scoring took 35 s at 48.
     recipe = tmp_path / "demo_tiny.toml"
     recipe.write_text(RECIPE.read_text().replace("log_every = 10", "log_every = 5").replace("max_new_tokens = 48", "max_new_tokens = 16"))
     assert "log_every = 5" in recipe.read_text() and "max_new_tokens = 16" in recipe.read_text()
