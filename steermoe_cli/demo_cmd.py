@@ -62,7 +62,7 @@ def demo(
     for r in res["transcripts"]:
         t.add_row(r["file"], r["reference"], r["steermoe"])
     stdout.print(t)
-    t = Table(title=f"WER, normalised (lower is better); short run: {res['steps']} steps on {res['train_utterances']} sentences")
+    t = Table(title=f"WER, normalised (lower is better); {'full' if full else 'short'} run: {res['steps']} steps on {res['train_utterances']} sentences")
     sets = list(next(iter(res["wer"].values())))
     t.add_column("model")
     for s in sets:

@@ -226,3 +226,22 @@ def test_qwen_from_six_wheel_parts_speaks_chinese_through_its_chat_template(tmp_
                              do_sample=False, eos_token_id=layout.stop_ids, pad_token_id=layout.pad_id)
     answer = tok.decode(out[0, batch.input_ids.shape[1]:], skip_special_tokens=True)
     assert sum("\u4e00" <= c <= "\u9fff" for c in answer) >= 2, answer
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    """Checkpoints, transcripts and exports go through a temp file and a rename: they must be as readable as
+    a plain open() or mkdir() makes them (0644 / 0755 under umask 022), not mkstemp's owner-only 0600."""
+    import os
+    import stat
+
+    from steermoe_core.atomic import atomic_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.json", "{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755

@@ -99,11 +99,10 @@ Log = Callable[[str], None]
 SHIPPED_FILES = ("adapter.safetensors", "meta.json", "recipe.toml")
 
 
-def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
-    """Copy `make demo-full`'s finished adapter into ``demo/pretrained``, where `make demo` scores it beside
-    its own short run and the package carries it. Refused unless it is that run's: the recipe `demo --full`
-    builds (data folders aside, they are the trainer's machine's) trained to its last step, so the README's
-    figure is reproducible with one documented command."""
+def check_full_run(model_dir: Path) -> dict:
+    """Raise unless ``model_dir`` holds the adapter `steermoe demo --full` trains: its recipe (data folders
+    aside, they are the trainer's machine's) trained to the last step. Returns its meta.json. Only such an
+    adapter ships, so the README's shipped figure is reproducible with one documented command."""
     from dataclasses import asdict
 
     from steermoe_core.errors import CheckpointError
@@ -119,6 +118,13 @@ def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
             raise CheckpointError(f"{model_dir}: not the adapter `steermoe demo --full` trains: " + ", ".join(diff))
     if meta.get("step") != FULL_STEPS:
         raise CheckpointError(f"{model_dir}: stopped at step {meta.get('step')}, not the full run's {FULL_STEPS}")
+    return meta
+
+
+def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
+    """Copy `make demo-full`'s finished adapter into ``demo/pretrained``, where `make demo` scores it beside
+    its own short run and the package carries it; anything `check_full_run` refuses is not copied."""
+    check_full_run(model_dir)
     dest.mkdir(parents=True, exist_ok=True)
     for name in SHIPPED_FILES:
         blob = (model_dir / name).read_bytes()
