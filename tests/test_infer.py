@@ -112,9 +112,13 @@ def test_expand_inputs_keeps_order_and_reads_globs(clips):
     assert got[0] == long_wav and [p.name for p in got[1:3]] == ["c0.wav", "corrupt.wav"] and len(got) == 1 + 2 + 5
 
 
-def test_without_a_model_the_error_says_how_to_get_one(monkeypatch, tmp_path):
+def test_without_a_model_infer_takes_the_shipped_adapter_else_says_how_to_get_one(monkeypatch, tmp_path):
+    from steermoe_core.inference import api
+
     monkeypatch.delenv("STEERMOE_MODEL", raising=False)
     monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
+    assert api.default_model_path() == api.SHIPPED_MODEL  # `make demo-full`'s, ahead of a short demo run
+    monkeypatch.setattr(api, "SHIPPED_MODEL", tmp_path / "not-installed")
     r = runner.invoke(app, ["infer", str(tmp_path)])
     assert r.exit_code == 2
     r = runner.invoke(app, ["infer", __file__])

