@@ -47,8 +47,8 @@ def demo(
     if full:
         cfg, why = full_config(workdir or cache_root() / "demo-full", workers), "--full"
     else:
-        precision = resolve_precision(recipe.train.precision, pick_device(recipe.train.device))
-        cfg, why = sized_config(size, cache_root(), precision, workdir, workers)
+        device = pick_device(recipe.train.device)
+        cfg, why = sized_config(size, cache_root(), resolve_precision(recipe.train.precision, device), workdir, workers, device)
     if steps is not None:
         cfg.steps = steps
     if sentences is not None:

@@ -72,6 +72,14 @@ def _cpu_flags() -> set[str] | None:
     return set()
 
 
+def cpu_has_amx() -> bool:
+    """True where oneDNN runs bf16 matmuls on AMX tiles (Intel Sapphire Rapids and later): about 4x fp32,
+    against about 2x on AVX512-BF16 alone (a 512x576x1536 linear on a 2-core AMD EPYC: fp32 5.2 ms, bf16
+    2.4 ms). Callers that size work to a time budget need the difference."""
+    flags = _cpu_flags()
+    return cpu_has_native_bf16() and flags is not None and "amx_bf16" in flags
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True only when oneDNN will run bf16 matmuls on real bf16 instructions.

@@ -42,9 +42,11 @@ def test_demo_pipeline_learns(tmp_path):
     assert any("results.json: the same checkpoints were scored" in line for line in logs), logs
 
 
-def test_demo_size_follows_the_cpu(tmp_path):
-    """`make demo` stays near 20 minutes: where the recipe runs fp32 on a CPU (no native bf16, ~4x slower a
-    step), `auto` picks the small size, in its own folder; the user can still ask for either."""
+def test_demo_size_follows_the_cpu(tmp_path, monkeypatch):
+    """`make demo` stays within 20 minutes: the standard size only runs by itself on a GPU or where bf16 runs
+    on AMX; on a CPU with fp32 (~4x slower a step) or with bf16 but no AMX (~2x slower) `auto` picks the small
+    size, in its own folder; the user can still ask for either."""
+    from steermoe_core import runtime
     from steermoe_core.demo.run import DemoConfig, sized_config
     from steermoe_core.errors import UsageError
     from steermoe_core.runtime import Precision
@@ -53,8 +55,14 @@ def test_demo_size_follows_the_cpu(tmp_path):
     small, why = sized_config("auto", tmp_path, fp32)
     assert (small.steps, small.batch_size, small.ood_sentences, small.workdir) == (32, 8, 24, tmp_path / "demo-small")
     assert "fp32" in why and "--size standard" in why
-    standard, _ = sized_config("auto", tmp_path, bf16)
-    assert standard == DemoConfig(tmp_path / "demo") and standard.steps == 200
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    small, why = sized_config("auto", tmp_path, bf16)
+    assert small.steps == 32 and "without AMX" in why and "--size standard" in why
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: True)
+    standard, why = sized_config("auto", tmp_path, bf16)
+    assert standard == DemoConfig(tmp_path / "demo") and standard.steps == 200 and why == "auto: precision bf16 on AMX"
+    monkeypatch.setattr(runtime, "cpu_has_amx", lambda: False)
+    assert sized_config("auto", tmp_path, bf16, device=torch.device("cuda"))[0] == standard
     assert sized_config("standard", tmp_path, fp32)[0] == standard
     assert sized_config("small", tmp_path, bf16, workdir=tmp_path / "mine")[0].workdir == tmp_path / "mine"
     with pytest.raises(UsageError, match="expected one of auto, standard, small"):

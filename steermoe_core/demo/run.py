@@ -64,25 +64,34 @@ class DemoConfig:
 SIZES = ("auto", "standard", "small")
 
 
-def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | None = None, workers: int = 0) -> tuple[DemoConfig, str]:
-    """The demo's size for this machine, and why: `make demo` promises about 20 minutes on 2 CPU cores.
+def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | None = None, workers: int = 0,
+                 device: torch.device = torch.device("cpu")) -> tuple[DemoConfig, str]:
+    """The demo's size for this machine, and why: `make demo` promises at most 20 minutes on 2 CPU cores.
 
-    A CPU without native bf16 (AVX2-only x86) runs the recipe in fp32 at about a quarter of the speed.
-    Measured on a 2-core AVX2 AMD EPYC: per adapter, a CTC-only step of batch 16 takes 5.4 s and a
-    CTC+LLM step 19 s (about 1 s and 3.5 s with bf16 on an AVX512-BF16 CPU), scoring one adapter on the
-    standard sets 177 s; the standard size (100 + 100 such steps per adapter) would take about 90 minutes
-    there. ``auto`` therefore picks ``small`` wherever the recipe resolves to fp32 on a CPU: 32 steps (16 of
-    them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each size has its own default
-    folder, so their data and checkpoints never mix.
+    Measured per adapter, a CTC-only step of batch 16 and a CTC+LLM one: 5.4 s and 19 s in fp32 on a
+    2-core AVX2-only AMD EPYC; 1.5 s and 5.5 s in bf16 on a 2-core AMD EPYC with AVX512-BF16 but no AMX,
+    where the standard size (100 + 100 such steps per adapter, two adapters, then scoring four) took
+    about 32 minutes; about 1 s and 2-3.5 s on an AVX512-BF16 CPU with AMX, where it took 19. ``auto``
+    therefore runs the standard size on a GPU or a CPU with AMX, and ``small`` on every other CPU: 32
+    steps (16 of them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each size
+    has its own default folder, so their data and checkpoints never mix.
     """
+    from steermoe_core.runtime import cpu_has_amx
+
     if size not in SIZES:
         raise UsageError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
     why = f"--size {size}"
     if size == "auto":
-        slow = precision.name == "fp32"
-        size = "small" if slow else "standard"
-        why = (f"auto: precision {precision.name}, about 4x slower a step than bf16 on a CPU that has it; "
-               "`--size standard` for the full-size run (about 90 minutes on such a CPU)") if slow else f"auto: precision {precision.name}"
+        fast = device.type != "cpu" or (precision.name == "bf16" and cpu_has_amx())
+        size = "standard" if fast else "small"
+        if fast:
+            why = f"auto: precision {precision.name} on {'AMX' if device.type == 'cpu' else device.type}"
+        elif precision.name == "fp32":
+            why = ("auto: precision fp32, about 4x slower a step than bf16 on a CPU that has it; "
+                   "`--size standard` for the full-size run (about 90 minutes on such a CPU)")
+        else:
+            why = ("auto: precision bf16 on a CPU without AMX, about 2x slower a step than with it; "
+                   "`--size standard` for the full-size run (about 32 minutes on such a CPU)")
     if size == "standard":
         return DemoConfig(workdir or cache / "demo", workers=workers), why
     return DemoConfig(workdir or cache / "demo-small", train_sentences=1000, valid_sentences=24, ood_sentences=24,
