@@ -70,11 +70,11 @@ def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | N
 
     Measured per adapter, a CTC-only step of batch 16 and a CTC+LLM one: 5.4 s and 19 s in fp32 on a
     2-core AVX2-only AMD EPYC; 1.5 s and 5.5 s in bf16 on a 2-core AMD EPYC with AVX512-BF16 but no AMX,
-    where the standard size (100 + 100 such steps per adapter, two adapters, then scoring four) took
-    about 32 minutes; about 1 s and 2-3.5 s on an AVX512-BF16 CPU with AMX, where it took 19. ``auto``
-    therefore runs the standard size on a GPU or a CPU with AMX, and ``small`` on every other CPU: 32
-    steps (16 of them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each size
-    has its own default folder, so their data and checkpoints never mix.
+    where the standard size (100 + 100 such steps per adapter, two adapters, then scoring four) would
+    take about 32 minutes; about 1 s and 2-3.5 s where bf16 ran 4x faster than fp32 (AMX), and it took 19.
+    ``auto`` therefore runs the standard size on a GPU or a CPU with AMX, and ``small`` on every other CPU:
+    32 steps (16 of them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each
+    size has its own default folder, so their data and checkpoints never mix.
     """
     from steermoe_core.runtime import cpu_has_amx
 
