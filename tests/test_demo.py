@@ -170,7 +170,7 @@ def test_the_shipped_adapter_transcribes_held_out_speech(tmp_path):
     assert check_full_run(PRETRAINED)["step"] == FULL_STEPS
     texts = out_of_domain_sentences(8)
     clips = []
-    for n, text in enumerate(texts):  # voices rotate as the demo's out-of-domain set does
+    for n, text in enumerate(texts):  # voices rotate as in the demo's out-of-domain set (here at normal speed)
         clips.append(tmp_path / f"{n}.wav")
         sf.write(clips[-1], synthesize(text, *parse_voice(HELDOUT_VOICES[n % len(HELDOUT_VOICES)]), 1.0), 16000)
     results = SteerMoE.load(PRETRAINED, device="cpu").transcribe([str(c) for c in clips], max_new_tokens=48)
