@@ -116,6 +116,7 @@ class TrainConfig:
     betas: list[float] = doc([0.9, 0.999], "AdamW betas.")
     warmup_steps: int = doc(100, "Linear warmup steps before the cosine decay.", min=0)
     min_lr_ratio: float = doc(0.0, "Cosine decays to lr * min_lr_ratio.", min=0.0, max=1.0)
+    decay_steps: int = doc(0, "Step at which the cosine reaches lr * min_lr_ratio and then holds there until max_steps (a long tail at the floor lr, so a run can be made longer without changing its first decay_steps); 0 = max_steps.", min=0)
     grad_accum: int = doc(1, "Micro-batches per optimizer step.", min=1)
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
     max_bad_steps: int = doc(10, "A step whose loss is NaN/inf on any process is skipped on all of them (logged with its batch ids); after this many such steps the run stops with an error, keeping its last good checkpoint.", min=1)
@@ -272,6 +273,8 @@ def _check_consistency(r: Recipe) -> None:
     if r.distributed.engine == "deepspeed" and r.distributed.zero_stage == 3 and r.data.valid:
         # each rank decodes its own share while ZeRO-3 gathers parameters collectively: the ranks would hang
         raise RecipeError("distributed.zero_stage = 3: in-run validation is not supported; set data.valid = '' and run steermoe eval")
+    if r.train.decay_steps and not r.train.warmup_steps < r.train.decay_steps <= r.train.max_steps:
+        raise RecipeError(f"train.decay_steps: must lie after train.warmup_steps ({r.train.warmup_steps}) and at most train.max_steps ({r.train.max_steps}), got {r.train.decay_steps}")
     if len(r.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in r.train.betas):
         raise RecipeError(f"train.betas: expected two numbers in [0, 1), got {r.train.betas}")
     for part in ("encoder", "llm"):

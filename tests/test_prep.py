@@ -201,6 +201,8 @@ def test_synth_makes_speech_with_several_voices(tmp_path):
     assert len(rows) == 4
     assert {row["text"] for _, row in rows.values()} == {"hello there", "the cat sat on the mat"}
     assert all(0.3 < row["duration"] < 5 for _, row in rows.values())
+    said = {(row["text"], json.loads(row["extra"])["voice"]) for _, row in rows.values()}  # each line in both voices
+    assert said == {(t, v) for t in ("hello there", "the cat sat on the mat") for v in ("flite:slt", "espeak:en-us")}
 
 
 def test_missing_source_is_one_line(tmp_path):

@@ -41,6 +41,7 @@ def test_shipped_recipes_include_the_full_scale_ones():
         ({"model": {"steering": {"top_k": 9}}}, [], "model.steering.top_k: 9 exceeds"),
         ({}, ["train.max_steps=0"], "train.max_steps: 0 is below the minimum 1"),
         ({}, ["train.max_steps"], "expected key=value"),
+        ({"train": {"max_steps": 100, "decay_steps": 200}}, [], "train.decay_steps: must lie after train.warmup_steps"),
         ({"train": {"compile": "yes"}}, [], "train.compile: expected true or false"),
         ({"data": {"max_duration": 45.0}}, [], "data.max_duration: 45.0 is above the maximum 30.0"),
     ],

@@ -1,6 +1,7 @@
 """Training on tiny random backbones: what trains, what must not change, and that it learns."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,30 @@ def test_resume_continues_from_the_checkpoint(backbones, tiny_data, tmp_path):
     assert logged == sorted(set(logged))  # each step once, even for the step the run restarted from
     a = load_checkpoint(full.model_dir)[0].adapter_state_dict()
     b = load_checkpoint(resumed.model_dir)[0].adapter_state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_a_finished_run_made_longer_follows_its_schedule_step_for_step(backbones, tiny_data, tmp_path):
+    """`train.decay_steps` holds the lr at its floor after the cosine: a finished run resumed with more
+    max_steps and decay_steps = its old max_steps ends where one run of the longer recipe does (how
+    `make demo-full` grew from 2,000 to 3,000 steps without retraining the first 2,000)."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import recipe_from_dict
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["train"].update(max_steps=10, save_every=10, log_every=5, warmup_steps=2, min_lr_ratio=0.3)
+    d["data"]["valid"] = ""
+    train(recipe_from_dict(d), tmp_path / "grown")
+    d["train"].update(max_steps=20, decay_steps=10)
+    longer = train(recipe_from_dict(d), tmp_path / "longer")
+    grown = train(recipe_from_dict(d), tmp_path / "grown", resume=True)
+    assert [r["step"] for r in grown.history] == [15, 20]
+    lr = d["train"]["lr"]
+    assert [r["lr"] for r in longer.history] == pytest.approx([lr * (0.3 + 0.7 * 0.5 * (1 + math.cos(math.pi * 3 / 8))), lr * 0.3, lr * 0.3, lr * 0.3])
+    a = load_checkpoint(longer.model_dir)[0].adapter_state_dict()
+    b = load_checkpoint(grown.model_dir)[0].adapter_state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 

@@ -11,10 +11,14 @@ from steermoe_core.model.steermoe import SteerMoEModel
 
 
 def lr_lambda(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine to ``min_lr_ratio`` at ``max_steps``."""
+    """Linear warmup, then cosine to ``min_lr_ratio`` at ``decay_steps`` (or ``max_steps``), then flat.
+
+    The flat tail is what lets a finished run be made longer reproducibly: a recipe with more
+    ``max_steps`` and the same ``decay_steps`` follows the shorter run's schedule step for step.
+    """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    span = max(1, (cfg.decay_steps or cfg.max_steps) - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

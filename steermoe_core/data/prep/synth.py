@@ -58,7 +58,9 @@ def synth_items(texts_file: Path, voices: list[str], speeds: list[float], copies
         for c in range(copies):
             engine, voice = parsed[(n + c) % len(parsed)]
             speed = speeds[(n * 7 + c * 3) % len(speeds)]
-            items.append(Item(f"{prefix}-{n:06d}-{c}", text, synth=(engine, voice, speed), language="en"))
+            # the voice and speed travel in the row's `extra` column, for per-voice scores of held-out voices
+            items.append(Item(f"{prefix}-{n:06d}-{c}", text, synth=(engine, voice, speed), language="en",
+                              extra={"voice": f"{engine}:{voice}", "speed": speed}))
     if not items:
         skipped.append({"id": "-", "input": str(texts_file), "reason": "no non-empty lines"})
     return items, skipped
