@@ -12,6 +12,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 @pytest.mark.slow
 @pytest.mark.parametrize("script,args,expect", [
     ("train_step.py", ["--smoke"], ["samples_per_s", "tflop_per_sample", "mfu", "encoder_steering_bwd"]),
+    ("train_memory.py", ["--smoke"], ["new shape every step: RSS", "padded to 1 s / 8 tokens: RSS", "growth_mb_per_step"]),
     ("infer.py", ["--smoke"], ["single_stream_decode_tokens_per_s", "batched_real_time_factor"]),
     ("prep_throughput.py", ["--utterances", "30", "--workers", "1"], ["real-time factor", "MB per hour"]),
     ("onnx_vs_torch.py", ["--smoke", "--threads", "1", "--repeats", "1"], ["export onnxruntime fp32", "real_time_factor", "identical to torch 8/8"]),

@@ -193,6 +193,18 @@ def test_a_clip_is_the_same_alone_and_beside_a_longer_one(conformer):
     assert (unmasked[0, :21] - alone[0]).abs().max() > 1e-3
 
 
+def test_pad_multiple_pads_the_batch_and_changes_no_real_frame(conformer):
+    enc = load_encoder("conformer", str(conformer))
+    waves, lengths = pad_clips([noisy_tone(0, 0.9), noisy_tone(3, 2.3)])
+    plain, frames = enc.encode(waves, lengths)
+    enc.pad_multiple = 100
+    assert enc.features(waves, lengths)[0].shape[1] == 300  # 228 fbank frames -> 3 s
+    padded, frames_p = enc.encode(waves, lengths)
+    assert padded.shape[1] == (300 - 3) // 4 and frames_p.tolist() == frames.tolist() == [21, 56]
+    for i, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(padded[i, :n], plain[i, :n], rtol=1e-4, atol=1e-5)
+
+
 def test_steering_hook_runs_after_every_layer_and_identity_steering_is_the_plain_encoder(conformer):
     enc = load_encoder("conformer", str(conformer))
     waves, lengths = pad_clips([noisy_tone(1, 0.7), noisy_tone(2, 1.2)])

@@ -70,6 +70,27 @@ def test_load_encoder_encode_is_the_public_way_to_get_final_states(backbones):
     torch.testing.assert_close(hidden[0, : int(n[0])], alone[0], atol=1e-5, rtol=1e-4)
 
 
+def test_pad_multiple_rounds_the_batch_width_up_and_changes_no_real_frame(backbones):
+    """Training pads each batch to a multiple of 1 s (data.pad_multiple_seconds) so shapes repeat;
+    the padding is masked, so every clip's states are those it has alone."""
+    enc = load_encoder("whisper", str(backbones["whisper"]))
+    short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
+    waves = torch.zeros(2, len(long_))
+    waves[0, : len(short)] = torch.from_numpy(short)
+    waves[1] = torch.from_numpy(long_)
+    lengths = torch.tensor([len(short), len(long_)])
+    plain, frames = enc.encode(waves, lengths)
+    enc.pad_multiple = 100
+    assert enc.features(waves, lengths)[0].shape[-1] == 300  # 270 mel frames -> 3 s
+    assert enc.features(waves[:1, : len(short)], lengths[:1])[0].shape[-1] == 200
+    padded, frames_p = enc.encode(waves, lengths)
+    assert padded.shape[1] == 150 and frames_p.tolist() == frames.tolist()
+    for i, n in enumerate(frames.tolist()):
+        torch.testing.assert_close(padded[i, :n], plain[i, :n], atol=1e-5, rtol=1e-4)
+    enc.pad_multiple = 1000  # never past Whisper's 30 s
+    assert enc.features(torch.zeros(1, 479_000), torch.tensor([479_000]))[0].shape[-1] == 3000
+
+
 def test_unknown_encoder_kind_is_a_one_line_error(backbones):
     from steermoe_core.errors import UsageError
 

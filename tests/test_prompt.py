@@ -27,6 +27,12 @@ def test_training_layout_labels_only_target_and_end_of_turn(backbones):
     flat_labels = b.labels.view(-1)
     torch.testing.assert_close(flat_labels[b.target_index + 1], b.target_labels)
     assert len(b.audio_index) == 8
+    # padded to a multiple of 8 tokens (training's repeated shapes): the same rows, more masked padding
+    p = lay.build([3, 5], ["Transcribe the audio."] * 2, ["hello world", "one two three"], pad_multiple=8)
+    w = b.input_ids.shape[1]
+    assert p.input_ids.shape[1] == -(-w // 8) * 8 > w and not p.attention_mask[:, w:].any()
+    assert torch.equal(p.input_ids[:, :w], b.input_ids) and torch.equal(p.target_labels, b.target_labels)
+    assert torch.equal(p.audio_index % p.input_ids.shape[1], b.audio_index % w)
 
 
 def test_generation_layout_is_left_padded_and_audio_lands_in_place(backbones):

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from steermoe_core.encoders.base import AudioEncoder, LayerHook
+from steermoe_core.encoders.base import AudioEncoder, LayerHook, padded_width
 from steermoe_core.encoders.fbank import (
     FRAME_LENGTH,
     FRAME_SHIFT,
@@ -208,7 +208,10 @@ class ConformerAudioEncoder(AudioEncoder):
         feats, frames = kaldi_fbank(waves, lengths, self.idim)
         real = torch.arange(feats.shape[1], device=feats.device)[None, :] < to_device(frames, feats.device)[:, None]
         feats = (feats - self.cmvn_mean.float()) * self.cmvn_istd.float()
-        return feats * real[..., None], frames
+        feats = feats * real[..., None]
+        # no further than the positional table: 4 * max_frames + 3 fbank frames subsample to max_frames
+        width = padded_width(feats.shape[1], self.pad_multiple, 4 * self.model.positional_encoding.max_frames + 3)
+        return F.pad(feats, (0, 0, 0, width - feats.shape[1])), frames
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         frames = torch.tensor([num_frames(int(n)) for n in torch.as_tensor(lengths).tolist()], dtype=torch.long)
@@ -227,7 +230,8 @@ class ConformerAudioEncoder(AudioEncoder):
         enc = self.model
         dtype = enc.input_preprocessor.out.weight.dtype
         lengths = subsampled_lengths(feat_lengths.cpu())
-        t = int(lengths.max()) if len(lengths) else 0
+        # the longest clip's frames, or more where features() padded the batch to a multiple (masked)
+        t = int(subsampled_lengths(feats.shape[1])) if len(lengths) else 0
         if t > enc.positional_encoding.max_frames:
             raise ValueError(f"audio longer than {self.max_samples // SAMPLE_RATE} s reached the encoder; split it into windows first")
         x = enc.input_preprocessor(F.pad(feats.to(dtype), (0, 0, 0, STEM_CONTEXT - 1)))[:, :t]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from steermoe_core.backbones.weights import load_prefixed_state, resolve_model_dir
-from steermoe_core.encoders.base import AudioEncoder, LayerHook
+from steermoe_core.encoders.base import AudioEncoder, LayerHook, padded_width
 from steermoe_core.encoders.log_mel import HOP, MAX_FRAMES, batch_log_mel
 from steermoe_core.errors import BackboneError
 from steermoe_core.runtime import to_device
@@ -61,7 +61,11 @@ class WhisperAudioEncoder(AudioEncoder):
         return self.model.layers
 
     def features(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch_log_mel(waves, lengths, self.n_mels, pad_to=None if self.trim_padding else MAX_FRAMES)
+        if not self.trim_padding:
+            return batch_log_mel(waves, lengths, self.n_mels, pad_to=MAX_FRAMES)
+        feats, frames = batch_log_mel(waves, lengths, self.n_mels)
+        width = padded_width(feats.shape[-1], self.pad_multiple, self.max_frames)
+        return nn.functional.pad(feats, (0, width - feats.shape[-1])), frames
 
     def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         if not self.trim_padding:

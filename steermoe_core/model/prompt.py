@@ -91,8 +91,12 @@ class PromptLayout:
         prompts: list[str],
         targets: list[str] | None = None,
         max_target_tokens: int = 256,
+        pad_multiple: int = 0,
     ) -> LLMBatch:
         """Training batches (targets given) are right-padded; generation batches are left-padded.
+
+        ``pad_multiple`` > 0 pads the sequence to a multiple of that many tokens (masked), so batch
+        shapes repeat (see ``encoders.base.padded_width`` for why that matters).
 
         ``audio_index`` pairs, token for token, with ``source_index`` over the pooled audio tensor.
         """
@@ -104,6 +108,8 @@ class PromptLayout:
             audio_spans.append((len(pre), n))
             tgt_spans.append((len(pre) + n + len(post), len(tgt)))
         width = max(len(r) for r in rows)
+        if pad_multiple > 0:
+            width = -(-width // pad_multiple) * pad_multiple
         b = len(rows)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)

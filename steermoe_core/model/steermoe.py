@@ -42,6 +42,7 @@ class SteerMoEModel(nn.Module):
         self.max_target_tokens = 256
         self.ctc_weight = 0.0  # set from train.ctc_weight by the training loop
         self.ctc_only = False  # True during the first train.ctc_only_steps steps
+        self.pad_multiple_tokens = 0  # training sequences padded to a multiple of this (data.pad_multiple_seconds)
         space = tokenizer(" ", add_special_tokens=False)["input_ids"]
         self.ctc_blank_id = space[0] if len(space) == 1 else self.layout.pad_id
         self.grad_checkpointing = False
@@ -124,7 +125,7 @@ class SteerMoEModel(nn.Module):
         groups = batch.clips_per_example or [1] * len(per_clip)
         bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
         n_audio = [sum(per_clip[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
-        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens)
+        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens, self.pad_multiple_tokens if targets else 0)
         dev = audio.device
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(to_device(lb.input_ids, dev))
