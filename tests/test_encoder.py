@@ -54,15 +54,20 @@ def test_trimmed_clip_is_the_same_alone_and_beside_a_longer_clip(backbones, seco
     assert (unmasked[0, :t] - alone[0]).abs().max() > 1e-3
 
 
-def test_load_encoder_encode_is_the_public_way_to_get_final_states(backbones):
-    """`load_encoder(kind, path).encode(waves, lengths)`: final hidden states and frame lengths,
-    steering off; a clip's states do not depend on what else is in the batch."""
-    enc = load_encoder("whisper", str(backbones["whisper"]))
+def two_clips() -> tuple[np.ndarray, np.ndarray, torch.Tensor, torch.Tensor]:
+    """A 1.1 s and a 2.7 s tone, and the right-padded batch of both with its lengths."""
     short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
     waves = torch.zeros(2, len(long_))
     waves[0, : len(short)] = torch.from_numpy(short)
     waves[1] = torch.from_numpy(long_)
-    lengths = torch.tensor([len(short), len(long_)])
+    return short, long_, waves, torch.tensor([len(short), len(long_)])
+
+
+def test_load_encoder_encode_is_the_public_way_to_get_final_states(backbones):
+    """`load_encoder(kind, path).encode(waves, lengths)`: final hidden states and frame lengths,
+    steering off; a clip's states do not depend on what else is in the batch."""
+    enc = load_encoder("whisper", str(backbones["whisper"]))
+    short, long_, waves, lengths = two_clips()
     hidden, frames = enc.encode(waves, lengths)
     assert frames.tolist() == [(len(short) // 160 + 1) // 2, (len(long_) // 160 + 1) // 2]
     assert hidden.shape == (2, int(frames.max()), enc.dim)
@@ -74,11 +79,7 @@ def test_pad_multiple_rounds_the_batch_width_up_and_changes_no_real_frame(backbo
     """Training pads each batch to a multiple of 1 s (data.pad_multiple_seconds) so shapes repeat;
     the padding is masked, so every clip's states are those it has alone."""
     enc = load_encoder("whisper", str(backbones["whisper"]))
-    short, long_ = tone_clip(0, 1.1), tone_clip(3, 2.7)
-    waves = torch.zeros(2, len(long_))
-    waves[0, : len(short)] = torch.from_numpy(short)
-    waves[1] = torch.from_numpy(long_)
-    lengths = torch.tensor([len(short), len(long_)])
+    short, long_, waves, lengths = two_clips()
     plain, frames = enc.encode(waves, lengths)
     enc.pad_multiple = 100
     assert enc.features(waves, lengths)[0].shape[-1] == 300  # 270 mel frames -> 3 s
