@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from steermoe_core.encoders.base import padded_width
+
 PLACEHOLDER = "<|steermoe_audio|>"
 _MARK = "STEERMOEANSWERMARK"
 
@@ -107,9 +109,7 @@ class PromptLayout:
             rows.append(pre + [self.pad_id] * n + post + tgt)
             audio_spans.append((len(pre), n))
             tgt_spans.append((len(pre) + n + len(post), len(tgt)))
-        width = max(len(r) for r in rows)
-        if pad_multiple > 0:
-            width = -(-width // pad_multiple) * pad_multiple
+        width = padded_width(max(len(r) for r in rows), pad_multiple)
         b = len(rows)
         ids = torch.full((b, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((b, width), dtype=torch.long)
