@@ -13,6 +13,7 @@ same thing for any N and `--resume` works across world sizes.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 
 import torch
@@ -107,6 +108,11 @@ class DDPStrategy(Strategy):
         dist.barrier()
 
     def close(self) -> None:
+        # DDP's reducer holds the work objects of its last all-reduce; freed only at interpreter
+        # exit, after the group is gone, they aborted a gloo rank now and then ("terminate called
+        # without an active exception", exit -6). Free them while everything is still alive.
+        self.ddp = None
+        gc.collect()
         if dist.is_initialized():
             # every rank done with its collectives first: a group destroyed under another rank's
             # pending work aborts that process at exit
