@@ -29,7 +29,7 @@ from common import build, make_batch  # noqa: E402
 
 from steermoe_core.config import TrainConfig  # noqa: E402
 from steermoe_core.runtime import resolve_precision  # noqa: E402
-from steermoe_core.training.loop import pad_to_repeated_shapes, train_step  # noqa: E402
+from steermoe_core.training.loop import train_step  # noqa: E402
 from steermoe_core.training.optim import make_optimizer  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def run_arm(args: argparse.Namespace) -> dict:
     device = torch.device("cpu")
     model = build(args.whisper, args.llm, device, trim=True, experts=8)
     model.ctc_weight, model.ctc_only = 1.0, args.ctc_only
-    pad_to_repeated_shapes(model, args.pad_seconds)
+    model.pad_to_repeated_shapes(args.pad_seconds)
     precision = resolve_precision(args.precision, device)
     opt = make_optimizer(model, TrainConfig(lr=1e-3), device)
     rng = np.random.default_rng(0)

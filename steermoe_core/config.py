@@ -101,7 +101,7 @@ class DataConfig:
     noise_snr_db: list[float] = doc([], "Training only: [low, high] SNR in dB of white/pink noise added to noise_prob of the examples; empty = off.")
     noise_prob: float = doc(0.0, "Fraction of training examples that get noise (needs noise_snr_db).", min=0.0, max=1.0)
     reverb_prob: float = doc(0.0, "Fraction of training examples convolved with a synthetic room response (RT60 0.2-0.8 s).", min=0.0, max=1.0)
-    pad_multiple_seconds: float = doc(1.0, "Training (and the validation inside it): each batch's audio is padded (masked) to a multiple of this many seconds and its LLM sequence to a multiple of 8 tokens, so batch shapes repeat and the CPU's per-shape kernel cache hits instead of growing the process every step (3.7 -> 9 GB over 1,000 demo steps without it); costs the compute spent on the padding (up to 11% of a step on the demo's full recipe). 0 = pad to the longest clip only.", min=0.0, max=30.0)
+    pad_multiple_seconds: float = doc(1.0, "Training, and eval and infer with the checkpoint it makes: each batch's audio is padded (masked) to a multiple of this many seconds and its LLM sequence to a multiple of 8 tokens, so batch shapes repeat and the CPU's per-shape kernel cache hits instead of growing the process with every new shape (3.7 -> 9 GB over 1,000 demo steps without it); costs the compute spent on the padding (up to 11% of a step on the demo's full recipe). 0 = pad to the longest clip only.", min=0.0, max=30.0)
 
 
 @dataclass

@@ -146,6 +146,8 @@ def test_ship_takes_only_the_finished_full_run(tmp_path):
 
     dest = ship_adapter(model_dir("ok"), tmp_path / "pretrained")
     assert sorted(p.name for p in dest.iterdir()) == sorted(SHIPPED_FILES)
+    # trained on a machine with more (or fewer) cores: the loader worker count changes speed, not the run
+    ship_adapter(model_dir("cores", loader_workers=16), tmp_path / "p5")
     assert (dest / "meta.json").read_bytes() == (tmp_path / "ok" / "meta.json").read_bytes()
     with pytest.raises(CheckpointError, match=f"stopped at step 1000, not the full run's {FULL_STEPS}"):
         ship_adapter(model_dir("early", step=1000), tmp_path / "p2")

@@ -113,6 +113,22 @@ def test_checkpoint_is_small_and_reloads_to_identical_generations(trained, tiny_
     assert pa == pb and any(pa)
 
 
+def test_a_loaded_checkpoint_pads_batches_as_it_trained_and_writes_the_same(trained, tiny_data):
+    """eval and infer pad like training (data.pad_multiple_seconds), so a folder of clips of many
+    lengths repeats shapes instead of growing the process; the padding is masked: same words."""
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.evaluate import predict_dataset
+
+    model, recipe, _ = load_checkpoint(trained["result"].model_dir)
+    assert recipe.data.pad_multiple_seconds == 1.0
+    assert model.encoder.pad_multiple == 100 and model.pad_multiple_tokens == 8
+    ds = ShardedDataset(tiny_data)  # clips of 0.8-2 s, several in a batch
+    padded = [p["prediction"] for p in predict_dataset(model, ds, recipe)]
+    model.pad_to_repeated_shapes(0)
+    plain = [p["prediction"] for p in predict_dataset(model, ds, recipe)]
+    assert padded == plain and any(plain)
+
+
 def test_checkpoint_refuses_other_backbones(trained, tmp_path):
     from steermoe_core.model.checkpoint import CheckpointError
     from steermoe_core.testing.random_backbones import write_llm

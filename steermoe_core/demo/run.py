@@ -7,6 +7,7 @@ second run reuses the data and checkpoints (and re-prints the table).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,10 @@ FULL_DECAY_STEPS = 2000
 # session that ends) loses at most about 16 minutes; `make demo-full` again resumes from it
 FULL_SAVE_EVERY = 50
 # on a GPU a step takes milliseconds and one process decoding and augmenting 16 clips (about 80 ms) would
-# be the bottleneck; on a CPU the 4 workers cost nothing beside a 19-second step
-FULL_LOADER_WORKERS = 4
+# be the bottleneck; on a CPU they cost nothing beside a 19-second step. Never more than the cores this
+# process may use (torch warns, and on 2 cores 4 workers only compete). The count changes speed, not what
+# trains: each example's augmentation is drawn from (seed, epoch, example id), whichever worker loads it.
+FULL_LOADER_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 
 
@@ -114,9 +117,13 @@ Log = Callable[[str], None]
 SHIPPED_FILES = ("adapter.safetensors", "meta.json", "recipe.toml")
 
 
+MACHINE_FIELDS = (("data", "train"), ("data", "valid"), ("data", "num_workers"))  # where, and how fast, not what
+
+
 def check_full_run(model_dir: Path) -> dict:
     """Raise unless ``model_dir`` holds the adapter `steermoe demo --full` trains: its recipe (data folders
-    aside, they are the trainer's machine's) trained to the last step. Returns its meta.json. Only such an
+    aside, they are the trainer's machine's, and its DataLoader worker count, which changes only speed)
+    trained to the last step. Returns its meta.json. Only such an
     adapter ships, so the README's shipped figure is reproducible with one documented command."""
     from dataclasses import asdict
 
@@ -128,7 +135,7 @@ def check_full_run(model_dir: Path) -> dict:
     for section in ("model", "data", "train", "eval"):
         have, need = asdict(getattr(recipe, section)), asdict(getattr(want, section))
         diff = [f"{section}.{k} {have.get(k)!r} (want {need[k]!r})" for k in need
-                if have.get(k) != need[k] and (section, k) not in (("data", "train"), ("data", "valid"))]
+                if have.get(k) != need[k] and (section, k) not in MACHINE_FIELDS]
         if diff:
             raise CheckpointError(f"{model_dir}: not the adapter `steermoe demo --full` trains: " + ", ".join(diff))
     if meta.get("step") != FULL_STEPS:

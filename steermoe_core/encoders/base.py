@@ -27,7 +27,8 @@ class AudioEncoder(nn.Module):
     default_stride: int  # pooling stride that brings the output to about 12.5 Hz
     max_samples: int | None  # the longest clip one forward accepts (None = no limit)
     # Feature frames a batch's time axis is padded (masked) up to a multiple of; 0 = the longest clip.
-    # Training sets it (data.pad_multiple_seconds) so that batch shapes repeat: see ``padded_width``.
+    # SteerMoEModel.pad_to_repeated_shapes sets it (data.pad_multiple_seconds) so that batch shapes
+    # repeat, in training and in a loaded checkpoint: see ``padded_width``.
     pad_multiple: int = 0
     feature_rate: int = 100  # front-end frames a second (Whisper's log-mel and Kaldi fbank both hop 10 ms)
 

@@ -110,6 +110,7 @@ def load_checkpoint(
         model.load_adapter_state_dict(state)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    model.pad_to_repeated_shapes(recipe.data.pad_multiple_seconds)  # as it trained: repeated shapes in eval and infer too
     return model.eval(), recipe, meta
 
 

@@ -29,6 +29,8 @@ from steermoe_core.model.prompt import PromptLayout, source_index
 from steermoe_core.model.steering import pooled_lengths
 from steermoe_core.runtime import to_device
 
+PAD_MULTIPLE_TOKENS = 8  # LLM sequences: a handful of widths, and tensor-core friendly on GPUs
+
 
 class SteerMoEModel(nn.Module):
     def __init__(self, encoder: AudioEncoder, llm: nn.Module, tokenizer, cfg: ModelConfig):
@@ -42,11 +44,21 @@ class SteerMoEModel(nn.Module):
         self.max_target_tokens = 256
         self.ctc_weight = 0.0  # set from train.ctc_weight by the training loop
         self.ctc_only = False  # True during the first train.ctc_only_steps steps
-        self.pad_multiple_tokens = 0  # training sequences padded to a multiple of this (data.pad_multiple_seconds)
+        self.pad_multiple_tokens = 0  # LLM sequences padded to a multiple of this: see pad_to_repeated_shapes
         space = tokenizer(" ", add_special_tokens=False)["input_ids"]
         self.ctc_blank_id = space[0] if len(space) == 1 else self.layout.pad_id
         self.grad_checkpointing = False
         self.lora: dict[str, nn.Module] = {}  # part -> peft tuner (a plain dict: not a submodule)
+
+    def pad_to_repeated_shapes(self, seconds: float) -> None:
+        """Pad (masked) each batch's audio to a multiple of ``seconds`` and its LLM sequence to a
+        multiple of 8 tokens; 0 = off. The CPU's oneDNN caches kernels per shape: when every batch
+        brings new shapes it never hits and the process grows (see ``encoders.base.padded_width``,
+        ``benchmarks/train_memory.py``, ``benchmarks/infer_folder.py``). Training sets it from the
+        recipe it runs, a loaded checkpoint from the recipe it was trained with
+        (``data.pad_multiple_seconds``)."""
+        self.encoder.pad_multiple = round(seconds * self.encoder.feature_rate)
+        self.pad_multiple_tokens = PAD_MULTIPLE_TOKENS if seconds > 0 else 0
 
     @property
     def steering(self):
@@ -125,7 +137,7 @@ class SteerMoEModel(nn.Module):
         groups = batch.clips_per_example or [1] * len(per_clip)
         bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
         n_audio = [sum(per_clip[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
-        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens, self.pad_multiple_tokens if targets else 0)
+        lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens, self.pad_multiple_tokens)
         dev = audio.device
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(to_device(lb.input_ids, dev))

@@ -182,16 +182,6 @@ def _restore(start: Path, sched, device: torch.device) -> tuple[dict, int, Posit
     return st, int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
 
 
-PAD_MULTIPLE_TOKENS = 8  # LLM sequences in training: a handful of widths, and tensor-core friendly on GPUs
-
-
-def pad_to_repeated_shapes(model: SteerMoEModel, seconds: float) -> None:
-    """Pad (masked) each batch's audio to a multiple of ``seconds`` and its LLM sequence to a multiple
-    of 8 tokens; 0 = off. Why: see ``encoders.base.padded_width`` and ``benchmarks/train_memory.py``."""
-    model.encoder.pad_multiple = round(seconds * model.encoder.feature_rate)
-    model.pad_multiple_tokens = PAD_MULTIPLE_TOKENS if seconds > 0 else 0
-
-
 def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> SteerMoEModel:
     """A fresh model, or the one in the checkpoint being resumed. ``trust_remote_code`` comes from
     the recipe the user passed to this run, never from what the checkpoint stored."""
@@ -204,7 +194,7 @@ def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> 
         model = build_model(recipe.model, device, recipe.train.seed, trust)
     model.max_target_tokens = recipe.data.max_target_tokens
     model.ctc_weight = recipe.train.ctc_weight
-    pad_to_repeated_shapes(model, recipe.data.pad_multiple_seconds)
+    model.pad_to_repeated_shapes(recipe.data.pad_multiple_seconds)  # this run's recipe, not the checkpoint's
     if recipe.train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if recipe.train.compile:
