@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,10 +51,7 @@ def with_padding(ckpt: Path, seconds: float, root: Path) -> Path:
     from steermoe_core.config import dump_recipe, load_recipe
 
     out = root / f"model-pad{seconds:g}"
-    out.mkdir()
-    for f in ckpt.iterdir():
-        if f.is_file() and f.name != "recipe.toml":
-            (out / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns("recipe.toml"))
     (out / "recipe.toml").write_text(dump_recipe(load_recipe(ckpt / "recipe.toml", [f"data.pad_multiple_seconds={seconds}"])))
     return out
 
