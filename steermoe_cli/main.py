@@ -13,6 +13,7 @@ from .eval_cmd import eval_
 from .export_cmd import export
 from .infer_cmd import infer
 from .prep_cmd import prep_app
+from .serve_cmd import serve
 from .train_cmd import train
 
 app = typer.Typer(help="SteerMoE: give a frozen LLM ears.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -24,6 +25,7 @@ app.command()(export)
 app.command()(demo)
 app.command()(ablate)
 app.command()(analyze)
+app.command()(serve)
 
 
 def main() -> None:  # pragma: no cover
