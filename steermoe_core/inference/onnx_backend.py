@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steermoe_core.errors import UsageError
+from steermoe_core.errors import CheckpointError, UsageError
 from steermoe_core.inference.onnx_manifest import cache_names, read_manifest, require
 from steermoe_core.model.decoding import finish_rows
 
@@ -66,10 +66,13 @@ class OnnxBackend:
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self.manifest = m = read_manifest(folder)
-        files, self.audio, self.llm, self.prompt = m["files"], m["audio"], m["llm"], m["prompt"]
-        self.stop_ids, self.pad_id = m["generation"]["stop_ids"], m["generation"]["pad_id"]
-        self.max_context = self.llm["max_context"]
+        try:  # a manifest with a key missing or of the wrong kind: the folder is damaged, not the code wrong
+            self.manifest = m = read_manifest(folder)
+            files, self.audio, self.llm, self.prompt = m["files"], m["audio"], m["llm"], m["prompt"]
+            self.stop_ids, self.pad_id = m["generation"]["stop_ids"], m["generation"]["pad_id"]
+            self.max_context = self.llm["max_context"]
+        except (KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{folder / 'manifest.json'}: damaged ONNX manifest (no {e})") from None
         available = ort.get_available_providers()
         if device == "cuda" and "CUDAExecutionProvider" not in available:
             raise UsageError("--device cuda: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
@@ -79,8 +82,8 @@ class OnnxBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or int(os.environ.get("STEERMOE_ORT_THREADS", "0"))
         opts.log_severity_level = 3
-        self.tower = ort.InferenceSession(str(folder / files["audio_tower"]), opts, providers=providers)
-        self.decoder = ort.InferenceSession(str(folder / files["decoder"]), opts, providers=providers)
+        self.tower = _session(ort, folder / files["audio_tower"], opts, providers)
+        self.decoder = _session(ort, folder / files["decoder"], opts, providers)
         self.embeddings = np.load(folder / files["embeddings"], mmap_mode="r")
         self.filters = np.load(folder / files["mel_filters"]).astype(np.float32)
         self.tokenizer = Tokenizer.from_file(str(folder / files["tokenizer"]))
@@ -192,6 +195,18 @@ class OnnxBackend:
         if streamer is not None:
             streamer.end()
         return np.stack(out, axis=1).tolist() if out else [[] for _ in range(b)]
+
+
+def _session(ort, path: Path, opts, providers: list[str]):
+    """An onnxruntime session; a graph file onnxruntime cannot parse (cut short, overwritten, not
+    ONNX at all: ``InvalidProtobuf``, ``InvalidGraph``, ...) is one line naming it."""
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:
+        if type(e).__module__.startswith("onnxruntime"):
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: damaged ONNX graph ({type(e).__name__}: {first}); export it again") from None
+        raise
 
 
 def _clean_up_spaces(text: str) -> str:

@@ -47,8 +47,9 @@ class TorchBackend:
         pre, post = self.model.layout.around_audio(prompt)
         return len(pre) + len(post)
 
-    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None) -> list[str]:
+    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, stopping_criteria=None) -> list[str]:
+        """``stopping_criteria``: transformers stopping criteria per row (``longform.as_stopping_criteria``)."""
         waves, lengths = pad_clips(clips)
         batch = AudioBatch(waves.to(self.device), lengths, prompts, clips_per_example=groups)
         with autocast(self.device, self.precision):
-            return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer)
+            return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer, stopping_criteria=stopping_criteria)

@@ -203,19 +203,22 @@ class SteerMoEModel(nn.Module):
     # -- inference --
     @torch.no_grad()
     def generate(
-        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None, **options
     ) -> list[str]:
         """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn.
 
         A fresh GenerationConfig is used, so the LLM's own generation_config can never switch
         sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
+        ``stopping_criteria`` (transformers') stop rows early: per-row budgets and loop guards.
         """
-        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, **options)
+        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, stopping_criteria, **options)
         rows = finish_rows(ids.tolist(), self.layout.stop_ids, self.layout.pad_id)
         return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.no_grad()
-    def generate_ids(self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, **options) -> torch.Tensor:
+    def generate_ids(
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None, **options
+    ) -> torch.Tensor:
         from transformers import GenerationConfig
 
         embeds, lb, _, _ = self._embed(batch, None)
@@ -225,7 +228,8 @@ class SteerMoEModel(nn.Module):
             temperature=None, top_p=None, top_k=None, use_cache=True, **options,
         )
         return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device), generation_config=gen, streamer=streamer
+            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device), generation_config=gen, streamer=streamer,
+            stopping_criteria=stopping_criteria,
         )
 
 

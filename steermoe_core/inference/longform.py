@@ -1,0 +1,381 @@
+"""Recordings of any length, and instructions about them.
+
+A model trained on sentences of a few seconds, asked to read a 30 s window, loses the audio and
+loops to its token budget; asked about silence, it invents text. So:
+
+- **Segments like the training clips.** ``plan_segments`` cuts a recording at voice activity
+  (``audio.vad``) into segments no longer than the checkpoint trained on (``LongformPolicy``: from
+  ``eval.max_segment_seconds``, else the training lengths meta.json records). Silence gives no
+  segment, so no text.
+- **A decode budget per segment, and a loop guard.** ``DecodeGuard`` stops each row of a batch at
+  its own budget (tokens per second of its audio, from the training transcripts) and as soon as
+  its tail repeats an n-gram (``loop_length``); after decoding, a text whose zlib compression
+  ratio is above 2.4 (Whisper's threshold) is a loop too. A cut or looping segment keeps its text
+  trimmed to one copy and is flagged in the result (``Segment.flag``), never silently.
+- **Instructions over a whole recording** (``STRATEGIES``): ``direct`` puts the audio tokens and
+  the instruction in one LLM prompt; ``transcript`` transcribes (as above) and runs the instruction
+  over the transcript as text in the frozen LLM (``chat_text``), map-reduce over groups of segments
+  when the transcript does not fit the LLM's context (``answer_over_transcript``); ``auto`` picks
+  direct only for a checkpoint trained for instructions (``data.align_instructions``) whose audio
+  fits the context.
+
+No torch import at module level: the onnxruntime backend uses this module too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from steermoe_core.audio.load import SAMPLE_RATE
+from steermoe_core.audio.vad import is_silent, segment_speech
+from steermoe_core.audio.windows import split_points
+
+STRATEGIES = ("auto", "direct", "transcript")
+DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
+DEFAULT_TOKENS_PER_SECOND = 6.0  # fast English speech is about 3 words, 4-5 tokens, a second
+BUDGET_MARGIN = 1.5
+BUDGET_FLOOR = 8
+COMPRESSION_RATIO_MAX = 2.4  # Whisper's compression_ratio_threshold
+
+
+@dataclass
+class LongformPolicy:
+    """How a checkpoint reads long audio: what its training data looked like, or what the recipe says."""
+
+    max_segment_seconds: float = DEFAULT_MAX_SECONDS
+    tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND
+    vad: str = "auto"
+    trained_for_instructions: bool = False
+    answer_tokens: int = 256  # budget of a text-only answer (transcript strategy)
+
+    def budget(self, seconds: float) -> int:
+        """Tokens a segment of ``seconds`` may decode: 1.5 x the training rate, + 8."""
+        return int(math.ceil(BUDGET_MARGIN * self.tokens_per_second * seconds)) + BUDGET_FLOOR
+
+    def default_max_new_tokens(self) -> int:
+        """``infer``'s default budget: a full segment's."""
+        return self.budget(self.max_segment_seconds)
+
+
+def policy_from_checkpoint(folder: str | Path | None) -> LongformPolicy:
+    """The policy a checkpoint folder asks for: ``eval.max_segment_seconds`` / ``eval.tokens_per_second``
+    / ``eval.vad`` from its recipe, else what meta.json's ``training_audio`` records about its training
+    data (``max_seconds``, ``tokens_per_second``), else the defaults. An exported folder (no recipe)
+    gets the defaults."""
+    pol = LongformPolicy()
+    if folder is None:
+        return pol
+    folder = Path(folder)
+    meta = {}
+    if (folder / "meta.json").is_file():
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except ValueError:
+            meta = {}
+    seen = meta.get("training_audio") or {}
+    if seen.get("max_seconds"):
+        pol.max_segment_seconds = min(DEFAULT_MAX_SECONDS, float(seen["max_seconds"]))
+    if seen.get("tokens_per_second"):
+        pol.tokens_per_second = float(seen["tokens_per_second"])
+    if (folder / "recipe.toml").is_file():
+        from steermoe_core.config import load_recipe
+
+        recipe = load_recipe(folder / "recipe.toml")
+        if recipe.eval.max_segment_seconds > 0:
+            pol.max_segment_seconds = recipe.eval.max_segment_seconds
+        if recipe.eval.tokens_per_second > 0:
+            pol.tokens_per_second = recipe.eval.tokens_per_second
+        pol.vad = recipe.eval.vad
+        pol.trained_for_instructions = bool(recipe.data.align_instructions) and recipe.data.align_prob > 0
+    return pol
+
+
+# -- segmentation ------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """A recording's segments, in sample spans, and how they were found."""
+
+    spans: list[tuple[int, int]]
+    method: str  # silero | energy | windows | silent
+
+
+def plan_segments(audio: np.ndarray, policy: LongformPolicy) -> Plan:
+    """Segments to decode. Silence, low noise and clips too short to hold a word give none; a clip
+    that fits one segment is read whole (as the model trained: one utterance per example); a longer
+    one is cut at voice activity (``policy.vad``; ``off`` = fixed windows at low-energy points)."""
+    if is_silent(audio):
+        return Plan([], "silent")
+    n, max_len = len(audio), int(policy.max_segment_seconds * SAMPLE_RATE)
+    if n <= max_len:
+        return Plan([(0, n)], "whole")
+    if policy.vad == "off":
+        return Plan(split_points(audio, policy.max_segment_seconds, policy.max_segment_seconds * 2 / 3), "windows")
+    spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad)
+    return Plan(spans, used)
+
+
+# -- decoding guards ----------------------------------------------------------------------------------
+def loop_length(ids: list[int], max_ngram: int = 16, min_span: int = 8) -> int:
+    """How many tokens at the end of ``ids`` are extra copies of a repeated n-gram (0 = no loop).
+
+    A loop is the same n-gram (n <= ``max_ngram``) at least 3 times in a row at the tail (4 for
+    n <= 2, as "no, no, no" can be real) and covering at least ``min_span`` tokens."""
+    for n in range(1, max_ngram + 1):
+        need = 4 if n <= 2 else 3
+        if len(ids) < n * need:
+            continue
+        gram = ids[-n:]
+        reps = 1
+        while len(ids) >= n * (reps + 1) and ids[len(ids) - n * (reps + 1) : len(ids) - n * reps] == gram:
+            reps += 1
+        if reps >= need and n * reps >= min_span:
+            return n * (reps - 1)
+    return 0
+
+
+class DecodeGuard:
+    """Per-row stops for one batch: each row's own token budget, and a repetition loop.
+
+    ``check(rows)`` is called after every decoding step with each row's generated ids; it returns
+    which rows must stop and records why in ``reasons`` (``"budget"``, ``"loop"``). Backend-neutral:
+    ``as_stopping_criteria`` wraps it for transformers' ``generate``."""
+
+    def __init__(self, budgets: list[int], stop_ids: list[int] | None = None):
+        self.budgets = budgets
+        self.stop_ids = set(stop_ids or [])
+        self.reasons: list[str | None] = [None] * len(budgets)
+
+    def check(self, rows: list[list[int]]) -> list[bool]:
+        out = []
+        for i, row in enumerate(rows):
+            if self.reasons[i] is not None:
+                out.append(True)
+                continue
+            if row and row[-1] in self.stop_ids:
+                out.append(False)
+                continue
+            if len(row) >= self.budgets[i]:
+                self.reasons[i] = "budget"
+            elif loop_length(row):
+                self.reasons[i] = "loop"
+            out.append(self.reasons[i] is not None)
+        return out
+
+
+def as_stopping_criteria(guard: DecodeGuard, prompt_length: int = 0):
+    """A transformers ``StoppingCriteriaList`` that asks ``guard`` (only the ids after ``prompt_length``)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Guard(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stop = guard.check(input_ids[:, prompt_length:].tolist())
+            return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Guard()])
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes over zlib-compressed bytes: about 1.5-2 for speech, above 2.4 for a loop (Whisper's test)."""
+    data = text.encode("utf-8")
+    return len(data) / max(1, len(zlib.compress(data)))
+
+
+def trim_text_loop(text: str, max_ngram: int = 12) -> str:
+    """Keep one copy of a phrase repeated at the end of ``text`` (words, punctuation ignored)."""
+    words = text.split()
+    keys = [re.sub(r"\W+", "", w.lower()) for w in words]
+    for n in range(1, max_ngram + 1):
+        if len(keys) < 2 * n:
+            continue
+        gram, reps = keys[-n:], 1
+        while len(keys) >= n * (reps + 1) and keys[len(keys) - n * (reps + 1) : len(keys) - n * reps] == gram:
+            reps += 1
+        if reps >= (3 if n <= 2 else 2):
+            return " ".join(words[: len(words) - n * (reps - 1)])
+    return text
+
+
+def check_text(text: str, reason: str | None) -> tuple[str, str | None]:
+    """(text to keep, flag): a loop (guard or compression ratio) keeps one copy; a budget cut is flagged."""
+    if reason == "loop" or (len(text) > 40 and compression_ratio(text) > COMPRESSION_RATIO_MAX):
+        return trim_text_loop(text), "loop"
+    return text, reason
+
+
+# -- text-only generation with the frozen LLM ----------------------------------------------------------
+def _torch_model(backend):
+    model = getattr(backend, "model", None)
+    if model is None or not hasattr(model, "llm"):
+        from steermoe_core.errors import UsageError
+
+        raise UsageError(f"the {getattr(backend, 'name', '?')} backend cannot run the LLM on text alone; use --strategy direct")
+    return model
+
+
+def render_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` ready for the assistant's answer (chat template, or plain lines + 'Answer:')."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    body = "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(body, add_special_tokens=False)["input_ids"]
+
+
+def count_chat_tokens(backend, messages: list[dict]) -> int:
+    return len(render_chat(_torch_model(backend).tokenizer, messages))
+
+
+def chat_text(backend, messages: list[dict], max_new_tokens: int = 256, streamer=None) -> str:
+    """The frozen LLM's greedy answer to chat ``messages`` (text only, no audio, no system prompt of
+    the adapter's): what the transcript strategy runs, and what behaviour alignment caches as targets.
+    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy)."""
+    import torch
+    from transformers import GenerationConfig
+
+    from steermoe_core.runtime import autocast
+
+    model = _torch_model(backend)
+    tok, layout = model.tokenizer, model.layout
+    ids = render_chat(tok, messages)
+    guard = DecodeGuard([max_new_tokens], layout.stop_ids)
+    gen = GenerationConfig(
+        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=layout.stop_ids,
+        pad_token_id=layout.pad_id, temperature=None, top_p=None, top_k=None, use_cache=True,
+    )
+    x = torch.tensor([ids], device=model.device)
+    if streamer is not None and hasattr(streamer, "skip_prompt"):  # transformers' TextStreamer: print the answer only
+        streamer.skip_prompt, streamer.next_tokens_are_prompt = True, True
+    with torch.no_grad(), autocast(model.device, getattr(backend, "precision", "fp32")):
+        out = model.llm.generate(
+            input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen, streamer=streamer,
+            stopping_criteria=as_stopping_criteria(guard, len(ids)),
+        )
+    row = out[0, len(ids) :].tolist()
+    while row and row[-1] in set(layout.stop_ids) | {layout.pad_id}:
+        row.pop()
+    text = tok.decode(row, skip_special_tokens=True).strip()
+    return check_text(text, guard.reasons[0])[0]
+
+
+# -- instructions over a transcript: map-reduce ---------------------------------------------------------
+def whole_messages(instruction: str, transcript: str) -> list[dict]:
+    return [{"role": "user", "content": f"Transcript of a recording:\n\n{transcript}\n\n{instruction}"}]
+
+
+def part_messages(instruction: str, text: str, i: int, n: int) -> list[dict]:
+    return [{"role": "user", "content": (
+        f"Part {i} of {n} of a recording's transcript:\n\n{text}\n\n{instruction} "
+        "Answer from this part only, briefly; say 'nothing relevant' if it has nothing on it."
+    )}]
+
+
+def notes_messages(instruction: str, notes: list[str]) -> list[dict]:
+    joined = "\n".join(f"- Part {i}: {t}" for i, t in enumerate(notes, 1))
+    return [{"role": "user", "content": f"Notes on the parts of a recording, in order:\n\n{joined}\n\n{instruction}"}]
+
+
+@dataclass
+class Answer:
+    text: str
+    rounds: int  # map-reduce rounds before the final answer (0 = the transcript fitted)
+    truncated: bool  # some text had to be cut to fit even alone
+
+
+def answer_over_transcript(
+    instruction: str,
+    parts: list[str],
+    chat: Callable[[list[dict], int, bool], str],
+    count: Callable[[list[dict]], int],
+    context: int,
+    answer_tokens: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+    max_rounds: int = 8,
+) -> Answer:
+    """The instruction answered over a transcript given in ``parts`` (segment texts, in order).
+
+    When the whole transcript and the answer fit the ``context``, one call. Otherwise map-reduce:
+    parts are packed into groups that fit, each group answered on its own, then the answers
+    (as notes) are treated as the new parts, until they fit in one prompt. ``chat(messages,
+    max_new_tokens, final)`` runs the LLM (``final``: the answer the user sees, e.g. to stream it); ``count(messages)`` counts a prompt's tokens."""
+    answer_tokens = max(1, min(answer_tokens, context // 4))
+    room = context - answer_tokens
+    texts = [p for p in parts if p.strip()]
+    truncated, rounds = False, 0
+    while True:
+        msgs = whole_messages(instruction, " ".join(texts)) if rounds == 0 else notes_messages(instruction, texts)
+        if count(msgs) <= room or rounds >= max_rounds:
+            if count(msgs) > room:
+                msgs, cut = _fit(msgs, count, room)
+                truncated = truncated or cut
+            if progress:
+                progress(1, 1)
+            return Answer(chat(msgs, answer_tokens, True), rounds, truncated)
+        groups = _pack(texts, lambda g, n: count(part_messages(instruction, " ".join(g), n, n)), room)
+        answers = []
+        for i, g in enumerate(groups, 1):
+            msgs = part_messages(instruction, " ".join(g), i, len(groups))
+            if count(msgs) > room:
+                msgs, _ = _fit(msgs, count, room)
+                truncated = True
+            answers.append(chat(msgs, answer_tokens, False))
+            if progress:
+                progress(i, len(groups) + 1)
+        rounds += 1
+        texts = [a if a.strip() else "nothing relevant" for a in answers]
+
+
+def _pack(texts: list[str], cost: Callable[[list[str], int], int], room: int) -> list[list[str]]:
+    """Consecutive texts in groups whose prompt fits ``room``; a text too long alone is its own group.
+    A group always ends before the last text so every round halves at worst."""
+    groups: list[list[str]] = []
+    cur: list[str] = []
+    for t in texts:
+        if cur and cost(cur + [t], 99) > room:
+            groups.append(cur)
+            cur = []
+        cur.append(t)
+    if cur:
+        groups.append(cur)
+    if len(groups) == 1 and len(texts) > 1:  # fits as parts but not as a whole: split in two
+        half = len(texts) // 2
+        groups = [texts[:half], texts[half:]]
+    return groups
+
+
+def _fit(msgs: list[dict], count: Callable[[list[dict]], int], room: int) -> tuple[list[dict], bool]:
+    """Cut the user message's words from the middle of its text until it fits (the instruction stays)."""
+    content = msgs[-1]["content"]
+    head, sep, tail = content.partition("\n\n")
+    body, sep2, instr = tail.rpartition("\n\n")
+    words = body.split()
+    lo, hi = 0, len(words)
+    while lo < hi:  # the most words that fit
+        mid = (lo + hi + 1) // 2
+        trial = [*msgs[:-1], {**msgs[-1], "content": f"{head}{sep}{' '.join(words[:mid])} ...{sep2}{instr}"}]
+        if count(trial) <= room:
+            lo = mid
+        else:
+            hi = mid - 1
+    return [*msgs[:-1], {**msgs[-1], "content": f"{head}{sep}{' '.join(words[:lo])} ...{sep2}{instr}"}], lo < len(words)
+
+
+def choose_strategy(requested: str, policy: LongformPolicy, fits: bool, can_chat: bool) -> str:
+    """The strategy that runs: ``auto`` reads the audio directly only when the checkpoint trained for
+    instructions and the audio fits the context (or when the backend cannot run text alone)."""
+    if requested not in STRATEGIES:
+        raise ValueError(f"strategy {requested!r} is not one of {STRATEGIES}")
+    if requested != "auto":
+        return requested
+    if not can_chat:
+        return "direct"
+    return "direct" if policy.trained_for_instructions and fits else "transcript"
