@@ -189,6 +189,8 @@ def _check_value(key: str, value: Any, hint: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
         value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):  # TOML allows inf and nan; no field means them
+            raise RecipeError(f"{key}: {value!r} is not a finite number")
     elif hint is str:
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {value!r}")
