@@ -17,7 +17,10 @@ def train(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe")],
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder (default runs/<recipe name>)")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a recipe field: key=value")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run folder's latest checkpoint (any world size)")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's newest complete checkpoint (any world size); "
+                                              "refused when it has none")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace the earlier run in the run folder (its checkpoints, model/ and "
+                                                 "metrics); without it or --resume such a folder is refused")] = False,
     gpus: Annotated[int, typer.Option(help="Processes per node: GPUs, or CPU processes with train.device=cpu")] = 1,
     nodes: Annotated[int, typer.Option(help="Nodes in the job")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank")] = 0,
@@ -25,12 +28,17 @@ def train(
     master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port (default: a free one on one node, 29500 across nodes)")] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the plan (launch command, world size, per-process batches, engine) and load nothing")] = False,
 ):
-    """Train the adapter; checkpoints and metrics.jsonl go to the run folder."""
+    """Train the adapter; checkpoints and metrics.jsonl go to the run folder.
+
+    A run folder belongs to one run: a second `train` into it while one is running is refused, and so
+    is a new run into a folder that holds checkpoints or a model, unless --resume or --overwrite."""
     from steermoe_core.config import load_recipe
     from steermoe_core.training.distributed import launched_by_a_launcher
     from steermoe_core.training.engines import check_engine_available
 
     r = load_recipe(recipe, set_)
+    if resume and overwrite:
+        usage_error("--resume continues the run in the folder, --overwrite replaces it: give one of them")
     world = gpus * nodes
     if r.data.batch_size % world:
         usage_error(f"data.batch_size = {r.data.batch_size} is the global batch: it must divide by the {world} processes")
@@ -49,7 +57,7 @@ def train(
                 usage_error(f"--gpus {gpus}: this node has {have} CUDA GPU(s); use train.device=cpu for CPU processes")
         relaunch(*launch)
         return
-    _run(r, run_dir, resume)
+    _run(r, run_dir, resume, overwrite)
 
 
 def _print_plan(r, recipe: Path, run_dir: Path, resume: bool, world: int, launch: tuple) -> None:
@@ -67,7 +75,7 @@ def _print_plan(r, recipe: Path, run_dir: Path, resume: bool, world: int, launch
                  f"{t.max_steps} steps, precision {t.precision}", soft_wrap=True)
 
 
-def _run(r, run_dir: Path, resume: bool) -> None:
+def _run(r, run_dir: Path, resume: bool, overwrite: bool) -> None:
     import os
 
     from steermoe_core.training.loop import Callbacks
@@ -76,6 +84,10 @@ def _run(r, run_dir: Path, resume: bool) -> None:
     main = int(os.environ.get("RANK", "0")) == 0
     with step_progress(console, r.train.max_steps, disable=not main) as bar:
         def on_start(info):
+            if main and info.get("resumed_from"):
+                for why in info["passed_over"]:
+                    console.print(f"[yellow]passed over[/] {why}", highlight=False, soft_wrap=True)
+                console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})", highlight=False, soft_wrap=True)
             if main:
                 console.print(f"device {info['device']} · precision {info['precision']} · {info['world_size']} process(es) · "
                               f"{info['train_examples']} training examples"
@@ -98,6 +110,6 @@ def _run(r, run_dir: Path, resume: bool) -> None:
                               highlight=False, soft_wrap=True)
 
         callbacks = Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_skip=on_skip)
-        result = run(r, run_dir, resume=resume, callbacks=callbacks)
+        result = run(r, run_dir, resume=resume, callbacks=callbacks, overwrite=overwrite)
     if main:
         console.print(f"[green]done[/]: model in {result.model_dir}")

@@ -7,8 +7,8 @@ optimizer step always takes exactly ``grad_accum`` micro-batches, across epoch b
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
-from steermoe_core.errors import DataError, TrainingError, UsageError
+from steermoe_core.errors import CheckpointError, DataError, TrainingError, UsageError, storage_error
 from steermoe_core.evaluation.evaluate import evaluate
 from steermoe_core.model.checkpoint import (
     load_checkpoint,
@@ -35,6 +35,16 @@ from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
 from steermoe_core.training.engines import make_strategy
 from steermoe_core.training.optim import make_optimizer, make_scheduler
+from steermoe_core.training.run_folder import (
+    ResumePoint,
+    clean_leftovers,
+    clear_run,
+    holds_a_run,
+    latest_complete,
+    prune,
+    resume_point,
+    run_folder_lock,
+)
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
 KEEP_CHECKPOINTS = 2
@@ -140,7 +150,8 @@ def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision
     strategy = strategy or SingleDevice()
     model.eval()
     metrics = {"valid_loss": validation_loss(model, ds, recipe, precision, strategy)}
-    summary = evaluate(model, ds, recipe, shard=strategy.shard_items, gather=strategy.gather, precision=precision)
+    # the loss at the training precision; the decoded metric at the decoding one, as `steermoe eval` scores it
+    summary = evaluate(model, ds, recipe, shard=strategy.shard_items, gather=strategy.gather)
     metrics.update({k: v for k, v in summary.items() if k not in ("data", "examples", "precision")})
     metrics["valid_examples"] = summary["examples"]
     model.train()
@@ -149,17 +160,8 @@ def validate(model: SteerMoEModel, ds: ShardedDataset, recipe: Recipe, precision
 
 # -- checkpoints -----------------------------------------------------------------------------------
 def latest_checkpoint(out: Path) -> Path | None:
-    marker = out / "checkpoints" / "latest"
-    if marker.exists():
-        path = out / "checkpoints" / marker.read_text().strip()
-        if (path / "train_state.pt").exists():
-            return path
-    return None
-
-
-def _prune(out: Path) -> None:
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
+    """The newest complete checkpoint of the run in ``out`` (what ``--resume`` starts from), or None."""
+    return latest_complete(out)
 
 
 def _train_state(opt, sched, step: int, pos: Position, device: torch.device, strategy: Strategy, bad_steps: int) -> dict:
@@ -174,12 +176,34 @@ def _train_state(opt, sched, step: int, pos: Position, device: torch.device, str
 def _restore(start: Path, sched, device: torch.device) -> tuple[dict, int, Position]:
     """(the saved train state, step, position). The optimizer state is the strategy's to restore,
     after ``prepare`` (``Strategy.load_engine``): ZeRO must see it after flattening its partitions."""
-    st = load_train_state(start)
+    st = _load_train_state(start)
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng"])
     if device.type == "cuda" and st.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(st["cuda_rng"], device)
     return st, int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
+
+
+def _load_train_state(start: Path) -> dict:
+    """The checkpoint's train state, loaded with torch's weights-only unpickler: a file that needs
+    anything more (code to run) is refused as foreign, never loaded with ``weights_only=False``."""
+    import pickle
+
+    path = start / "train_state.pt"
+    try:
+        st = load_train_state(start)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: not a steermoe train state; refusing to unpickle it") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged train state ({first})") from None
+    need = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng")
+    if not isinstance(st, dict) or any(k not in st for k in need):
+        raise CheckpointError(f"{path}: not a steermoe train state; refusing to use it")
+    meta_step = json.loads((start / "meta.json").read_text()).get("step")
+    if int(st["step"]) != meta_step:
+        raise CheckpointError(f"{path}: step {st['step']} does not match meta.json's step {meta_step}")
+    return st
 
 
 def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> SteerMoEModel:
@@ -221,6 +245,18 @@ def _drop_records_after(log_path: Path, step: int) -> None:
     write_text(log_path, "".join(x + "\n" for x in keep))
 
 
+def _likely_cause(cfg, step: int, lrs: list[float]) -> str:
+    """What the NaN stop message suggests. Losses that were finite and then were not, after updates,
+    point at the learning rates (named, with their value now); non-finite before any update cannot be
+    the learning rate's doing: the data or the backbones (the skipped batch ids are in metrics.jsonl)."""
+    if step == 0:
+        return "the loss was not finite before any update, so not the learning rate: check the data (batch ids in metrics.jsonl) and the backbones"
+    set_ = [f"train.{k} = {getattr(cfg, k):g}" for k in ("lr", "lr_steering", "lr_router", "lr_scales", "lr_projector", "lr_lora")
+            if getattr(cfg, k)]
+    now = ", ".join(f"{x:.3g}" for x in sorted(set(lrs)))
+    return f"the likely cause is a learning rate too high: {', '.join(set_)} (now {now}); lower it and resume"
+
+
 class _Window:
     """Running totals between two log lines."""
 
@@ -248,28 +284,56 @@ class _Window:
 
 # -- the loop --------------------------------------------------------------------------------------
 def train(
-    recipe: Recipe, out: Path, resume: bool = False, callbacks: Callbacks | None = None, strategy: Strategy | None = None
+    recipe: Recipe, out: Path, resume: bool = False, callbacks: Callbacks | None = None, strategy: Strategy | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
+    """Train into the run folder ``out``. A folder that holds an earlier run (checkpoints or a model)
+    is refused unless ``resume`` (continue it from its newest complete checkpoint) or ``overwrite``
+    (remove it first); the writing process holds the folder's lock throughout."""
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
     cfg = recipe.train
     device = pick_device(cfg.device)
     if strategy is not None:
-        return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
+        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device)
     strategy, device = make_strategy(recipe.distributed.engine, device, recipe, resolve_precision(cfg.precision, device))
     try:
-        return _train(recipe, out, resume, callbacks or Callbacks(), strategy, device)
+        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device)
     finally:
         strategy.close()
 
 
-def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Strategy, device: torch.device) -> TrainResult:
+def _claim(out: Path, resume: bool, overwrite: bool, main: bool) -> ResumePoint | None:
+    """Decide where this run starts, under the lock. Every process decides the same from the same
+    folder; only the main one cleans up or clears it."""
+    if main:
+        clean_leftovers(out)
+    if resume:
+        return resume_point(out)
+    earlier = holds_a_run(out)
+    if earlier and not overwrite:
+        raise UsageError(f"{out}: holds an earlier run ({', '.join(earlier)}); continue it with --resume, "
+                         "replace it with --overwrite, or give another --out")
+    if main:
+        clear_run(out)  # also the metrics.jsonl of a run killed before its first checkpoint
+    return None
+
+
+def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbacks, strategy: Strategy,
+           device: torch.device) -> TrainResult:
+    out.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(out) if strategy.is_main else contextlib.nullcontext():
+        return _train_locked(recipe, out, resume, overwrite, cb, strategy, device)
+
+
+def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbacks, strategy: Strategy,
+                  device: torch.device) -> TrainResult:
     cfg = recipe.train
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)
 
-    start = latest_checkpoint(out) if resume else None
-    if resume and start is None and (out / "model").exists():
-        raise UsageError(f"{out}: this run already finished (model/ exists); nothing to resume")
+    point = _claim(out, resume, overwrite, strategy.is_main)
+    start = point.path if point is not None else None
     model = _model_for_run(recipe, start, device)
     train_ds = ShardedDataset(recipe.data.train, recipe.data.max_duration)
     if len(train_ds) == 0:
@@ -296,13 +360,21 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
         "device": str(device), "precision": str(precision), "parameters": identity["parameters"],
         "train_examples": len(train_ds), "skipped_too_long": train_ds.too_long, "start_step": step,
         "max_steps": cfg.max_steps, "world_size": strategy.world_size,
+        "resumed_from": str(start) if start is not None else None,
+        "passed_over": list(point.passed_over) if point is not None else [],
     })
 
     def log(rec: dict) -> None:
         history.append(rec)
         if strategy.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            except OSError as e:  # a full disk: one line naming the file (the checkpoints are intact)
+                err = storage_error(e, log_path)
+                if err is None:
+                    raise
+                raise err from e
 
     def evaluate_now() -> dict:
         stage, model.ctc_only = model.ctc_only, False  # validation always scores the full model
@@ -325,7 +397,7 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
         strategy.barrier()
         if strategy.is_main:
             write_text(out / "checkpoints" / "latest", path.name)
-            _prune(out)
+            prune(out, step, KEEP_CHECKPOINTS)
             cb.on_save(path)
         strategy.barrier()
 
@@ -340,7 +412,8 @@ def _train(recipe: Recipe, out: Path, resume: bool, cb: Callbacks, strategy: Str
             last = latest_checkpoint(out)
             raise TrainingError(
                 f"{out}: {bad_steps} steps had a NaN/inf loss (train.max_bad_steps = {cfg.max_bad_steps}); stopped at step {step}, "
-                + (f"last good checkpoint {last} (continue with --resume after fixing the cause)" if last else "no checkpoint saved yet"))
+                + (f"last good checkpoint {last} (continue with --resume after fixing the cause)" if last else "no checkpoint saved yet")
+                + f"; {_likely_cause(cfg, step, sched.get_last_lr())}")
 
     stream = micro_batch_stream(train_ds, recipe, pos, strategy)
     model.train()
