@@ -128,3 +128,33 @@ def test_kokoro_speaks_a_sentence_in_a_blended_voice(tmp_path, monkeypatch):
     assert audio.dtype == np.float32
     assert 1.5 < len(audio) / 16000 < 5.0  # about 2.5 s of speech
     assert np.abs(audio).max() > 0.05
+
+
+def test_voice_family_sets_hold_out_their_sentences_and_voices():
+    from steermoe_core.demo.text import HELDOUT_VOICES, TRAIN_VOICES, in_domain_sentences, out_of_domain_sentences, train_sentences
+    from steermoe_core.evaluation import voice_sets
+
+    test, dev = voice_sets.sentences("test", 60), voice_sets.sentences("dev", 60)
+    assert len(set(test)) == 60 and not set(test) & set(dev)
+    seen = set(out_of_domain_sentences(60)) | set(in_domain_sentences(300)) | set(train_sentences(12000))
+    assert not (set(test) | set(dev)) & seen  # nothing the demo trains or scores on
+    assert set(voice_sets.ROBOTIC) == set(HELDOUT_VOICES) and not set(voice_sets.ROBOTIC) & set(TRAIN_VOICES)
+    assert set(synth.EVAL_ONLY_VOICES) <= set(voice_sets.NEURAL)
+    kokoro = [v.split(":")[1] for v in voice_sets.NEURAL if v.startswith("kokoro:")]
+    assert kokoro and not set(kokoro) & set(synth.KOKORO_TRAIN_VOICES)
+    with pytest.raises(UsageError, match="between 1 and 60"):
+        voice_sets.sentences("test", 61)
+
+
+@needs_flite
+@needs_espeak
+def test_every_voice_of_a_family_reads_the_same_sentences():
+    from steermoe_core.evaluation import voice_sets
+
+    items = voice_sets.family_items("robotic", "test", 3)
+    assert len(items) == 3 * len(voice_sets.ROBOTIC)
+    by_voice = {}
+    for it in items:
+        by_voice.setdefault(it.extra["voice"], []).append(it.text)
+    assert len(by_voice) == len(voice_sets.ROBOTIC) and len({tuple(v) for v in by_voice.values()}) == 1
+    assert len({it.id for it in items}) == len(items)
