@@ -132,13 +132,13 @@ def test_segment_budget_follows_the_duration():
 
 
 def test_a_recording_longer_than_the_context_is_answered_by_map_reduce(model):
-    audio = _meeting(n=10)  # 22 s: about 270 audio tokens
+    audio = _meeting(n=14)  # 30 s: about 370 audio tokens
     sm = _sm(model, max_segment_seconds=2.0, tokens_per_second=4.0, answer_tokens=6)
-    sm.backend.max_context = 128
+    sm.backend.max_context = 320  # the tiny tokenizer spends ~110 tokens on a part's instructions
     r = sm.ask(audio, "Summarize the main points.", strategy="auto")[0]
     assert r.strategy == "transcript"  # not trained for instructions, and too long for the context anyway
     assert r.error is None and r.text and r.rounds >= 1, (r.error, r.rounds, r.transcript)
-    assert r.transcript and len(r.segments) >= 12
+    assert r.rounds < 8 and r.transcript and len(r.segments) >= 10
     r = sm.ask(audio, "Summarize the main points.", strategy="direct")[0]
     assert "too long for the LLM's context" in r.error
 
@@ -200,3 +200,74 @@ def test_chat_text_is_the_frozen_llms_greedy_answer(model):
     backend.precision = "fp32"
     got = chat_text(backend, msgs, 6)
     assert got == want or want.startswith(got)  # equal unless the loop guard kept one copy of a repeat
+
+
+def _source_data(folder):
+    from steermoe_core.data.prep.shards import Row, write_manifest, write_shard
+
+    folder.mkdir()
+    ids = ["talk-0", "talk-1", "talk-2", "talk-3", "other-0", "other-1"]
+    rows = [Row(i, tone_clip(k % 4, 1.0), f"sentence {k}") for k, i in enumerate(ids)]
+    info = write_shard(rows, folder / "shard-00000.parquet")
+    write_manifest(folder, "test", "train", {"shard-00000.parquet": info}, [])
+    return folder
+
+
+def test_concat_joins_neighbouring_utterances_of_one_source(tmp_path):
+    from steermoe_core.data.concat import ConcatDataset, source_of
+    from steermoe_core.data.dataset import ShardedDataset
+
+    assert source_of("103-1240-0005") == "103-1240" and source_of("utt3") == "utt3"
+    base = ShardedDataset(_source_data(tmp_path / "d"))
+    ds = ConcatDataset(base, max_seconds=2.5, prob=1.0)
+    assert [m["text"] for m in ds.meta] == ["sentence 0 sentence 1", "sentence 2 sentence 3", "sentence 4 sentence 5"]
+    ex = ds[0]
+    assert ex.text == "sentence 0 sentence 1" and len(ex.audio) == int(2.3 * SR) and ds.durations[0] == pytest.approx(2.3)
+    ds = ConcatDataset(base, max_seconds=10, prob=1.0)  # never across sources
+    assert [m["text"] for m in ds.meta] == ["sentence 0 sentence 1 sentence 2 sentence 3", "sentence 4 sentence 5"]
+    assert len(ConcatDataset(base, 10, prob=0.0)) == 6
+
+
+def test_behaviour_alignment_targets_are_the_frozen_llms_answers_over_the_transcript(model, tmp_path):
+    from steermoe_core.data.alignment import AlignedDataset, alignment_targets, pick
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.inference.longform import llm_chat
+
+    chat = llm_chat(model)
+    examples = [("talk-0", "hello world"), ("talk-1", "good morning"), ("talk-2", "one two three")]
+    instructions = ["Summarize the audio.", "What is the topic?"]
+    cache = tmp_path / "targets.jsonl"
+    targets = alignment_targets(examples, instructions, 1.0, 0, chat, cache, max_new_tokens=8)
+    backend = TorchBackend(model)
+    backend.precision = "fp32"
+    for ex_id, text in examples:
+        ins = pick(ex_id, instructions, 1.0, 0)
+        want = chat_text(backend, whole_messages(ins, text), 8)
+        assert (targets[ex_id] if want else None) == ((ins, want) if want else None)
+    assert len(cache.read_text().splitlines()) == 3
+
+    def no_llm(*a):
+        raise AssertionError("cached answers must not be generated again")
+
+    assert alignment_targets(examples, instructions, 1.0, 0, no_llm, cache, max_new_tokens=8) == targets
+    assert pick("x", instructions, 0.0, 0) is None
+    ds = AlignedDataset(ShardedDataset(_source_data(tmp_path / "d")), {"talk-1": ("What is the topic?", "greetings")})
+    assert (ds[1].prompt, ds[1].text) == ("What is the topic?", "greetings") and ds[0].text == "sentence 0" and ds[0].prompt is None
+
+
+def test_training_with_joined_utterances_and_alignment_records_what_infer_needs(backbones, tmp_path):
+    from steermoe_core.training.loop import train
+
+    d = tiny_recipe_dict(backbones, _source_data(tmp_path / "d"))
+    d["data"].update(valid="", concat_seconds=2.5, concat_prob=1.0, align_instructions=["Summarize the audio."], align_prob=0.5,
+                     align_max_new_tokens=6)
+    d["train"]["max_steps"] = 2
+    ckpt = train(recipe_from_dict(d), tmp_path / "run").model_dir
+    meta = json.loads((ckpt / "meta.json").read_text())
+    assert meta["training_audio"]["max_seconds"] == pytest.approx(2.3) and meta["training_audio"]["tokens_per_second"] > 0
+    assert (tmp_path / "run" / "align_targets.jsonl").is_file()
+    from steermoe_core.inference.longform import policy_from_checkpoint
+
+    pol = policy_from_checkpoint(ckpt)
+    assert pol.trained_for_instructions and pol.max_segment_seconds == pytest.approx(2.3)
+    assert pol.budget(2.0) == int(np.ceil(1.5 * meta["training_audio"]["tokens_per_second"] * 2.0)) + 8

@@ -37,6 +37,7 @@ import numpy as np
 from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.audio.vad import is_silent, segment_speech
 from steermoe_core.audio.windows import split_points
+from steermoe_core.data.alignment import instruction_messages
 
 STRATEGIES = ("auto", "direct", "transcript")
 DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
@@ -269,7 +270,16 @@ def chat_text(backend, messages: list[dict], max_new_tokens: int = 256, streamer
 
 # -- instructions over a transcript: map-reduce ---------------------------------------------------------
 def whole_messages(instruction: str, transcript: str) -> list[dict]:
-    return [{"role": "user", "content": f"Transcript of a recording:\n\n{transcript}\n\n{instruction}"}]
+    """The whole transcript and the instruction: the prompt behaviour alignment trains towards too."""
+    return instruction_messages(instruction, transcript)
+
+
+def llm_chat(model, precision: str = "fp32") -> Callable[[list[dict], int], str]:
+    """``chat_text`` on a bare ``SteerMoEModel`` (training: behaviour-alignment targets)."""
+    from types import SimpleNamespace
+
+    backend = SimpleNamespace(model=model, precision=precision, name="torch")
+    return lambda messages, max_new_tokens: chat_text(backend, messages, max_new_tokens)
 
 
 def part_messages(instruction: str, text: str, i: int, n: int) -> list[dict]:

@@ -21,6 +21,7 @@ from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.config import Recipe, dump_recipe
 from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch
+from steermoe_core.data.concat import training_audio_stats
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
 from steermoe_core.errors import CheckpointError, DataError, TrainingError, UsageError, storage_error
@@ -339,6 +340,11 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
     if len(train_ds) == 0:
         raise DataError(f"{recipe.data.train}: no training examples of at most {recipe.data.max_duration} s")
     valid_ds = ShardedDataset(recipe.data.valid) if recipe.data.valid else None
+    if recipe.data.concat_seconds > 0 or recipe.data.align_instructions:  # joined utterances; behaviour-alignment targets
+        from steermoe_core.data.alignment import training_view
+        from steermoe_core.inference.longform import llm_chat
+
+        train_ds = training_view(train_ds, recipe.data, cfg.seed, out, llm_chat(model, precision.name), strategy.is_main)
 
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
@@ -353,7 +359,8 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
         strategy.load_engine(start, saved, opt)
 
     history: list[dict] = []
-    run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name}
+    run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name,
+                "training_audio": training_audio_stats(train_ds, model.tokenizer)}  # what `infer` cuts long audio to
     if strategy.is_main:
         write_text(out / "recipe.toml", dump_recipe(recipe))
     cb.on_start({
