@@ -1,4 +1,4 @@
-"""The embedded default: prep -> train -> eval -> infer with real pretrained backbones, offline.
+"""The from-scratch demo (`steermoe demo --full`): prep -> train -> eval -> infer with real pretrained backbones, offline.
 
 Every stage leaves its result in the work folder and is skipped when that result exists, so a
 second run reuses the data and checkpoints (and re-prints the table).
@@ -25,7 +25,6 @@ from steermoe_core.demo.text import (
 )
 from steermoe_core.errors import UsageError
 from steermoe_core.inference.api import SHIPPED_MODEL
-from steermoe_core.runtime import Precision
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
@@ -48,7 +47,8 @@ SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 
 @dataclass
 class DemoConfig:
-    """Sized for `make demo` on 2 CPU cores; CI uses a much smaller one, `make demo-full` a larger one."""
+    """A from-scratch run: `make demo-full` (``full_config``), or any size of it (`steermoe demo --full --steps N`);
+    CI uses a much smaller one. `make demo` itself adapts the shipped adapter instead (``demo.adapt``)."""
 
     workdir: Path
     train_sentences: int = 3000
@@ -69,45 +69,9 @@ class DemoConfig:
     loader_workers: int = 0  # DataLoader processes; 0 = the recipe's (none: on 2 CPU cores they only compete)
 
 
-SIZES = ("auto", "standard", "small")
-
-
-def sized_config(size: str, cache: Path, precision: Precision, workdir: Path | None = None, workers: int = 0,
-                 device: torch.device = torch.device("cpu")) -> tuple[DemoConfig, str]:
-    """The demo's size for this machine, and why: `make demo` promises at most 20 minutes on 2 CPU cores.
-
-    Measured per adapter, a CTC-only step of batch 16 and a CTC+LLM one: 5.4 s and 19 s in fp32 on a
-    2-core AVX2-only AMD EPYC; 1.5 s and 5.5 s in bf16 on a 2-core AMD EPYC with AVX512-BF16 but no AMX,
-    where the standard size (100 + 100 such steps per adapter, two adapters, then scoring four) would
-    take about 32 minutes; about 1 s and 2-3.5 s where bf16 ran 4x faster than fp32 (AMX), and it took 19.
-    ``auto`` therefore runs the standard size on a GPU or a CPU with AMX, and ``small`` on every other CPU:
-    32 steps (16 of them CTC-only) at half the batch, 24 + 24 evaluation clips instead of 60 + 60. Each
-    size has its own default folder, so their data and checkpoints never mix.
-    """
-    from steermoe_core.runtime import cpu_has_amx
-
-    if size not in SIZES:
-        raise UsageError(f"--size {size!r}: expected one of {', '.join(SIZES)}")
-    why = f"--size {size}"
-    if size == "auto":
-        fast = device.type != "cpu" or (precision.name == "bf16" and cpu_has_amx())
-        size = "standard" if fast else "small"
-        if fast:
-            why = f"auto: precision {precision.name} on {'AMX' if device.type == 'cpu' else device.type}"
-        elif precision.name == "fp32":
-            why = ("auto: precision fp32, about 4x slower a step than bf16 on a CPU that has it; "
-                   "`--size standard` for the full-size run (about 90 minutes on such a CPU)")
-        else:
-            why = ("auto: precision bf16 on a CPU without AMX, about 2x slower a step than with it; "
-                   "`--size standard` for the full-size run (about 32 minutes on such a CPU)")
-    if size == "standard":
-        return DemoConfig(workdir or cache / "demo", workers=workers), why
-    return DemoConfig(workdir or cache / "demo-small", train_sentences=1000, valid_sentences=24, ood_sentences=24,
-                      steps=32, ctc_only_steps=16, batch_size=8, workers=workers), why
-
-
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
-    """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE only)."""
+    """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE; with
+    ``train_linear`` a linear-only adapter beside it on the same data, schedule and seed)."""
     return DemoConfig(workdir, train_sentences=12000, steps=FULL_STEPS, decay_steps=FULL_DECAY_STEPS,
                       ctc_only_steps=FULL_CTC_ONLY_STEPS, workers=workers, pretrained=None, train_linear=False,
                       eval_every=FULL_EVAL_EVERY, save_every=FULL_SAVE_EVERY, loader_workers=FULL_LOADER_WORKERS)

@@ -4,6 +4,8 @@
   words); the last ``IN_DOMAIN_POOL`` lines are never trained on.
 - out-of-domain: the Harvard sentences (IEEE 1969), a different source whose sentences never occur
   in the training text, spoken by voices the training never heard (``HELDOUT_VOICES``).
+- `make demo`'s adaptation: the Harvard sentences after the first ``ADAPT_TEST_POOL`` to adapt on,
+  the first ones (which the out-of-domain set also uses) to score on; the two never overlap.
 Sources and licences: ``demo/data/SOURCES.md``.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 DATA = Path(__file__).resolve().parent / "data"
 IN_DOMAIN_POOL = 300
+ADAPT_TEST_POOL = 100  # the first Harvard sentences: scored, never adapted on
 
 # espeak-ng variants (+m/+f) change pitch and formants; flite's voices are different speakers.
 TRAIN_VOICES = (
@@ -43,3 +46,18 @@ def in_domain_sentences(n: int) -> list[str]:
 
 def out_of_domain_sentences(n: int) -> list[str]:
     return list(_lines("harvard.txt")[:n])
+
+
+def adapt_test_sentences(n: int) -> list[str]:
+    """Harvard sentences `make demo` scores its adaptation on: the first ``n`` (the out-of-domain set's)."""
+    if n > ADAPT_TEST_POOL:
+        raise ValueError(f"the demo holds out {ADAPT_TEST_POOL} Harvard sentences to score on, {n} asked for")
+    return list(_lines("harvard.txt")[:n])
+
+
+def adapt_train_sentences(n: int) -> list[str]:
+    """Harvard sentences `make demo` adapts on: after the held-out pool, so no scored sentence is trained on."""
+    pool = _lines("harvard.txt")[ADAPT_TEST_POOL:]
+    if n > len(pool):
+        raise ValueError(f"the demo has {len(pool)} Harvard sentences to adapt on, {n} asked for")
+    return list(pool[:n])

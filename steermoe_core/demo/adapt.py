@@ -1,0 +1,269 @@
+"""`steermoe demo` (what `make demo` runs): the shipped adapter adapted, before your eyes, to voices it never heard.
+
+A reader cannot be trained from scratch in 20 minutes on 2 CPU cores (`demo --full` takes hours), but an
+adapter that already reads English can be adapted in minutes. The demo starts from whatever adapter ships in
+``demo/pretrained`` (loaded from its path, so a new shipped adapter is picked up with no other change),
+fine-tunes it on the held-out voices speaking a kind of text it never trained on (Harvard sentences), and
+scores it before and after on Harvard sentences in those voices that the fine-tune never sees, plus the
+training voices it already knew (to show it did not forget them).
+
+The training length comes from a measured step time: the first few steps are timed, and the run takes as
+many steps as fit its time budget (and what is left of the demo's), between a floor that still shows the
+score fall and a ceiling. Every stage leaves its result in the work folder and is reused by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from steermoe_core.atomic import write_text
+from steermoe_core.demo.text import (
+    ADAPT_TEST_POOL,
+    HELDOUT_VOICES,
+    TRAIN_VOICES,
+    adapt_test_sentences,
+    adapt_train_sentences,
+    in_domain_sentences,
+)
+from steermoe_core.errors import UsageError
+from steermoe_core.inference.api import SHIPPED_MODEL
+
+Log = Callable[[str], None]
+SETS = {"held-out voices": "test", "training voices": "control"}  # table column -> data folder
+
+
+@dataclass
+class AdaptConfig:
+    """What `make demo` runs. Sized so that the whole command (set-up aside) ends within about 15 minutes
+    on 2 CPU cores of either kind: the fixed part (synthesis, loading, scoring twice) takes 4-6 minutes
+    there, the training what its time budget allows at the measured step time."""
+
+    workdir: Path
+    start: Path = SHIPPED_MODEL  # the adapter to adapt: the shipped one, whatever it is now
+    voices: tuple[str, ...] = HELDOUT_VOICES  # the voices to adapt to; the shipped run never heard them
+    train_sentences: int = 600  # Harvard sentences after the test pool, spoken in ``voices``
+    test_sentences: int = 40  # held-out Harvard sentences in ``voices``: the fine-tune never sees them
+    control_sentences: int = 20  # held-out Brown sentences in the training voices (0 = no such column)
+    batch_size: int = 8
+    lr_scale: float = 0.3  # times the start adapter's own recipe lrs (0.3 = its floor lr)
+    steps: int = 0  # > 0: exactly this many steps; 0 = sized from the measured step time
+    probe_steps: int = 3  # timed steps (part of the run) that size it; the first is warm-up, not counted
+    min_steps: int = 24  # the floor: fewer steps do not move the score reliably
+    max_steps: int = 240
+    train_budget_s: float = 420.0  # training's share of the demo's time
+    total_budget_s: float = 900.0  # the whole run (not the set-up): training shrinks to keep to it
+    seed: int = 0
+    max_new_tokens: int = 0  # 0 = the start adapter's recipe's eval.max_new_tokens
+    whisper: bool = True  # score Whisper tiny.en's own decoder on the same clips (the reference row)
+
+    def __post_init__(self) -> None:
+        for name in ("train_sentences", "test_sentences", "batch_size", "probe_steps", "min_steps", "max_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"demo: {name} must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.control_sentences < 0:
+            raise UsageError("demo: steps and control_sentences must be 0 or more")
+        if self.test_sentences > ADAPT_TEST_POOL:
+            raise UsageError(f"demo: at most {ADAPT_TEST_POOL} test sentences, {self.test_sentences} asked for")
+        if self.min_steps > self.max_steps:
+            raise UsageError(f"demo: min_steps {self.min_steps} is above max_steps {self.max_steps}")
+        if not self.lr_scale > 0:
+            raise UsageError(f"demo: lr_scale must be above 0, got {self.lr_scale}")
+        if set(self.voices) & set(TRAIN_VOICES):
+            raise UsageError(f"demo: {sorted(set(self.voices) & set(TRAIN_VOICES))} are training voices, not new ones")
+
+
+def plan_steps(step_s: float, budget_s: float, min_steps: int, max_steps: int) -> int:
+    """How many steps fit ``budget_s`` at ``step_s`` a step, within [min_steps, max_steps]. The floor
+    wins over the budget: a run too short to move the score would show nothing at all."""
+    fit = int(budget_s // step_s) if step_s > 0 else max_steps
+    return max(min_steps, min(max_steps, fit))
+
+
+def adapter_fingerprint(model_dir: Path) -> str:
+    """The start adapter's identity by content (not path or mtime): a stored result is reused only for
+    the very adapter it came from, so a newly shipped adapter is adapted afresh."""
+    return hashlib.sha256((model_dir / "adapter.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def _claim(cfg: AdaptConfig, start_key: str, log: Log) -> None:
+    """A folder holds one demo's data and runs; another size or start adapter starts afresh in it
+    (the data is kept when only the adapter or the training changed)."""
+    data_keys = ("voices", "train_sentences", "test_sentences", "control_sentences")
+    stamp = cfg.workdir / "demo.json"
+    now = {k: v for k, v in json.loads(json.dumps(asdict(cfg), default=str)).items() if k != "workdir"}
+    now["start_key"] = start_key
+    if stamp.exists():
+        old = json.loads(stamp.read_text())
+        if any(old.get(k) != now[k] for k in data_keys):
+            diff = ", ".join(f"{k} {old.get(k)} -> {now[k]}" for k in data_keys if old.get(k) != now[k])
+            raise UsageError(f"{cfg.workdir}: made by a demo with other data ({diff}); pass another --workdir or delete it")
+        if old != now:
+            import shutil
+
+            log(f"{cfg.workdir}: another start adapter or training settings; adapting afresh (the data is reused)")
+            for stale in ("adapted", "results.json", "before.json"):
+                p = cfg.workdir / stale
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    write_text(stamp, json.dumps(now, indent=2))
+
+
+def _prep(cfg: AdaptConfig, data: Path, log: Log) -> dict[str, Path]:
+    from steermoe_core.demo.run import _prep_synth
+
+    _prep_synth(adapt_train_sentences(cfg.train_sentences), data / "train", list(cfg.voices), 0, log)
+    _prep_synth(adapt_test_sentences(cfg.test_sentences), data / "test", list(cfg.voices), 0, log)
+    sets = {"held-out voices": data / "test"}
+    if cfg.control_sentences:
+        _prep_synth(in_domain_sentences(cfg.control_sentences), data / "control", list(TRAIN_VOICES), 0, log)
+        sets["training voices"] = data / "control"
+    return sets
+
+
+def _score(model, recipe, sets: dict[str, Path], precision) -> dict:
+    """WER on each set, the LLM's loss on the held-out voices, the predictions, and the decode time."""
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.evaluate import predict_dataset
+    from steermoe_core.evaluation.metrics import word_error_rate
+    from steermoe_core.training.loop import validation_loss
+    from steermoe_core.training.strategy import SingleDevice
+
+    model.eval()
+    wer, preds, t0 = {}, {}, time.perf_counter()
+    for label, path in sets.items():
+        p = predict_dataset(model, ShardedDataset(path), recipe)  # decoding's own precision policy
+        wer[label] = word_error_rate([x["reference"] for x in p], [x["prediction"] for x in p])
+        preds[label] = [{"reference": x["reference"], "prediction": x["prediction"]} for x in p]
+    decode_s = time.perf_counter() - t0
+    loss = validation_loss(model, ShardedDataset(sets["held-out voices"]), recipe, precision, SingleDevice())
+    return {"wer": wer, "loss": loss, "predictions": preds, "decode_s": decode_s}
+
+
+def _fine_tune(model, recipe, cfg: AdaptConfig, out: Path, precision, deadline: float, after_s: float, log: Log) -> dict:
+    """Train from the loaded adapter at a constant lr; the first ``probe_steps`` are timed and size the rest."""
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.model.checkpoint import model_identity, save_checkpoint
+    from steermoe_core.training.loop import Position, micro_batch_stream, train_step
+    from steermoe_core.training.optim import make_optimizer
+    from steermoe_core.training.strategy import SingleDevice
+
+    torch.manual_seed(cfg.seed)
+    model.max_target_tokens = recipe.data.max_target_tokens
+    model.ctc_weight = recipe.train.ctc_weight
+    model.pad_to_repeated_shapes(recipe.data.pad_multiple_seconds)
+    model.ctc_only = False
+    opt = make_optimizer(model, recipe.train, model.device)
+    stream = micro_batch_stream(ShardedDataset(recipe.data.train), recipe, Position(), SingleDevice())
+    model.train()
+    losses, times, step, steps = [], [], 0, cfg.steps or cfg.max_steps
+    while step < steps:
+        batch = next(stream)[0]
+        t = time.perf_counter()
+        stats = train_step(model, opt, [batch], precision, recipe.train.clip_grad)
+        if stats["bad"]:
+            continue
+        losses.append(float(stats["ce"]))
+        times.append(time.perf_counter() - t)
+        step += 1
+        if step == cfg.probe_steps and not cfg.steps:
+            step_s = statistics.mean(times[1:] or times)  # the first step builds the kernels for the new shapes
+            left = deadline - time.monotonic() - after_s  # what the demo's budget leaves once scoring is done
+            budget = min(cfg.train_budget_s, left)
+            steps = plan_steps(step_s, budget, cfg.min_steps, cfg.max_steps)
+            log(f"measured {step_s:.1f} s a step (batch {recipe.data.batch_size}, {precision.name}) -> {steps} steps, "
+                f"about {steps * step_s / 60:.0f} min of training" + (f" (budget {budget:.0f} s)" if budget < cfg.train_budget_s else ""))
+        if step % 10 == 0 or step == steps:
+            log(f"  step {step}/{steps}: loss {statistics.mean(losses[-10:]):.3f}, {times[-1]:.1f} s a step")
+    model.eval()
+    save_checkpoint(model, recipe, out, step, {"train_loss_last10": statistics.mean(losses[-10:])},
+                    run_info={"precision": precision.name, "engine": "single", "world_size": 1}, identity=model_identity(model))
+    return {"steps": step, "step_s": statistics.mean(times[1:] or times), "train_s": sum(times),
+            "first_loss": statistics.mean(losses[:5]), "last_loss": statistics.mean(losses[-5:])}
+
+
+def _whisper(encoder_path: str, sets: dict[str, Path]) -> dict:
+    from steermoe_core.demo.run import _whisper_wer
+
+    return {label: _whisper_wer(encoder_path, path) for label, path in sets.items()}
+
+
+def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
+    """Synthesise, score the start adapter, fine-tune it, score it again. Returns (and stores in
+    ``results.json``) the before/after table and how the run was sized."""
+    from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
+    from steermoe_core.runtime import resolve_precision
+
+    began = time.monotonic()
+    deadline = began + cfg.total_budget_s
+    if not (cfg.start / "adapter.safetensors").is_file():
+        raise UsageError(f"{cfg.start}: no adapter to start from (`make demo-full` trains and ships one)")
+    start_key = adapter_fingerprint(cfg.start)
+    _claim(cfg, start_key, log)
+    stored = cfg.workdir / "results.json"
+    if stored.exists():
+        log(f"reusing {stored}: the same start adapter and settings were adapted and scored")
+        return json.loads(stored.read_text())
+    data = cfg.workdir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    sets = _prep(cfg, data, log)
+
+    overrides = [f"data.train={data / 'train'}", "data.valid=", f"data.batch_size={cfg.batch_size}", "data.num_workers=0",
+                 f"train.seed={cfg.seed}", "train.ctc_only_steps=0"]
+    recipe0 = read_checkpoint(cfg.start)[0]  # the start adapter's own lrs, scaled
+    for k in ("lr", "lr_steering", "lr_router", "lr_scales", "lr_projector"):
+        base = getattr(recipe0.train, k)
+        if base:
+            overrides.append(f"train.{k}={base * cfg.lr_scale:g}")
+    if cfg.max_new_tokens:
+        overrides.append(f"eval.max_new_tokens={cfg.max_new_tokens}")
+    model, recipe, meta = load_checkpoint(cfg.start, overrides=overrides)
+    precision = resolve_precision(recipe.train.precision, model.device)
+    log(f"start: {cfg.start} ({meta.get('step')} steps); training precision {precision}")
+
+    before_file = cfg.workdir / "before.json"
+    if before_file.exists():
+        before = json.loads(before_file.read_text())
+    else:
+        log("scoring the start adapter")
+        before = _score(model, recipe, sets, precision)
+        write_text(before_file, json.dumps(before, indent=2))
+    log("before: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in before["wer"].items()) + f", loss {before['loss']:.3f} "
+        f"({before['decode_s']:.0f} s to decode)")
+
+    out = cfg.workdir / "adapted"
+    if (out / "meta.json").exists():
+        log(f"reusing {out}")
+        model = load_checkpoint(out, model=model, overrides=overrides)[0]
+        trained = json.loads((cfg.workdir / "trained.json").read_text())
+    else:
+        log(f"adapting to {len(cfg.voices)} voices it never heard ({', '.join(cfg.voices)}) on "
+            f"{cfg.train_sentences} Harvard sentences")
+        trained = _fine_tune(model, recipe, cfg, out, precision, deadline, before["decode_s"] * 1.2, log)
+        write_text(cfg.workdir / "trained.json", json.dumps(trained, indent=2))
+    log("scoring the adapted adapter")
+    after = _score(model, recipe, sets, precision)
+    log("after: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in after["wer"].items()) + f", loss {after['loss']:.3f}")
+    result = {
+        "start": str(cfg.start), "start_step": meta.get("step"), "start_key": start_key,
+        "voices": list(cfg.voices), "train_sentences": cfg.train_sentences, "batch_size": cfg.batch_size,
+        "precision": str(precision), "trained": trained,
+        "wer": {"start adapter": before["wer"], "adapted": after["wer"]},
+        "loss": {"start adapter": before["loss"], "adapted": after["loss"]},
+        "examples": [{"reference": b["reference"], "before": b["prediction"], "after": a["prediction"]}
+                     for b, a in zip(before["predictions"]["held-out voices"], after["predictions"]["held-out voices"])],
+        "checkpoint": str(out),
+        "sets": {k: str(v) for k, v in sets.items()},
+    }
+    if cfg.whisper:
+        result["wer"]["whisper tiny.en decoder"] = _whisper(recipe.model.encoder.path, sets)
+    result["seconds"] = time.monotonic() - began
+    write_text(stored, json.dumps(result, indent=2))
+    return result
