@@ -16,9 +16,18 @@ prep_app = typer.Typer(help="Prepare a dataset (Parquet shards of FLAC + manifes
 
 Out = Annotated[Path, typer.Option("--out", help="Output folder")]
 Workers = Annotated[int, typer.Option(help="Parallel worker processes (0 = all cores)")]
-Resume = Annotated[bool, typer.Option(help="Keep shards finished by an earlier, interrupted run")]
+Resume = Annotated[bool, typer.Option(help="Keep shards finished by an earlier, interrupted run; refused (naming what "
+                                              "changed) when the inputs are not the ones it sharded")]
+Encoding = Annotated[str, typer.Option(help="Encoding of the transcripts and manifests (a byte-order mark is dropped); "
+                                            "a transcript that does not decode is listed as a bad input")]
 Strict = Annotated[bool, typer.Option(help="Fail (exit 2) if any input was skipped")]
 ShardSize = Annotated[int, typer.Option(help="Utterances per Parquet shard")]
+
+
+def check_encoding(name: str) -> str:
+    from steermoe_core.data.prep.sources import check_encoding as check
+
+    return check(name)
 
 
 def _run(splits: dict, out: Path, source: str, workers: int, resume: bool, strict: bool, shard_size: int, nested: bool) -> None:
@@ -64,12 +73,13 @@ def librispeech(
     out: Out,
     subset: Annotated[Optional[list[str]], typer.Option(help="Subset folder name(s), e.g. train-clean-100")] = None,
     workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
+    encoding: Encoding = "utf-8",
 ):
     """LibriSpeech: SUBSET/SPEAKER/CHAPTER/*.flac with *.trans.txt; all subsets given go in one dataset."""
     from steermoe_core.data.prep.sources import librispeech as read
 
     def go():
-        items, skipped, split = read(src, subset)
+        items, skipped, split = read(src, subset, check_encoding(encoding))
         _run({split: (items, skipped)}, out, "librispeech", workers, resume, strict, shard_size, nested=False)
 
     friendly(go)()
@@ -79,34 +89,39 @@ def librispeech(
 def aishell(
     src: Annotated[Path, typer.Argument(help="AISHELL-1 root (wav/ and transcript/)")],
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
+    encoding: Encoding = "utf-8",
 ):
     """AISHELL-1: one dataset per split under OUT/train, OUT/dev, OUT/test."""
     from steermoe_core.data.prep.sources import aishell as read
 
-    friendly(lambda: _run(read(src), out, "aishell", workers, resume, strict, shard_size, nested=True))()
+    friendly(lambda: _run(read(src, check_encoding(encoding)), out, "aishell", workers, resume, strict, shard_size, nested=True))()
 
 
 @prep_app.command()
 def clothoaqa(
     src: Annotated[Path, typer.Argument(help="ClothoAQA root (audio_files/ and clotho_aqa_*.csv)")],
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
+    encoding: Encoding = "utf-8",
 ):
     """ClothoAQA: every question of a clip, with all answers and confidences; OUT/train, OUT/val, OUT/test."""
     from steermoe_core.data.prep.sources import clothoaqa as read
 
-    friendly(lambda: _run(read(src), out, "clothoaqa", workers, resume, strict, shard_size, nested=True))()
+    friendly(lambda: _run(read(src, check_encoding(encoding)), out, "clothoaqa", workers, resume, strict, shard_size, nested=True))()
 
 
 @prep_app.command()
 def folder(
     src: Annotated[Path, typer.Argument(help="Folder of audio + sidecar .txt, or a csv/tsv/jsonl manifest")],
     out: Out, workers: Workers = 0, resume: Resume = False, strict: Strict = False, shard_size: ShardSize = 1000,
+    encoding: Encoding = "utf-8",
+    allow_outside: Annotated[bool, typer.Option("--allow-outside", help="Let a manifest name audio outside its own folder "
+                                                                      "(by default such rows are listed as bad inputs)")] = False,
 ):
     """Any audio (WAV/FLAC/OGG/MP3/M4A/...) with sidecar .txt files, or a manifest of path,text[,prompt,language]."""
     from steermoe_core.data.prep.sources import folder as read
 
     def go():
-        items, skipped = read(src)
+        items, skipped = read(src, check_encoding(encoding), allow_outside)
         _run({"all": (items, skipped)}, out, f"folder:{src}", workers, resume, strict, shard_size, nested=False)
 
     friendly(go)()

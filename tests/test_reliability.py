@@ -330,3 +330,148 @@ def test_the_nan_stop_names_the_learning_rates_when_they_diverged_the_run(backbo
     d = _small(backbones, tiny_data, max_steps=20, lr=1e30, warmup_steps=1, max_bad_steps=3, save_every=0)
     with pytest.raises(TrainingError, match=r"NaN/inf loss.*the likely cause is a learning rate too high: train.lr = 1e\+30"):
         train(recipe_from_dict(d), tmp_path / "run")
+
+
+# -- prepared data: resume exact or refused, every bad input listed ------------------------------------
+def _tone(path: Path, k: int, seconds: float = 0.5, sr: int = 16000) -> None:
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(path, (0.3 * np.sin(2 * np.pi * (200 + 37 * k) * t)).astype(np.float32), sr, subtype="PCM_16")
+
+
+def _sidecar_folder(root: Path, n: int, sr: int = 16000, seconds: float = 0.5) -> Path:
+    root.mkdir(parents=True)
+    for k in range(n):
+        _tone(root / f"u{k:04d}.wav", k, seconds, sr)
+        (root / f"u{k:04d}.txt").write_text(f"words {k}\n")
+    return root
+
+
+def _prep(*args):
+    return CliRunner().invoke(app, ["prep", *map(str, args)])
+
+
+def _ids(folder: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return [i for shard in sorted(folder.glob("shard-*.parquet")) for i in pq.read_table(shard, columns=["id"]).column("id").to_pylist()]
+
+
+def _children(pid: int) -> set[int]:
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            kids |= {int(x) for x in (task / "children").read_text().split()}
+        except OSError:
+            pass
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status is left for its new parent
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_prep_workers_end_with_a_killed_parent_and_resume_is_exact_then_refused_after_a_change(tmp_path):
+    """kill -9 of `steermoe prep` mid-run: its pool workers end too (none left orphaned). --resume
+    with the same inputs then ends with every id exactly once; after a file is added it refuses,
+    naming the new file, instead of keeping shards cut from the old list."""
+    src = _sidecar_folder(tmp_path / "src", 240, sr=8000, seconds=4.0)  # resampled: slow enough to catch mid-run
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "steermoe_cli", "prep", "folder", str(src), "--out", str(out), "--workers", "2", "--shard-size", "3"]
+    parent = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(_children(parent.pid)) >= 2 and any(out.glob("shard-*.parquet")), timeout=120, what="two workers")
+        workers = _children(parent.pid)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        _wait_for(lambda: not any(_alive(w) for w in workers), timeout=10, what=f"workers {workers} to end")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert not (out / "manifest.json").exists(), "the prep finished before the kill: nothing was tested"
+    done_before = len(list(out.glob("shard-*.parquet")))
+    r = _cli("prep", "folder", src, "--out", out, "--workers", "2", "--shard-size", "3", "--resume", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ids = _ids(out)
+    assert ids == [f"u{k:04d}" for k in range(240)] and done_before < 80  # each once, in order
+    assert json.loads((out / "manifest.json").read_text())["examples"] == 240
+    # the inputs change between a kill and the resume: refused, naming what changed
+    (out / "shard-00003.parquet").unlink()
+    (out / "manifest.json").unlink()
+    _tone(src / "u0100b.wav", 999)
+    (src / "u0100b.txt").write_text("a new one\n")
+    r = _prep("folder", src, "--out", out, "--workers", "1", "--shard-size", "3", "--resume")
+    assert r.exit_code == 2
+    line = _one_error_line(r.output)
+    assert "the inputs changed" in line and "1 added" in line and "u0100b.wav" in line and "fresh --out" in line
+    r = _prep("folder", src, "--out", tmp_path / "fresh", "--workers", "1", "--shard-size", "3")
+    assert r.exit_code == 0 and len(_ids(tmp_path / "fresh")) == 241 == len(set(_ids(tmp_path / "fresh")))
+
+
+def test_prep_resume_refuses_a_changed_transcript_and_a_new_shard_size(tmp_path):
+    src = _sidecar_folder(tmp_path / "src", 6)
+    out = tmp_path / "out"
+    assert _prep("folder", src, "--out", out, "--workers", "1", "--shard-size", "2").exit_code == 0
+    r = _prep("folder", src, "--out", out, "--workers", "1", "--shard-size", "3", "--resume")
+    assert r.exit_code == 2 and "--shard-size was 2, now 3" in _one_error_line(r.output)
+    (src / "u0002.txt").write_text("other words\n")
+    r = _prep("folder", src, "--out", out, "--workers", "1", "--shard-size", "2", "--resume")
+    assert r.exit_code == 2 and f"1 changed ({src / 'u0002.wav'}: text)" in _one_error_line(r.output)
+    # without --resume the folder is redone from the inputs as they are now
+    assert _prep("folder", src, "--out", out, "--workers", "1", "--shard-size", "2").exit_code == 0
+    assert _ids(out) == [f"u{k:04d}" for k in range(6)]
+
+
+def test_prep_lists_a_transcript_in_another_encoding_and_goes_on_and_strips_a_bom(tmp_path):
+    import pyarrow.parquet as pq
+
+    src = _sidecar_folder(tmp_path / "src", 3)
+    (src / "u0001.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (src / "u0002.txt").write_bytes("\ufeffhello there\n".encode("utf-8"))
+    out = tmp_path / "out"
+    r = _prep("folder", src, "--out", out, "--workers", "1")
+    assert r.exit_code == 0 and "Traceback" not in r.output
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert skipped == [{"id": "u0001", "input": str(src / "u0001.txt"),
+                        "reason": f"{src / 'u0001.txt'}: not UTF-8 text (byte 0xe9 at byte offset 3); UTF-8 expected "
+                                  "(re-save it as UTF-8, or give its encoding with --encoding)"}]
+    texts = dict(zip(*pq.read_table(out / "shard-00000.parquet", columns=["id", "text"]).to_pydict().values()))
+    assert texts == {"u0000": "words 0", "u0002": "hello there"}
+    r = _prep("folder", src, "--out", tmp_path / "latin", "--workers", "1", "--encoding", "latin-1")
+    texts = dict(zip(*pq.read_table(tmp_path / "latin" / "shard-00000.parquet", columns=["id", "text"]).to_pydict().values()))
+    assert r.exit_code == 0 and texts["u0001"] == "caf\u00e9 cr\u00e8me"
+    r = _prep("folder", src, "--out", tmp_path / "x", "--encoding", "klingon")
+    assert r.exit_code == 2 and "--encoding klingon" in _one_error_line(r.output)
+
+
+def test_a_manifest_in_another_encoding_is_one_line_naming_it(tmp_path):
+    src = _sidecar_folder(tmp_path / "src", 2)
+    (src / "manifest.csv").write_bytes("path,text\nu0000.wav,caf\u00e9\nu0001.wav,two\n".encode("latin-1"))
+    r = _prep("folder", src, "--out", tmp_path / "out")
+    assert r.exit_code == 2
+    assert _one_error_line(r.output).startswith(f"error: {src / 'manifest.csv'}: not UTF-8 text (byte 0xe9 at byte offset 23)")
+    r = _prep("folder", src, "--out", tmp_path / "out", "--encoding", "latin-1", "--workers", "1")
+    assert r.exit_code == 0 and _ids(tmp_path / "out") == ["u0000", "u0001"]
+
+
+def test_manifest_paths_outside_its_folder_are_listed_not_read(tmp_path):
+    src = _sidecar_folder(tmp_path / "src", 1)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    _tone(elsewhere / "meet40.wav", 40)
+    (src / "manifest.csv").write_text("path,text\nu0000.wav,inside\n../../../../../../etc/passwd,root\n/etc/hostname,host\n"
+                                      "../elsewhere/meet40.wav,outside\n")
+    out = tmp_path / "out"
+    r = _prep("folder", src, "--out", out, "--workers", "1")
+    assert r.exit_code == 0 and _ids(out) == ["u0000"]
+    reasons = [s["reason"] for s in json.loads((out / "manifest.json").read_text())["skipped"]]
+    assert len(reasons) == 3 and all("outside" in x and "--allow-outside" in x for x in reasons)
+    r = _prep("folder", src, "--out", tmp_path / "allowed", "--workers", "1", "--allow-outside")
+    assert r.exit_code == 0 and "..__elsewhere__meet40" in _ids(tmp_path / "allowed")

@@ -3,12 +3,20 @@
 Items are sorted by id and cut into fixed-size shards, so shard k always holds the same items;
 each shard is written atomically with its own skip list in the Parquet metadata. ``--resume`` keeps
 every finished shard, and a re-run writes byte-identical files.
+
+A resumed prep continues exactly or not at all: before any shard is written, ``.prep_inputs.json``
+records every input (id, path, size, mtime, a hash of its text) and the shard size; ``--resume``
+compares the inputs it finds now with that record and refuses, naming what changed, rather than
+keep shards cut from other inputs (which would duplicate or lose ids). Each shard also carries a
+hash of its own items, so a shard of anything else is never taken for finished.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -16,10 +24,13 @@ from pathlib import Path
 
 from steermoe_core.audio.load import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.data.prep.item import Item
+from steermoe_core.atomic import write_text
 from steermoe_core.data.prep.shards import Row, write_manifest, write_shard
 from steermoe_core.errors import SourceError
 
 SKIP_KEY = b"steermoe_skipped"
+CHUNK_KEY = b"steermoe_items_sha256"  # the hash of the items a shard was cut from
+INPUTS_FILE = ".prep_inputs.json"
 
 
 @dataclass
@@ -61,7 +72,103 @@ def _load(item: Item):
     return load_audio(item.path)
 
 
-def _process_shard(items: list[Item], path: Path) -> dict:
+def _die_with_parent(parent: int) -> None:
+    """Pool worker initializer: a worker ends when the prep that started it does, even on kill -9
+    (which runs no clean-up in the parent). Linux: the kernel sends SIGKILL when the parent dies
+    (PR_SET_PDEATHSIG); everywhere: a thread notices the parent is gone within half a second."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, name="steermoe-parent-watch", daemon=True).start()
+
+
+def _item_record(it: Item) -> dict:
+    """What a resumed prep compares: the input file's name, size and mtime, and a hash of the text,
+    prompt, language and synthesis settings (so a changed transcript counts as a change too)."""
+    words = json.dumps([it.text, it.prompt, it.language, it.synth, it.extra], ensure_ascii=False, sort_keys=True, default=str)
+    rec = {"id": it.id, "text_sha256": hashlib.sha256(words.encode()).hexdigest()[:16]}
+    if it.path is not None:
+        try:
+            st = os.stat(it.path)
+            rec.update(path=str(it.path), size=st.st_size, mtime_ns=st.st_mtime_ns)
+        except OSError:
+            rec.update(path=str(it.path), size=None, mtime_ns=None)
+    return rec
+
+
+def _chunk_hash(records: list[dict]) -> str:
+    """A shard's own items: ids, text hashes and sizes (not paths or mtimes, so a copy of the corpus
+    elsewhere still writes byte-identical shards)."""
+    key = [(r["id"], r["text_sha256"], r.get("size")) for r in records]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def _describe_changes(out: Path, before: dict, now: dict) -> str | None:
+    """One line naming what differs between the recorded inputs and today's, or None when nothing does."""
+    parts = []
+    if before.get("shard_size") != now["shard_size"]:
+        parts.append(f"--shard-size was {before.get('shard_size')}, now {now['shard_size']}")
+    old = {r["id"]: r for r in before.get("inputs", [])}
+    new = {r["id"]: r for r in now["inputs"]}
+
+    def some(ids: list[str], show) -> str:
+        shown = ", ".join(show(i) for i in ids[:3])
+        return shown + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    changed = sorted(i for i in set(old) & set(new) if old[i] != new[i])
+    if added:
+        parts.append(f"{len(added)} added ({some(added, lambda i: new[i].get('path') or i)})")
+    if removed:
+        parts.append(f"{len(removed)} removed ({some(removed, lambda i: old[i].get('path') or i)})")
+    if changed:
+        def what(i: str) -> str:
+            o, n = old[i], new[i]
+            diff = [k for k in ("path", "size", "mtime_ns", "text_sha256") if o.get(k) != n.get(k)]
+            return f"{n.get('path') or i}: {'/'.join(k.replace('_sha256', '').replace('_ns', '') for k in diff)}"
+        parts.append(f"{len(changed)} changed ({some(changed, what)})")
+    if not parts:
+        return None
+    return (f"{out}: the inputs changed since the prep being resumed ({'; '.join(parts)}); --resume would mix shards "
+            "cut from both: prepare into a fresh --out, or run without --resume to redo this one")
+
+
+def _check_resume(out: Path, state: dict) -> None:
+    """Refuse a ``--resume`` whose inputs are not the ones the kept shards were cut from."""
+    path = out / INPUTS_FILE
+    if not path.is_file():
+        if any(out.glob("shard-*.parquet")):
+            raise SourceError(f"{out}: no record of the inputs its shards were cut from ({INPUTS_FILE}), so --resume "
+                              "cannot check them: run without --resume, or prepare into a fresh --out")
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{path}: unreadable ({e}); run without --resume") from None
+    why = _describe_changes(out, before, state)
+    if why:
+        raise SourceError(why)
+
+
+def _process_shard(items: list[Item], path: Path, chunk_hash: str = "") -> dict:
     rows, skipped = [], []
     for it in items:
         try:
@@ -73,11 +180,15 @@ def _process_shard(items: list[Item], path: Path) -> dict:
             skipped.append({"id": it.id, "input": it.path or it.text, "reason": f"{type(e).__name__}: {e}"})
             continue
         rows.append(Row(it.id, audio, it.text, it.prompt, it.language, it.extra))
-    info = write_shard(rows, path, {SKIP_KEY: json.dumps(skipped, ensure_ascii=False).encode()})
+    meta = {SKIP_KEY: json.dumps(skipped, ensure_ascii=False).encode()}
+    if chunk_hash:
+        meta[CHUNK_KEY] = chunk_hash.encode()
+    info = write_shard(rows, path, meta)
     return {**info, "skipped": skipped}
 
 
-def _finished_shard(path: Path) -> dict | None:
+def _finished_shard(path: Path, chunk_hash: str) -> dict | None:
+    """The counts of a shard already written from exactly these items, or None (redo it)."""
     import pyarrow.parquet as pq
 
     try:
@@ -85,7 +196,7 @@ def _finished_shard(path: Path) -> dict | None:
     except Exception:
         return None
     kv = meta.metadata or {}
-    if SKIP_KEY not in kv:
+    if SKIP_KEY not in kv or kv.get(CHUNK_KEY, b"").decode() != chunk_hash:
         return None
     durations = pq.read_table(path, columns=["duration"]).column("duration").to_pylist()
     return {"examples": meta.num_rows, "seconds": float(sum(durations)), "skipped": json.loads(kv[SKIP_KEY])}
@@ -113,6 +224,12 @@ def run_prep(
         raise SourceError(f"{source}: duplicate utterance id {dup!r} ({' and '.join(map(str, inputs))})")
     chunks = [items[i : i + shard_size] for i in range(0, len(items), shard_size)]
     names = [f"shard-{k:05d}.parquet" for k in range(len(chunks))]
+    records = [_item_record(it) for it in items]
+    state = {"shard_size": shard_size, "inputs": records}
+    if resume:
+        _check_resume(out, state)
+    write_text(out / INPUTS_FILE, json.dumps(state, ensure_ascii=False))  # before any shard: what they are cut from
+    hashes = [_chunk_hash(records[i : i + shard_size]) for i in range(0, len(items), shard_size)]
     stale = {p.name for p in out.glob("shard-*.parquet")} - set(names)
     for name in stale:  # shards of an earlier, larger run of this folder
         (out / name).unlink()
@@ -120,23 +237,24 @@ def run_prep(
         on_total(len(items))
     infos: dict[str, dict] = {}
     todo = []
-    for name, chunk in zip(names, chunks):
-        done = _finished_shard(out / name) if resume else None
+    for name, chunk, digest in zip(names, chunks, hashes):
+        done = _finished_shard(out / name, digest) if resume else None
         if done is not None:
             infos[name] = done
             if progress:
                 progress(len(chunk))
         else:
-            todo.append((name, chunk))
+            todo.append((name, chunk, digest))
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(todo) <= 1:
-        for name, chunk in todo:
-            infos[name] = _process_shard(chunk, out / name)
+        for name, chunk, digest in todo:
+            infos[name] = _process_shard(chunk, out / name, digest)
             if progress:
                 progress(len(chunk))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futures = {pool.submit(_process_shard, chunk, out / name): (name, len(chunk)) for name, chunk in todo}
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_die_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            futures = {pool.submit(_process_shard, chunk, out / name, digest): (name, len(chunk)) for name, chunk, digest in todo}
             for fut in as_completed(futures):
                 name, n = futures[fut]
                 infos[name] = fut.result()
@@ -144,5 +262,6 @@ def run_prep(
                     progress(n)
     skipped = list(pre_skipped or []) + [s for name in names for s in infos[name]["skipped"]]
     shard_info = {name: {"examples": i["examples"], "seconds": round(i["seconds"], 3)} for name, i in infos.items()}
-    manifest = write_manifest(out, source, split, shard_info, skipped)
+    inputs_sha = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    manifest = write_manifest(out, source, split, shard_info, skipped, inputs={"count": len(items), "sha256": inputs_sha, "file": INPUTS_FILE})
     return PrepResult(out, manifest, skipped)

@@ -78,7 +78,9 @@ def write_shard(rows: list[Row], path: Path, metadata: dict[bytes, bytes] | None
     return {"examples": len(rows), "seconds": float(sum(cols["duration"]))}
 
 
-def write_manifest(out: Path, source: str, split: str, shards: dict[str, dict], skipped: list[dict]) -> dict:
+def write_manifest(out: Path, source: str, split: str, shards: dict[str, dict], skipped: list[dict],
+                   inputs: dict | None = None) -> dict:
+    """``inputs``: how many inputs were read and the hash of their record (names, sizes, mtimes, texts)."""
     manifest = {
         "source": source,
         "split": split,
@@ -87,6 +89,7 @@ def write_manifest(out: Path, source: str, split: str, shards: dict[str, dict], 
         "hours": round(sum(s["seconds"] for s in shards.values()) / 3600, 6),
         "shards": dict(sorted(shards.items())),
         "skipped": skipped,
+        **({"inputs": inputs} if inputs is not None else {}),
     }
     write_text(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest

@@ -1,20 +1,55 @@
 """Each corpus's on-disk layout -> a list of Items plus the inputs that cannot become one.
 
 A transcript line with no audio, and audio with no transcript, are reported, never dropped silently.
+So is a transcript that is not in the expected encoding (UTF-8 unless ``encoding`` says otherwise;
+a byte-order mark is dropped). A file every input depends on (a manifest, AISHELL's transcript)
+that cannot be decoded is a one-line ``SourceError`` naming it and the byte offset.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from steermoe_core.audio.load import AUDIO_SUFFIXES
 from steermoe_core.data.prep.item import Item
-from steermoe_core.errors import SourceError
+from steermoe_core.errors import SourceError, UsageError, decode_error_text
 
 Skipped = list[dict]
+DEFAULT_ENCODING = "utf-8"
+
+
+def check_encoding(encoding: str) -> str:
+    """The codec's canonical name, or a ``UsageError`` for one Python does not know."""
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise UsageError(f"--encoding {encoding}: not a text encoding Python knows (e.g. utf-8, latin-1, cp1252, gbk)") from None
+
+
+def read_text(path: Path, encoding: str = DEFAULT_ENCODING) -> str:
+    """A text file, without a leading byte-order mark. Raises ``UnicodeDecodeError`` (the caller
+    decides whether the file is one bad input or the whole source)."""
+    text = path.read_bytes().decode(check_encoding(encoding))
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _undecodable(e: UnicodeDecodeError, path: Path, encoding: str) -> str:
+    """Why a transcript was skipped (or a source refused): which file, which byte, what was expected."""
+    name = "UTF-8" if check_encoding(encoding) == "utf-8" else encoding
+    return decode_error_text(e, path, name) + " (re-save it as UTF-8, or give its encoding with --encoding)"
+
+
+def _read_source_file(path: Path, encoding: str) -> str:
+    """A file the whole source depends on: undecodable text is one line naming it."""
+    try:
+        return read_text(path, encoding)
+    except UnicodeDecodeError as e:
+        raise SourceError(_undecodable(e, path, encoding)) from None
 
 
 
@@ -23,7 +58,7 @@ def _need_dir(path: Path, what: str) -> None:
         raise SourceError(f"{path}: no such folder ({what})")
 
 
-def librispeech(src: Path, subsets: list[str] | None = None) -> tuple[list[Item], Skipped, str]:
+def librispeech(src: Path, subsets: list[str] | None = None, encoding: str = DEFAULT_ENCODING) -> tuple[list[Item], Skipped, str]:
     """LibriSpeech: SUBSET/SPEAKER/CHAPTER/{ID.flac, SPEAKER-CHAPTER.trans.txt}."""
     _need_dir(src, "LibriSpeech root")
     if subsets:
@@ -41,7 +76,12 @@ def librispeech(src: Path, subsets: list[str] | None = None) -> tuple[list[Item]
         for trans in sorted(root.glob("*/*/*.trans.txt")):
             chapter = trans.parent
             seen = set()
-            for n, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                lines = read_text(trans, encoding).splitlines()
+            except UnicodeDecodeError as e:  # this chapter's transcripts are unreadable: listed, the rest goes on
+                skipped.append({"id": chapter.name, "input": str(trans), "reason": _undecodable(e, trans, encoding)})
+                continue
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 uid, _, text = line.strip().partition(" ")
@@ -59,14 +99,14 @@ def librispeech(src: Path, subsets: list[str] | None = None) -> tuple[list[Item]
     return items, skipped, "+".join(r.name for r in roots)
 
 
-def aishell(src: Path) -> dict[str, tuple[list[Item], Skipped]]:
+def aishell(src: Path, encoding: str = DEFAULT_ENCODING) -> dict[str, tuple[list[Item], Skipped]]:
     """AISHELL-1: wav/{train,dev,test}/SPEAKER/ID.wav + transcript/aishell_transcript_v0.8.txt."""
     trans = src / "transcript" / "aishell_transcript_v0.8.txt"
     if not trans.is_file():
         raise SourceError(f"{trans}: missing (AISHELL-1 transcript)")
     _need_dir(src / "wav", "AISHELL-1 wav/ tree")
     texts: dict[str, str] = {}
-    for line in trans.read_text(encoding="utf-8").splitlines():
+    for line in _read_source_file(trans, encoding).splitlines():
         uid, _, text = line.strip().partition(" ")
         if uid:
             texts[uid] = "".join(text.split())  # transcripts are space-separated characters
@@ -91,7 +131,7 @@ def aishell(src: Path) -> dict[str, tuple[list[Item], Skipped]]:
 _CLOTHO_SPLITS = {"train": "clotho_aqa_train.csv", "val": "clotho_aqa_val.csv", "test": "clotho_aqa_test.csv"}
 
 
-def clothoaqa(src: Path) -> dict[str, tuple[list[Item], Skipped]]:
+def clothoaqa(src: Path, encoding: str = DEFAULT_ENCODING) -> dict[str, tuple[list[Item], Skipped]]:
     """ClothoAQA: audio_files/*.wav + clotho_aqa_{train,val,test}.csv (file_name, QuestionText, answer, confidence).
 
     Each (clip, question) becomes one example; ``text`` is the most frequent answer, and every answer
@@ -107,13 +147,12 @@ def clothoaqa(src: Path) -> dict[str, tuple[list[Item], Skipped]]:
             continue
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
         skipped: Skipped = []
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            need = {"file_name", "QuestionText", "answer"}
-            if not need <= set(reader.fieldnames or []):
-                raise SourceError(f"{path}: expected columns {sorted(need)}, found {reader.fieldnames}")
-            for row in reader:
-                groups[(row["file_name"], row["QuestionText"].strip())].append(row)
+        reader = csv.DictReader(io.StringIO(_read_source_file(path, encoding), newline=""))
+        need = {"file_name", "QuestionText", "answer"}
+        if not need <= set(reader.fieldnames or []):
+            raise SourceError(f"{path}: expected columns {sorted(need)}, found {reader.fieldnames}")
+        for row in reader:
+            groups[(row["file_name"], row["QuestionText"].strip())].append(row)
         items = []
         qid: Counter = Counter()
         for (fname, question), rows in sorted(groups.items()):
@@ -136,14 +175,16 @@ def clothoaqa(src: Path) -> dict[str, tuple[list[Item], Skipped]]:
     return out
 
 
-def folder(src: Path) -> tuple[list[Item], Skipped]:
-    """Audio files with sidecar .txt, or a manifest (csv/tsv/jsonl) of path,text[,prompt,language]."""
+def folder(src: Path, encoding: str = DEFAULT_ENCODING, allow_outside: bool = False) -> tuple[list[Item], Skipped]:
+    """Audio files with sidecar .txt, or a manifest (csv/tsv/jsonl) of path,text[,prompt,language].
+    A manifest's paths must resolve inside its own folder unless ``allow_outside``: a manifest from
+    elsewhere must not make prep read any file on the machine."""
     if src.is_file():
-        return _manifest(src)
+        return _manifest(src, encoding, allow_outside)
     _need_dir(src, "audio folder")
     manifests = [p for p in src.iterdir() if p.name in {"manifest.csv", "manifest.tsv", "manifest.jsonl", "metadata.csv"}]
     if manifests:
-        return _manifest(manifests[0])
+        return _manifest(manifests[0], encoding, allow_outside)
     items, skipped = [], []
     audio_stems = set()
     audio = [p for p in sorted(src.rglob("*")) if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
@@ -157,7 +198,11 @@ def folder(src: Path) -> tuple[list[Item], Skipped]:
         if not txt.exists():
             skipped.append({"id": uid, "input": str(p), "reason": "audio file without sidecar .txt"})
             continue
-        text = txt.read_text(encoding="utf-8").strip()
+        try:
+            text = read_text(txt, encoding).strip()
+        except UnicodeDecodeError as e:
+            skipped.append({"id": uid, "input": str(txt), "reason": _undecodable(e, txt, encoding)})
+            continue
         if not text:
             skipped.append({"id": uid, "input": str(txt), "reason": "empty transcript"})
             continue
@@ -168,11 +213,13 @@ def folder(src: Path) -> tuple[list[Item], Skipped]:
     return items, skipped
 
 
-def _manifest(path: Path) -> tuple[list[Item], Skipped]:
+def _manifest(path: Path, encoding: str = DEFAULT_ENCODING, allow_outside: bool = False) -> tuple[list[Item], Skipped]:
     base = path.parent
+    root = base.resolve()
     rows: list[dict] = []
+    text = _read_source_file(path, encoding)
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append({**json.loads(line), "_line": n})
@@ -180,17 +227,21 @@ def _manifest(path: Path) -> tuple[list[Item], Skipped]:
                     raise SourceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
     else:
         delim = "\t" if path.suffix == ".tsv" else ","
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter=delim)
-            if not {"path", "text"} <= set(reader.fieldnames or []):
-                raise SourceError(f"{path}: expected a header with path,text[,prompt,language], found {reader.fieldnames}")
-            rows = [{**r, "_line": n} for n, r in enumerate(reader, 2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delim)
+        if not {"path", "text"} <= set(reader.fieldnames or []):
+            raise SourceError(f"{path}: expected a header with path,text[,prompt,language], found {reader.fieldnames}")
+        rows = [{**r, "_line": n} for n, r in enumerate(reader, 2)]
     items, skipped = [], []
     for r in rows:
         if "path" not in r or "text" not in r:
             raise SourceError(f"{path}:{r['_line']}: needs 'path' and 'text'")
-        audio = (base / r["path"]).resolve() if not Path(r["path"]).is_absolute() else Path(r["path"])
-        uid = str(r.get("id") or Path(r["path"]).with_suffix("")).replace("/", "__")
+        given = Path(str(r["path"]))
+        audio = (given if given.is_absolute() else base / given).resolve()
+        uid = str(r.get("id") or given.with_suffix("")).replace("/", "__")
+        if not allow_outside and not audio.is_relative_to(root):
+            skipped.append({"id": uid, "input": f"{path}:{r['_line']}",
+                            "reason": f"path {given} resolves outside {root} (pass --allow-outside to read it)"})
+            continue
         if not audio.exists():
             skipped.append({"id": uid, "input": f"{path}:{r['_line']}", "reason": f"audio file {audio} not found"})
             continue
