@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import tomllib
 
-from steermoe_core.errors import RecipeError
+from steermoe_core.errors import RecipeError, decode_error_text
 
 
 def doc(default: Any, text: str, **kw: Any) -> Any:
@@ -311,6 +311,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: no such recipe file") from None
     except tomllib.TOMLDecodeError as e:
         raise RecipeError(f"{path}: not valid TOML ({e})") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition
+        raise RecipeError(decode_error_text(e, path)) from None
     try:
         return recipe_from_dict(data, overrides)
     except RecipeError as e:

@@ -475,3 +475,10 @@ def test_manifest_paths_outside_its_folder_are_listed_not_read(tmp_path):
     assert len(reasons) == 3 and all("outside" in x and "--allow-outside" in x for x in reasons)
     r = _prep("folder", src, "--out", tmp_path / "allowed", "--workers", "1", "--allow-outside")
     assert r.exit_code == 0 and "..__elsewhere__meet40" in _ids(tmp_path / "allowed")
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    (tmp_path / "r.toml").write_bytes('[train]\nlr = 0.01 # caf\u00e9\n'.encode("latin-1"))
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "r.toml")])
+    assert r.exit_code == 2
+    assert _one_error_line(r.output) == f"error: {tmp_path / 'r.toml'}: not UTF-8 text (byte 0xe9 at byte offset 23); UTF-8 expected"
