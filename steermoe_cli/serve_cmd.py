@@ -29,7 +29,7 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Rows (30 s windows or chats) decoded together")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests while they are arriving")] = 10.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for the model; more are answered 503 with Retry-After")] = 64,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation budget per transcription window, and a chat's default max_tokens")] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Token budget per transcribed segment (default: from its length, as `infer`), and a chat's default max_tokens")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ):
     """Serve a trained model: /v1/audio/transcriptions and /v1/chat/completions in OpenAI's shapes,
@@ -51,7 +51,7 @@ def serve(
     from steermoe_core.inference import default_model_path
     from steermoe_core.serving.app import ServeSettings, create_app
 
-    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-new-tokens", max_new_tokens)):
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-new-tokens", max_new_tokens or 1)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1")
     if max_upload_mb <= 0 or max_wait_ms < 0 or not 0 < port < 65536:

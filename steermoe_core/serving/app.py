@@ -35,10 +35,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio, split_points
+from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.errors import SteermoeError
 from steermoe_core.inference.api import TASK_PROMPTS, Result, Segment
 from steermoe_core.inference.formats import to_srt, to_vtt, verbose_json
+from steermoe_core.inference.longform import plan_segments
 from steermoe_core.serving.batcher import Batcher, Job, QueueFull, Row
 from steermoe_core.serving.metrics import Metrics
 
@@ -61,7 +62,7 @@ class ServeSettings:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
-    max_new_tokens: int = 256  # per window of a transcription; a chat's default max_tokens
+    max_new_tokens: int | None = None  # per transcribed segment (None: from its length, as `infer`); a chat's default max_tokens
     model_name: str = "steermoe"
 
 
@@ -234,18 +235,26 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(413, f"{name}: {n / 2**20:.1f} MB is over this server's {settings.max_upload_mb:g} MB upload cap "
                                 "(--max-upload-mb)", code="file_too_large")
 
-    def audio_rows(backend, clips: list[np.ndarray], name: str, prompt: str, transcribe: bool) -> list[Row]:
-        """One row per 30 s window when transcribing (as `infer` does), else one row holding every
-        window; a prompt that would not fit the LLM's context is refused as `infer` refuses it."""
-        windows = [(clip, s, e) for clip in clips for s, e in split_points(clip)]
+    def audio_rows(clips: list[np.ndarray], name: str, prompt: str, transcribe: bool, budget: int | None) -> tuple[list[Row], list]:
+        """The rows and the segments (sample spans) they read, cut as `infer` cuts them
+        (``longform.plan_segments``): one row per segment when transcribing, each with its own
+        token budget, else one row holding every segment (`infer --strategy direct`); a prompt that
+        would not fit the LLM's context is refused as `infer` refuses it."""
+        backend, policy = state.sm.backend, state.sm.policy
+        windows = [(clip, s, e) for clip in clips for s, e in plan_segments(clip, policy).spans]
         if transcribe:
-            return [Row(clips=[clip[s:e]], prompt=prompt) for clip, s, e in windows]
+            rows = [Row(clips=[clip[s:e]], prompt=prompt, budget=budget or policy.budget((e - s) / SAMPLE_RATE))
+                    for clip, s, e in windows]
+            return rows, [(s, e) for _, s, e in windows]
+        if not windows:
+            raise ApiError(400, f"{name}: no speech found, nothing to answer about", code="no_speech")
         need = backend.prompt_tokens(prompt) + sum(backend.audio_token_counts([e - s for _, s, e in windows]))
         if need > backend.max_context:
             raise ApiError(400, f"{name}: too long for the LLM's context ({need} tokens > {backend.max_context}); "
                                 "transcribe it (/v1/audio/transcriptions without a prompt), or send a shorter recording",
                            code="context_length_exceeded")
-        return [Row(clips=[clip[s:e] for _, s, e in windows], prompt=prompt)]
+        rows = [Row(clips=[clip[s:e] for clip, s, e in windows], prompt=prompt, budget=budget or policy.answer_tokens)]
+        return rows, [(0, sum(len(c) for c in clips))]
 
     def prompt_tokens(backend, job: Job) -> tuple[int, int]:
         """(text tokens, audio tokens) the job's prompts hold."""
@@ -365,11 +374,11 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         audio = await asyncio.to_thread(decode_upload, data, name)
         del data
         backend = batcher.backend
-        transcribe = prompt is None
-        rows = audio_rows(backend, [audio], name, prompt or TASK_PROMPTS["transcribe"], transcribe)
-        job = Job("audio", rows, settings.max_new_tokens, temperature, audio_s=len(audio) / SAMPLE_RATE)
-        windows = split_points(audio) if transcribe else [(0, len(audio))]
+        rows, windows = audio_rows([audio], name, prompt or TASK_PROMPTS["transcribe"], prompt is None, settings.max_new_tokens)
+        job = Job("audio", rows, temperature, audio_s=len(audio) / SAMPLE_RATE)
         del audio
+        if not rows:  # silence or noise: no speech, an empty transcript (as `infer` gives)
+            job.texts, job.tokens, job.flags = [], [], []
 
         def result(j: Job) -> Result:
             texts = j.texts
@@ -420,7 +429,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
             raise ApiError(400, "'messages' must be a non-empty list", code="invalid_messages")
         check_model(str(body.get("model") or ""))
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_new_tokens
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or settings.max_new_tokens or state.sm.policy.answer_tokens
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "max_tokens must be a positive integer", code="invalid_max_tokens")
         temperature = _number(body.get("temperature"), "temperature", 0.0)
@@ -431,14 +440,14 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         clips = [await asyncio.to_thread(decode_upload, data, name) for name, data in audios]
         del audios
         if clips:
-            rows = audio_rows(backend, clips, "the audio", _audio_prompt(turns), transcribe=False)
-            job = Job("audio", rows, max_tokens, temperature, audio_s=sum(len(c) for c in clips) / SAMPLE_RATE)
+            rows, _ = audio_rows(clips, "the audio", _audio_prompt(turns), False, max_tokens)
+            job = Job("audio", rows, temperature, audio_s=sum(len(c) for c in clips) / SAMPLE_RATE)
         else:
             try:
                 ids = await asyncio.to_thread(_text_ids, backend, turns)
             except SteermoeError as e:
                 raise ApiError(400, str(e), code="unsupported") from None
-            job = Job("text", [Row(ids=ids)], max_tokens, temperature)
+            job = Job("text", [Row(ids=ids, budget=max_tokens)], temperature)
         del clips
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 

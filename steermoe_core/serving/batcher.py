@@ -3,7 +3,7 @@ into backend batches.
 
 Why a thread: the model call blocks for seconds; on the event loop it would freeze every other
 connection (``/health`` included). The worker takes the oldest job, adds every compatible job
-already waiting (same kind, token budget and temperature) up to ``max_batch`` rows, and waits up
+already waiting (same kind and temperature) up to ``max_batch`` rows, and waits up
 to ``max_wait`` for more only while requests are arriving (another one came in within
 ``max_wait`` before it): a lone request starts at once. Rows are the backend's examples: one per
 30 s window of a transcription, one per chat.
@@ -46,13 +46,13 @@ class Row:
     clips: list[np.ndarray] = field(default_factory=list)
     prompt: str = ""
     ids: list[int] = field(default_factory=list)
+    budget: int = 256  # tokens this row may generate
 
 
 @dataclass
 class Job:
     kind: str  # "audio" | "text"
     rows: list[Row]
-    max_new_tokens: int
     temperature: float = 0.0
     audio_s: float = 0.0
     on_delta: Callable[[str], None] | None = None  # called from the worker thread, text in order
@@ -61,6 +61,7 @@ class Job:
     texts: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)  # generated per row
     stopped: list[bool] = field(default_factory=list)  # row ended on its own (not out of budget)
+    flags: list[str | None] = field(default_factory=list)  # per row: None, "budget" (cut), "loop" (one copy kept)
     error: BaseException | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
@@ -72,11 +73,11 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return self.kind, self.max_new_tokens, self.temperature
+        return self.kind, self.temperature
 
     @property
     def finish_reason(self) -> str:
-        return "stop" if all(self.stopped) else "length"
+        return "length" if "budget" in self.flags else "stop"
 
     # -- the per-job stream: rows (windows) may run in any order; text comes out in order,
     # windows joined by one space, as the final text joins them --
@@ -113,7 +114,7 @@ class _Streamer:
 
     def __init__(self, backend, owners: list[tuple[Job, int]]):
         self.backend, self.owners = backend, owners
-        self.stops = set(llm.stop_ids(backend))
+        self.stops = set(llm.stop_ids(backend)) | {llm.pad_id(backend)}  # a row stopped by its guard is padded
         self.ids: list[list[int]] = [[] for _ in owners]
         self.shown = [0] * len(owners)
         self.done = [False] * len(owners)
@@ -167,6 +168,7 @@ class Batcher:
             job.texts = [""] * len(job.rows)
             job.tokens = [0] * len(job.rows)
             job.stopped = [False] * len(job.rows)
+            job.flags = [None] * len(job.rows)
             job.arrived = time.monotonic()
             self.queue.append(job)
             self.metrics.queue_depth = len(self.queue)
@@ -248,15 +250,17 @@ class Batcher:
             streamer = _Streamer(self.backend, chunk)
             rows = [job.rows[r] for job, r in chunk]
             self.metrics.observe_batch(len(chunk))
+            budgets = [row.budget for row in rows]
             if first.kind == "text":
-                texts = llm.generate_text(self.backend, [row.ids for row in rows], first.max_new_tokens, first.temperature, streamer)
+                texts, flags = llm.generate_text(self.backend, [row.ids for row in rows], budgets, first.temperature, streamer)
             else:
                 clips = [c for row in rows for c in row.clips]
                 groups = [len(row.clips) for row in rows]
-                texts = llm.generate_audio(self.backend, clips, groups, [row.prompt for row in rows],
-                                           first.max_new_tokens, first.temperature, streamer)
-            for k_row, ((job, r), text) in enumerate(zip(chunk, texts)):
+                texts, flags = llm.generate_audio(self.backend, clips, groups, [row.prompt for row in rows],
+                                                  budgets, first.temperature, streamer)
+            for k_row, ((job, r), text, flag) in enumerate(zip(chunk, texts, flags)):
                 job.texts[r] = text
+                job.flags[r] = flag
                 self.metrics.generated_tokens += job.tokens[r]
                 if job.on_delta is not None and not job.cancelled.is_set():
                     _top_up(job, r, text, streamer, k_row)

@@ -34,11 +34,36 @@ def _torch_only(backend, what: str) -> None:
         raise UsageError(f"{what} needs the torch backend (this server runs {backend.name})")
 
 
-def generate_audio(backend, clips: list[np.ndarray], groups: list[int], prompts: list[str], max_new_tokens: int,
-                   temperature: float, streamer) -> list[str]:
-    """One text per example (example i: the next ``groups[i]`` clips); greedy at temperature 0."""
+def _guard(backend, budgets: list[int]):
+    from steermoe_core.inference.longform import DecodeGuard
+
+    return DecodeGuard(budgets, stop_ids(backend))
+
+
+def _checked(texts: list[str], guard) -> tuple[list[str], list[str | None]]:
+    """`infer`'s post-check of each row: a loop keeps one copy; a budget cut is flagged."""
+    from steermoe_core.inference.longform import check_text
+
+    reasons = guard.reasons if guard is not None else [None] * len(texts)
+    out = [check_text(t, r) for t, r in zip(texts, reasons)]
+    return [t for t, _ in out], [flag for _, flag in out]
+
+
+def generate_audio(backend, clips: list[np.ndarray], groups: list[int], prompts: list[str], budgets: list[int],
+                   temperature: float, streamer) -> tuple[list[str], list[str | None]]:
+    """One text per example (example i: the next ``groups[i]`` clips) and why it stopped (None,
+    "budget", "loop"): greedy at temperature 0 through ``backend.generate`` with each row's own
+    budget and loop guard, as `infer` decodes."""
+    import inspect
+
+    from steermoe_core.inference.longform import as_stopping_criteria
+
     if temperature <= 0:
-        return backend.generate(clips, groups, prompts, max_new_tokens, 1, streamer)
+        guard, kwargs = None, {}
+        if "stopping_criteria" in inspect.signature(backend.generate).parameters:
+            guard = _guard(backend, budgets)
+            kwargs["stopping_criteria"] = as_stopping_criteria(guard)
+        return _checked(backend.generate(clips, groups, prompts, max(budgets), 1, streamer, **kwargs), guard)
     _torch_only(backend, "temperature > 0")
     from steermoe_core.data.batch import AudioBatch, pad_clips
     from steermoe_core.runtime import autocast
@@ -46,13 +71,14 @@ def generate_audio(backend, clips: list[np.ndarray], groups: list[int], prompts:
     model = backend.model
     waves, lengths = pad_clips(clips)
     batch = AudioBatch(waves.to(backend.device), lengths, prompts, clips_per_example=groups)
+    guard = _guard(backend, budgets)
     with autocast(backend.device, backend.precision):
-        ids = _sample(model, batch, max_new_tokens, temperature, streamer)
+        ids = _sample(model, batch, max(budgets), temperature, streamer, as_stopping_criteria(guard))
     rows = finish_rows(ids.tolist(), model.layout.stop_ids, model.layout.pad_id)
-    return [t.strip() for t in model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    return _checked([t.strip() for t in model.tokenizer.batch_decode(rows, skip_special_tokens=True)], guard)
 
 
-def _sample(model, batch, max_new_tokens: int, temperature: float, streamer):
+def _sample(model, batch, max_new_tokens: int, temperature: float, streamer, stopping):
     import torch
     from transformers import GenerationConfig
 
@@ -61,25 +87,24 @@ def _sample(model, batch, max_new_tokens: int, temperature: float, streamer):
         gen = GenerationConfig(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
                                eos_token_id=model.layout.stop_ids, pad_token_id=model.layout.pad_id, use_cache=True)
         return model.llm.generate(inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device),
-                                  generation_config=gen, streamer=streamer)
+                                  generation_config=gen, streamer=streamer, stopping_criteria=stopping)
 
 
 def chat_prompt_ids(backend, messages: list[dict]) -> list[int]:
-    """A text-only conversation in the LLM's own chat template, ready for the assistant's turn."""
+    """A text-only conversation rendered as `infer`'s transcript strategy renders one for the frozen LLM."""
+    from steermoe_core.inference.longform import render_chat
+
     _torch_only(backend, "a chat without audio")
-    tok = backend.tokenizer
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tok(text)["input_ids"]
+    return render_chat(backend.tokenizer, messages)
 
 
-def generate_text(backend, prompts: list[list[int]], max_new_tokens: int, temperature: float, streamer) -> list[str]:
-    """The frozen LLM alone on left-padded token prompts (no audio, no adapter in the way)."""
+def generate_text(backend, prompts: list[list[int]], budgets: list[int], temperature: float, streamer) -> tuple[list[str], list[str | None]]:
+    """The frozen LLM alone on left-padded token prompts (no audio, no adapter in the way), with
+    the same per-row budget and loop guard as ``longform.chat_text``."""
     import torch
     from transformers import GenerationConfig
 
+    from steermoe_core.inference.longform import as_stopping_criteria
     from steermoe_core.runtime import autocast
 
     _torch_only(backend, "a chat without audio")
@@ -93,10 +118,11 @@ def generate_text(backend, prompts: list[list[int]], max_new_tokens: int, temper
         mask[i, width - len(p):] = 1
     sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    gen = GenerationConfig(num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=model.layout.stop_ids,
+    gen = GenerationConfig(num_beams=1, max_new_tokens=max(budgets), eos_token_id=model.layout.stop_ids,
                            pad_token_id=pad, use_cache=True, **sample)
+    guard = _guard(backend, budgets)
     with torch.no_grad(), autocast(backend.device, backend.precision):
         out = model.llm.generate(input_ids=ids.to(backend.device), attention_mask=mask.to(backend.device),
-                                 generation_config=gen, streamer=streamer)
+                                 generation_config=gen, streamer=streamer, stopping_criteria=as_stopping_criteria(guard, width))
     rows = finish_rows(out[:, width:].tolist(), model.layout.stop_ids, pad)
-    return [t.strip() for t in model.tokenizer.batch_decode(rows, skip_special_tokens=True)]
+    return _checked([t.strip() for t in model.tokenizer.batch_decode(rows, skip_special_tokens=True)], guard)
