@@ -8,7 +8,6 @@ any front end (or a script) gets the same resume and merge rules.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from steermoe_core.atomic import write_text
-from steermoe_core.errors import SteermoeError
+from steermoe_core.errors import SteermoeError, StorageError, storage_error
 from steermoe_core.inference.api import Result, Segment, file_stamp
 from steermoe_core.inference.formats import jsonl_line, subtitles, text_line, to_json, to_jsonl, to_text
 
@@ -31,9 +30,11 @@ def record_key(path) -> Key:
 
 
 def write_failed(path: Path, e: OSError) -> SteermoeError:
-    """One line naming the output and why it could not be written (disk full, permissions...)."""
-    why = e.strerror or (errno.errorcode.get(e.errno, "") if e.errno else "") or str(e)
-    return SteermoeError(f"{path}: cannot write the output ({why}); nothing was written there")
+    """One line naming the output and why it could not be written (a full disk, a permission: the
+    project's ``StorageError``; any other OS error says its own reason)."""
+    if isinstance(e, StorageError):
+        return e
+    return storage_error(e, path) or SteermoeError(f"{path}: could not be written ({e.strerror or e})")
 
 
 def write_output(path: Path, text: str) -> None:
@@ -41,7 +42,7 @@ def write_output(path: Path, text: str) -> None:
     try:
         write_text(path, text)
     except OSError as e:
-        raise write_failed(path, e) from None
+        raise write_failed(path, e) from e
 
 
 def finished_records(out: Path) -> set[Key]:
@@ -81,7 +82,7 @@ def stream_records(
         try:
             sink = open(out, "a" if resume else "w", encoding="utf-8")
         except OSError as e:
-            raise write_failed(out, e) from None
+            raise write_failed(out, e) from e
     elif fmt in ("jsonl", "text") and out is None:
         sink = stdout
     try:
@@ -104,7 +105,7 @@ def stream_records(
         with contextlib.suppress(OSError):
             if not existed and out.stat().st_size == 0:
                 out.unlink()  # no empty file left behind by a write that never got anywhere
-        raise write_failed(out, e) from None
+        raise write_failed(out, e) from e
     finally:
         if sink is not None and sink is not stdout:
             sink.close()

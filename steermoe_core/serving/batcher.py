@@ -118,15 +118,17 @@ class _Streamer:
         self.ids: list[list[int]] = [[] for _ in owners]
         self.shown = [0] * len(owners)
         self.done = [False] * len(owners)
-        self.first = True
+        self.first = True  # transformers' first put is the prompt; onnxruntime's greedy() sends only new tokens
 
     def put(self, value) -> None:
-        if self.first:  # the prompt (empty with inputs_embeds)
+        value = np.asarray(value)
+        if value.ndim == 2 and self.first:  # transformers hands over the prompt first ((B, 0) with inputs_embeds)
             self.first = False
             return
+        self.first = False
         if all(job.cancelled.is_set() for job, _ in self.owners):
             raise _AllGone
-        step = np.asarray(value).reshape(len(self.owners), -1)[:, -1]
+        step = value.reshape(len(self.owners), -1)[:, -1]
         for i, tok in enumerate(step.tolist()):
             if self.done[i]:
                 continue

@@ -1,0 +1,68 @@
+"""`infer --out`: what a failed write (a full disk) leaves behind and says. No model needed: the
+folder job's writers are fed records directly."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+
+import pytest
+
+from steermoe_core.errors import SteermoeError
+from steermoe_core.inference import folder_job
+from steermoe_core.inference.api import Result, Segment
+
+
+def _records() -> list[Result]:
+    return [Result(f"a{i}.wav", text=f"text {i}", audio_s=1.0, segments=[Segment(0.0, 1.0, f"text {i}")], index=i) for i in range(3)]
+
+
+class _FullDisk(io.StringIO):
+    def write(self, s):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json", "srt", "vtt"])
+def test_a_full_disk_leaves_no_file_and_names_the_path(tmp_path, monkeypatch, fmt):
+    out = tmp_path / f"out.{fmt}"
+    real_open = builtins.open
+
+    def full(path, mode="r", *a, **k):  # the temp file beside --out cannot be written
+        if "w" in str(mode) and str(path).startswith(str(tmp_path)):
+            return _FullDisk()
+        return real_open(path, mode, *a, **k)
+
+    monkeypatch.setattr("os.fdopen", lambda fd, mode="r", *a, **k: _FullDisk())
+    monkeypatch.setattr(builtins, "open", full)
+    records = _records()[:1]
+    with pytest.raises(SteermoeError) as e:
+        folder_job.write_outputs(records, fmt, out, io.StringIO())
+    assert str(e.value) == f"{out}: no space left on the device"
+    assert list(tmp_path.iterdir()) == []  # neither --out nor a temporary
+
+
+def test_a_failed_write_keeps_the_previous_output_whole(tmp_path, monkeypatch):
+    out = tmp_path / "out.json"
+    folder_job.write_outputs(_records(), "json", out, io.StringIO())
+    before = out.read_bytes()
+    monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
+    with pytest.raises(SteermoeError):
+        folder_job.write_outputs(_records()[:1], "json", out, io.StringIO())
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_jsonl_streaming_to_a_full_disk_leaves_no_empty_file(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    real_open = builtins.open
+
+    def opened(p, mode="r", *a, **k):
+        if str(p) == str(out):
+            real_open(p, mode, *a, **k).close()  # the file exists, empty, as a real open leaves it
+            return _FullDisk()
+        return real_open(p, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", opened)
+    with pytest.raises(SteermoeError) as e:
+        folder_job.stream_records(iter(_records()), "jsonl", out, resume=False)
+    assert str(e.value) == f"{out}: no space left on the device" and not out.exists()
