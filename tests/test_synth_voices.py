@@ -116,7 +116,10 @@ def test_neural_clips_are_cached(tmp_path, monkeypatch):
     b = synth.synthesize("hello there", "kokoro", "mix-1", 1.0)
     c = synth.synthesize("hello there", "kokoro", "mix-2", 1.0)
     assert len(calls) == 2 and np.array_equal(a, b) and len(c) == 8000
-    assert len(list((tmp_path / "synth").rglob("*.flac"))) == 2
+    assert synth.is_cached("hello there", "kokoro", "mix-1", 1.0) and not synth.is_cached("hello there", "kokoro", "mix-3", 1.0)
+    synth.synthesize("hello there", "kokoro", "mix-1@p+2", 1.0)  # a pitch variant is its own clip
+    assert len(calls) == 3 and synth.is_cached("hello there", "kokoro", "mix-1@p+2", 1.0)
+    assert len(list((tmp_path / "synth").rglob("*.flac"))) == 3
 
 
 @needs_kokoro

@@ -146,14 +146,24 @@ def _cache_dir() -> Path:
     return cache_root() / "synth"
 
 
+def _cache_path(text: str, engine: str, voice: str, speed: float) -> Path:
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, engine, voice, round(speed, 4), text]).encode()).hexdigest()[:24]
+    return _cache_dir() / key[:2] / f"{key}.flac"
+
+
+def is_cached(text: str, engine: str, voice: str, speed: float) -> bool:
+    """Whether ``synthesize`` would read this clip from the cache (robotic engines are never cached)."""
+    name, semitones = split_pitch(voice)
+    return engine in NEURAL_ENGINES and _cache_path(text, engine, name, speed / 2.0 ** (semitones / 12.0)).exists()
+
+
 def _cached(text: str, engine: str, voice: str, speed: float) -> np.ndarray:
     """Neural engines cost about a second per second of speech: each clip is kept as 16-bit FLAC."""
     import soundfile as sf
 
     from steermoe_core.atomic import atomic_file
 
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, engine, voice, round(speed, 4), text]).encode()).hexdigest()[:24]
-    path = _cache_dir() / key[:2] / f"{key}.flac"
+    path = _cache_path(text, engine, voice, speed)
     if path.exists():
         try:
             return sf.read(str(path), dtype="float32")[0]
