@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import time
@@ -97,9 +98,9 @@ def main() -> None:
         t0 = time.perf_counter()
         sep = [r.text for r in sm.transcribe(clips, batch_size=8)]
         t_sep = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = sm.transcribe(audio, batch_size=8)[0]
-        t_long = time.perf_counter() - t0
+        t_long, c_long = time.perf_counter() - t0, time.process_time() - c0
         ref = " ".join(sents)
         t0 = time.perf_counter()
         summary = sm.ask(audio, "Summarize the main points.")[0]
@@ -110,7 +111,8 @@ def main() -> None:
             "wer_separate_joined": round(word_error_rate([ref], [" ".join(sep)]), 4),
             "wer_recording": round(word_error_rate([ref], [r.text]), 4),
             "loops": sum(s.flag == "loop" for s in r.segments), "budget_cuts": sum(s.flag == "budget" for s in r.segments),
-            "rtf_recording": round(len(audio) / SAMPLE_RATE / t_long, 2), "rtf_separate": round(len(audio) / SAMPLE_RATE / t_sep, 2),
+            "rtf_recording": round(len(audio) / SAMPLE_RATE / t_long, 2),
+            "audio_s_per_cpu_s": round(len(audio) / SAMPLE_RATE / c_long, 2), "load_avg": round(os.getloadavg()[0], 1), "rtf_separate": round(len(audio) / SAMPLE_RATE / t_sep, 2),
             "summary": summary.text[:300], "summary_error": summary.error, "summary_strategy": summary.strategy,
             "summary_rounds": summary.rounds, "summary_s": round(t_sum, 1),
             "max_segment_s": round(max((s.end - s.start for s in r.segments), default=0), 2),

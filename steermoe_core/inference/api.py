@@ -341,7 +341,8 @@ class SteerMoE:
              progress: ProgressFn | None) -> Iterator[Result]:
         """Decode these jobs' segments in length-sorted batches; yield each job's Result."""
         work = [(j, w) for j in jobs for w in (range(len(j.windows)) if j.mode == "segments" else [None])]
-        work.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
+        if streamer is None:  # a streamed transcript prints its segments in time order
+            work.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
         texts: dict[tuple[int, int | None], tuple[str, str | None]] = {}
         walls: dict[int, float] = {}
         done: dict[int, int] = {}
