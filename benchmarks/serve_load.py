@@ -2,6 +2,7 @@
 
     python benchmarks/serve_load.py                      # the shipped adapter, 1 / 4 / 16 clients
     python benchmarks/serve_load.py --soak 1000          # + 1,000 requests, 10% corrupt uploads
+    python benchmarks/serve_load.py --clients 1,16 --seconds 120 --soak 1000 --soak-model CKPT
 
 For each server (batching with --max-batch 8, then --max-batch 1) and each client count C, C
 threads send short clips (flite speech) through the official `openai` client until --requests
@@ -83,6 +84,8 @@ def make_clips(folder: Path) -> list[tuple[Path, float]]:
 
 
 def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int, seconds: float, pid: int) -> dict:
+    """C clients until ``requests`` answers or ``seconds``: a request still running then is cut
+    (its client hangs up; the server drops its work) and not counted."""
     import openai
 
     client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -101,8 +104,12 @@ def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int
                 sent[0] += 1
             path, dur = clips[(i + k) % len(clips)]
             s = time.perf_counter()
-            with open(path, "rb") as f:
-                client.audio.transcriptions.create(model="steermoe", file=f)
+            left = seconds - (s - t0)
+            try:
+                with open(path, "rb") as f:
+                    client.with_options(timeout=max(1.0, left)).audio.transcriptions.create(model="steermoe", file=f)
+            except openai.APITimeoutError:
+                return
             with lock:
                 latencies.append(time.perf_counter() - s)
                 audio[0] += dur
@@ -110,7 +117,7 @@ def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(worker, range(clients)))
     wall = time.perf_counter() - t0
-    latencies.sort()
+    latencies.sort() if latencies else latencies.append(float("nan"))
     return {"clients": clients, "requests": len(latencies), "audio_s_per_s": audio[0] / wall,
             "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "peak_rss_mb": rss_mb(pid, "VmHWM")}
@@ -181,7 +188,9 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=48, help="answers per client count (bounded count)")
     ap.add_argument("--seconds", type=float, default=90.0, help="time per client count (bounded time)")
-    ap.add_argument("--soak", type=int, default=0, help="then this many requests, 10%% corrupt, on the batching server")
+    ap.add_argument("--soak", type=int, default=0, help="then this many requests, 10%% corrupt, on a batching server")
+    ap.add_argument("--soak-model", default=None, help="the soak's model (default: --model)")
+    ap.add_argument("--infer-repeats", type=int, default=16)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(tempfile.mkdtemp(prefix="serve-load-"))
@@ -198,20 +207,23 @@ def main() -> None:
             rows.append(r)
             print(f"max_batch {max_batch:>2}  clients {c:>2}: {r['requests']:>3} requests, {r['audio_s_per_s']:.2f} audio s/s, "
                   f"p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, server peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
-        if args.soak and max_batch == 8:
-            s = soak(base, clips, args.soak, proc.pid, log)
-            print(f"soak: {s['requests']} requests ({s['corrupt']} corrupt): {s['n_wrong']} answered wrongly {s['wrong']}; "
-                  f"RSS {s['after_100_mb']:.0f} MB after 100 -> {s['after_last_mb']:.0f} MB after the last "
-                  f"({s['rss_ratio']:.2f}x); tracebacks in the log: {s['tracebacks_in_log']}", flush=True)
         print(f"server exit code after SIGTERM: {stop(proc)}", flush=True)
     by = {(r["max_batch"], r["clients"]): r for r in rows}
     top = max(int(x) for x in args.clients.split(","))
     if (8, top) in by and (1, top) in by:
         print(f"batching speed-up at {top} clients: {by[(8, top)]['audio_s_per_s'] / by[(1, top)]['audio_s_per_s']:.2f}x", flush=True)
-    p50 = infer_p50(args.model, [p for p, _ in clips], 16)
+    p50 = infer_p50(args.model, [p for p, _ in clips], args.infer_repeats)
     if (8, 1) in by:
         print(f"infer API on the same clips: p50 {p50:.3f} s; serve 1 client p50 {by[(8, 1)]['p50_s']:.3f} s "
               f"({by[(8, 1)]['p50_s'] / p50:.2f}x)", flush=True)
+    if args.soak:
+        log = work / "server-soak.log"
+        proc, base = start_server(args.soak_model or args.model, 8, log)
+        s = soak(base, clips, args.soak, proc.pid, log)
+        print(f"soak ({args.soak_model or args.model or 'shipped adapter'}): {s['requests']} requests ({s['corrupt']} corrupt): "
+              f"{s['n_wrong']} answered wrongly {s['wrong']}; RSS {s['after_100_mb']:.0f} MB after 100 -> "
+              f"{s['after_last_mb']:.0f} MB after the last ({s['rss_ratio']:.2f}x); tracebacks in the log: {s['tracebacks_in_log']}; "
+              f"exit code after SIGTERM: {stop(proc)}", flush=True)
 
 
 if __name__ == "__main__":

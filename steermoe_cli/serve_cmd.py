@@ -41,7 +41,7 @@ def serve(
 
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError:
         raise MissingDependency("steermoe serve needs FastAPI, uvicorn and python-multipart: pip install 'steermoe[serve]'") from None

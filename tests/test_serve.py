@@ -119,7 +119,7 @@ def server(ckpt, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
     env = {**os.environ, "STEERMOE_API_KEY": KEY, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     cmd = [sys.executable, "-m", "steermoe_cli", "serve", "--model", str(ckpt), "--port", str(port), "--device", "cpu",
-           "--max-new-tokens", str(TOKENS), "--max-batch", "8", "--max-wait-ms", "30"]
+           "--max-new-tokens", str(TOKENS), "--max-batch", "8", "--max-wait-ms", "30", "--cors-origin", "http://page.test"]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -147,6 +147,9 @@ def test_prints_its_url_and_answers_health_models_and_metrics(server):
     status, headers, body = _get(server["base"] + "/metrics")
     assert status == 200 and headers["content-type"].startswith("text/plain")
     assert "steermoe_queue_depth" in body.decode() and 'steermoe_requests_total{endpoint="/health",status="200"}' in body.decode()
+    req = urllib.request.Request(server["base"] + "/v1/models", headers={"Origin": "http://page.test", "Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.headers["access-control-allow-origin"] == "http://page.test"
 
 
 def test_transcription_in_every_format_matches_infer(client, clips, reference, results):
@@ -167,6 +170,9 @@ def test_transcription_in_every_format_matches_infer(client, clips, reference, r
         v = client.audio.transcriptions.create(model="steermoe", file=f, response_format="verbose_json",
                                                timestamp_granularities=["segment"])
     assert v.text == reference[1] and v.duration == pytest.approx(1.1)
+    with open(clips[1], "rb") as f:  # sampling: some text, within the budget
+        sampled = client.audio.transcriptions.create(model="steermoe", file=f, temperature=0.8)
+    assert sampled.usage.output_tokens <= TOKENS
     assert [(s.start, s.end, s.text) for s in v.segments] == [(round(s.start, 3), round(s.end, 3), s.text) for s in results[1].segments]
 
 
@@ -256,6 +262,69 @@ def test_sixteen_concurrent_requests_batch_and_match_one_at_a_time(server, clien
     largest = int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("steermoe_batch_size_max")))
     assert largest > 1, metrics
     assert "Traceback" not in server["log"].read_text()
+
+
+def test_without_the_serve_extra_one_line_says_how(monkeypatch):
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    r = CliRunner().invoke(app, ["serve"])
+    assert r.exit_code == 2 and "pip install 'steermoe[serve]'" in r.output and "Traceback" not in r.output
+
+
+class _FakeBackend:
+    """Echoes each row's prompt after ``delay`` seconds; records the batches it was given."""
+
+    name, stop_ids, pad_id, max_context = "fake", [1], 0, 1000
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.batches, self.gate = delay, [], threading.Event()
+        self.gate.set()
+
+    def decode(self, rows):
+        return ["x" * len(r) for r in rows]
+
+    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None):
+        self.gate.wait(30)
+        time.sleep(self.delay)
+        self.batches.append(list(prompts))
+        return list(prompts)
+
+
+def _job(prompt: str, done: list):
+    from steermoe_core.serving.batcher import Job, Row
+
+    return Job("audio", [Row(clips=[np.zeros(1600, np.float32)], prompt=prompt, budget=4)], on_done=done.append)
+
+
+def test_batcher_merges_waiting_requests_drops_the_departed_and_does_not_delay_a_lone_one():
+    from steermoe_core.serving.batcher import Batcher, QueueFull
+    from steermoe_core.serving.metrics import Metrics
+
+    fake = _FakeBackend()
+    b = Batcher(fake, Metrics(), max_batch=8, max_wait_s=0.5, max_queue=4)
+    done: list = []
+    t0 = time.perf_counter()
+    b.submit(_job("alone", done))
+    while not done:
+        time.sleep(0.005)
+    assert time.perf_counter() - t0 < 0.3 and fake.batches == [["alone"]]  # not held for --max-wait-ms
+    time.sleep(0.6)  # no burst: the next one starts at once as well
+    fake.gate.clear()  # the worker blocks on the next batch; four more wait behind it
+    b.submit(_job("first", done))
+    time.sleep(0.2)
+    jobs = [_job(p, done) for p in ("a", "b", "gone", "c")]
+    for j in jobs:
+        b.submit(j)
+    with pytest.raises(QueueFull):
+        b.submit(_job("one too many", done))
+    jobs[2].cancelled.set()  # its client hung up
+    fake.gate.set()
+    b.close(10)
+    assert fake.batches == [["alone"], ["first"], ["a", "b", "c"]]
+    assert [j.texts for j in jobs] == [["a"], ["b"], [""], ["c"]]
 
 
 # -- an in-process server for the failures a live process cannot be made to have --
