@@ -1,10 +1,18 @@
 """Where and how tensors run: device choice and the precision policy shared by train, eval, infer
 and the benchmarks.
 
-``precision = "auto"`` picks bf16 autocast only where the hardware runs bf16 natively (a CUDA GPU
-with bf16, or a CPU with AVX512-BF16 / AMX) and fp32 everywhere else. On an AVX2-only x86 CPU bf16
-matmuls are emulated and run about 4x *slower* than fp32; on an AVX512-BF16 one they run about 4x
-faster. One decision, made here, keeps `eval` and `infer` giving the same text for a checkpoint.
+``precision = "auto"`` decides per phase, by what measures faster there:
+
+- training (``phase="train"``): bf16 autocast only where the hardware runs bf16 natively (a CUDA
+  GPU with bf16, or a CPU with AVX512-BF16 / AMX), fp32 everywhere else. On an AVX2-only x86 CPU
+  bf16 matmuls are emulated and run about 4x *slower* than fp32; on an AVX512-BF16 one a training
+  step's large matmuls run about 4x faster.
+- decoding (``phase="decode"``: eval, infer, serve, the demo's scoring): bf16 on a GPU with bf16,
+  fp32 on every CPU. A decode step is a handful of (batch x 576) by (576 x N) products, too small for
+  AMX tiles to pay for bf16's conversions and oneDNN's per-shape kernel builds: the shipped model
+  decoded 2.6-3.4x slower in bf16 than fp32 on an AMX CPU (``benchmarks/infer_cpu.py``).
+
+One decision per phase, made here, keeps `eval` and `infer` giving the same text for a checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from steermoe_core.errors import DeviceError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PHASES = ("train", "decode")
 _BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16, AMX) and aarch64 (BF16)
 
 
@@ -111,10 +120,17 @@ class Precision:
         return f"{self.name} ({self.reason})"
 
 
-def resolve_precision(requested: str, device: torch.device) -> Precision:
-    """Turn a recipe's ``precision`` into the one this device will run."""
+def resolve_precision(requested: str, device: torch.device, phase: str = "train") -> Precision:
+    """Turn a recipe's ``precision`` into the one this device will run for ``phase``.
+
+    ``phase`` is ``train`` (forward + backward over whole sequences: training, validation loss) or
+    ``decode`` (token-by-token generation: eval, infer, serve, the demo's scores). Only ``auto``
+    depends on it; a precision set in the recipe is used for both.
+    """
     if requested not in PRECISIONS:
         raise DeviceError(f"precision {requested!r}: expected one of {', '.join(PRECISIONS)}")
+    if phase not in PHASES:
+        raise ValueError(f"phase {phase!r}: expected one of {PHASES}")
     if device.type == "cuda":
         native = cuda_has_bf16(device)
         if requested == "auto":
@@ -124,8 +140,12 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
         return Precision(requested, "set in the recipe")
     native = cpu_has_native_bf16()
     if requested == "auto":
+        if phase == "decode":
+            why = ("auto: decoding on a CPU, where token-by-token steps run faster in fp32 than bf16 even with "
+                   "native bf16 (AMX)") if native else "auto: CPU without native bf16, where bf16 is ~4x slower than fp32"
+            return Precision("fp32", why)
         if native:
-            return Precision("bf16", "auto: CPU with native bf16 (AVX512-BF16/AMX)")
+            return Precision("bf16", "auto: training on a CPU with native bf16 (AVX512-BF16/AMX)")
         return Precision("fp32", "auto: CPU without native bf16, where bf16 is ~4x slower than fp32")
     if requested in ("bf16", "fp16") and not native:
         return Precision(requested, "set in the recipe; this CPU emulates it, expect it ~4x slower than fp32")

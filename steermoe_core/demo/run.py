@@ -297,7 +297,7 @@ def run_demo(cfg: DemoConfig, log: Log = print) -> dict:
         log(f"scored {name}: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in table[name].items()))
     table["whisper tiny.en decoder"] = {label: _whisper_wer(recipe.model.encoder.path, path) for label, path in sets.items()}
     best = models[list(models)[-1]]
-    inferred = _infer_clips(best, precision, cfg.workdir, recipe.eval.max_new_tokens, log)  # the recipe's decode limit, as scoring
+    inferred = _infer_clips(best, resolve_precision(recipe.train.precision, best.device, "decode"), cfg.workdir, recipe.eval.max_new_tokens, log)  # the recipe's decode limit, as scoring
     result = {
         "steps": cfg.steps, "train_utterances": cfg.train_sentences, "precision": str(precision),
         "wer": table,

@@ -39,7 +39,7 @@ def predict_dataset(
     """Predictions in dataset order, one dict per example (index, id, reference, prediction, prompt).
 
     ``shard`` picks this process's share of the chosen examples (multi-process validation)."""
-    precision = precision or resolve_precision(recipe.train.precision, model.device)
+    precision = precision or resolve_precision(recipe.train.precision, model.device, "decode")
     chosen = pick_examples(len(ds), max_examples, seed) or list(range(len(ds)))
     if shard is not None:
         chosen = shard(chosen)
@@ -72,7 +72,7 @@ def evaluate(
     order); predictions are re-sorted into dataset order, so the score and the predictions file are
     those of one process."""
     ds = data if isinstance(data, ShardedDataset) else ShardedDataset(data)
-    precision = precision or resolve_precision(recipe.train.precision, model.device)
+    precision = precision or resolve_precision(recipe.train.precision, model.device, "decode")
     preds = predict_dataset(model, ds, recipe, precision, recipe.eval.max_examples, progress, recipe.train.seed, shard)
     if gather is not None:
         preds = sorted(gather(preds), key=lambda p: p["index"])

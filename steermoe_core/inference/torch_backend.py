@@ -1,4 +1,5 @@
-"""The PyTorch backend: a ``SteerMoEModel`` on any device, at the precision `eval` uses."""
+"""The PyTorch backend: a ``SteerMoEModel`` on any device, at the decoding precision `eval` uses
+(``runtime.resolve_precision(..., phase="decode")``: fp32 on a CPU under ``auto``)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ class TorchBackend:
     def __init__(self, model: SteerMoEModel, precision: Precision | None = None):
         self.model = model.eval()
         self.device = model.device
-        self.precision = precision or resolve_precision("auto", self.device)
+        self.precision = precision or resolve_precision("auto", self.device, "decode")
         self.max_context = int(getattr(model.llm.config, "max_position_embeddings", 1 << 30))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", trust_remote_code: bool = False) -> TorchBackend:
-        """A checkpoint, run at the precision its recipe asks for, resolved for this device (as `eval` does)."""
+        """A checkpoint, run at the precision its recipe asks for, resolved for decoding on this device (as `eval` does)."""
         from steermoe_core.model.checkpoint import load_checkpoint
 
         dev = pick_device(device)
         model, recipe, _ = load_checkpoint(path, dev, trust_remote_code=trust_remote_code)
-        return cls(model, resolve_precision(recipe.train.precision, dev))
+        return cls(model, resolve_precision(recipe.train.precision, dev, "decode"))
 
     @property
     def tokenizer(self):
