@@ -314,7 +314,9 @@ class SteerMoE:
             yield from self._run(pending, *opts)
 
     def _budget(self, job: _Job, w: int | None, max_new_tokens: int | None) -> int:
-        if max_new_tokens is not None:
+        """A transcript's segments: ``max_new_tokens`` else the duration's budget; an instruction's
+        segments (transcript strategy) always their duration's (``max_new_tokens`` is the answer's)."""
+        if max_new_tokens is not None and not job.instruction:
             return max_new_tokens
         if w is None:
             return self.policy.answer_tokens
