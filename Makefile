@@ -35,11 +35,13 @@ test:
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadscope
 
+# The shipped adapter fine-tuned, on this CPU, to voices it never heard and scored before and after; the
+# training length comes from timed steps, so the whole target stays within 20 minutes (docs/demo.md).
 demo:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
 	  echo "make demo: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
-# The longer run whose adapter ships in steermoe_core/demo/pretrained/ (see README: The offline demo).
+# Training from scratch (hours on a CPU): the run whose adapter ships in steermoe_core/demo/pretrained/ (docs/demo.md).
 demo-full: setup system-deps
 	$(VENV)/bin/steermoe demo --full --ship
 

@@ -96,6 +96,8 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
     cfg.train_linear = linear
     if steps is not None:
         cfg.steps = steps
+        if cfg.decay_steps > steps:  # a shorter run decays to its own last step (`--steps 200 --linear`: the short comparison)
+            cfg.decay_steps = 0
     if sentences is not None:
         cfg.train_sentences = sentences
     log(f"size: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
