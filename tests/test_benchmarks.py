@@ -16,6 +16,8 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
     ("infer.py", ["--smoke"], ["single_stream_decode_tokens_per_s", "batched_real_time_factor"]),
     ("prep_throughput.py", ["--utterances", "30", "--workers", "1"], ["real-time factor", "MB per hour"]),
     ("onnx_vs_torch.py", ["--smoke", "--threads", "1", "--repeats", "1"], ["export onnxruntime fp32", "real_time_factor", "identical to torch 8/8"]),
+    ("infer_cpu.py", ["--smoke", "--threads", "1"], ["steermoe onnxruntime", "whisper tiny.en decoder", "real_time_factor",
+                                                     "same text as torch 8/8", "the speed of Whisper's own decoder"]),
 ])
 def test_benchmark_smoke(script, args, expect):
     r = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)
