@@ -61,7 +61,7 @@ def main() -> None:
     if args.smoke:
         args.whisper, args.llm, args.device, args.tokens, args.batch, args.batches = "tiny", "smoke", "cpu", 16, 4, 1
     device = torch.device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device, "decode")
     print(f"precision: {precision}")
     model = build(args.whisper, args.llm, device, trim=True, cudnn_attention=args.cudnn_attention).eval()
     options = {"cache_implementation": "static"} if args.static_cache else {}
