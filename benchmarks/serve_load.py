@@ -6,7 +6,8 @@
 
 For each server (batching with --max-batch 8, then --max-batch 1) and each client count C, C
 threads send short clips (flite speech) through the official `openai` client until --requests
-answers or --seconds have passed. Printed per row: throughput in audio seconds per wall second,
+answers or --seconds have passed. Printed per row: throughput in audio seconds per wall second
+(and per CPU second the server used: the figure that holds when other work shares the cores),
 p50/p95 latency, the server's peak RSS (VmHWM). Then the same clip through the Python API that
 `steermoe infer` runs (load once, transcribe one file, steady state): the 1-client p50 compares
 to it. --soak: every request must be answered (200, or 400 for the corrupt ones), the server's
@@ -33,6 +34,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used: the work done, whatever else shares the cores."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -93,6 +100,7 @@ def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int
     audio = [0.0]
     lock = threading.Lock()
     t0 = time.perf_counter()
+    cpu0 = cpu_s(pid)
     sent = [0]
 
     def worker(k: int) -> None:
@@ -119,6 +127,7 @@ def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int
     wall = time.perf_counter() - t0
     latencies.sort() if latencies else latencies.append(float("nan"))
     return {"clients": clients, "requests": len(latencies), "audio_s_per_s": audio[0] / wall,
+            "audio_s_per_cpu_s": audio[0] / max(cpu_s(pid) - cpu0, 1e-9),
             "p50_s": statistics.median(latencies), "p95_s": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
             "peak_rss_mb": rss_mb(pid, "VmHWM")}
 
@@ -205,13 +214,15 @@ def main() -> None:
             r = load(base, clips, c, args.requests, args.seconds, proc.pid)
             r["max_batch"] = max_batch
             rows.append(r)
-            print(f"max_batch {max_batch:>2}  clients {c:>2}: {r['requests']:>3} requests, {r['audio_s_per_s']:.2f} audio s/s, "
+            print(f"max_batch {max_batch:>2}  clients {c:>2}: {r['requests']:>3} requests, {r['audio_s_per_s']:.2f} audio s/s "
+                  f"({r['audio_s_per_cpu_s']:.2f} per server CPU s), "
                   f"p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, server peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         print(f"server exit code after SIGTERM: {stop(proc)}", flush=True)
     by = {(r["max_batch"], r["clients"]): r for r in rows}
     top = max(int(x) for x in args.clients.split(","))
     if (8, top) in by and (1, top) in by:
-        print(f"batching speed-up at {top} clients: {by[(8, top)]['audio_s_per_s'] / by[(1, top)]['audio_s_per_s']:.2f}x", flush=True)
+        print(f"batching speed-up at {top} clients: {by[(8, top)]['audio_s_per_s'] / by[(1, top)]['audio_s_per_s']:.2f}x wall, "
+              f"{by[(8, top)]['audio_s_per_cpu_s'] / by[(1, top)]['audio_s_per_cpu_s']:.2f}x per server CPU second", flush=True)
     p50 = infer_p50(args.model, [p for p, _ in clips], args.infer_repeats)
     if (8, 1) in by:
         print(f"infer API on the same clips: p50 {p50:.3f} s; serve 1 client p50 {by[(8, 1)]['p50_s']:.3f} s "
