@@ -1,4 +1,4 @@
-"""`steermoe demo`: the offline demo. By default the shipped adapter adapted to voices it never heard,
+"""`steermoe demo`: the offline demo. By default the shipped adapter adapted to a voice it never heard,
 scored before and after (`make demo`); `--full` trains from scratch (`make demo-full`)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def demo(
     ship: Annotated[bool, typer.Option(help="With --full: copy the finished adapter into steermoe_core/demo/pretrained, where `make demo` starts from it (maintainers)")] = False,
 ):
     """The offline demo. By default (`make demo`, about 15 minutes on 2 CPU cores): the shipped adapter is
-    fine-tuned on voices it never heard and scored before and after on sentences it never trained on.
+    fine-tuned on a voice it never heard and scored before and after on sentences it never trained on.
     --full trains SteerMoE from scratch (with --linear beside a linear-only adapter) and scores it on
     held-out and out-of-domain speech against Whisper's own decoder."""
     import time
@@ -53,7 +53,7 @@ def demo(
 
 def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start: Optional[Path], log) -> None:
     from steermoe_core.backbones.weights import cache_root
-    from steermoe_core.demo.adapt import AdaptConfig, run_adapt
+    from steermoe_core.demo.adapt import AdaptConfig, describe_voices, run_adapt
 
     cfg = AdaptConfig(workdir or cache_root() / "demo-adapt", steps=steps or 0, train_budget_s=60 * minutes)
     if start is not None:
@@ -62,8 +62,8 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
     res = run_adapt(cfg, log=log)
     tr = res["trained"]
     t = Table(title=f"A few minutes of adaptation: the shipped adapter ({res['start_step']} steps) fine-tuned for {tr['steps']} steps "
-                    f"of batch {res['batch_size']} on {len(res['voices'])} voices it never heard")
-    t.add_column("examples (held-out voices)")
+                    f"of batch {res['batch_size']} on {describe_voices(res['voices'])} it never heard")
+    t.add_column("")
     for col in ("reference", "before", "after"):
         t.add_column(col)
     for n, e in enumerate(res["examples"][:4]):
@@ -74,14 +74,14 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
     t.add_column("model")
     for s in sets:
         t.add_column(s, justify="right")
-    t.add_column("LLM loss, held-out voices", justify="right")
+    t.add_column("LLM loss, new voice", justify="right")
     for name, row in res["wer"].items():
         label = {"start adapter": f"before: the shipped adapter ({res['start_step']} steps)",
                  "adapted": f"after: adapted ({tr['steps']} steps, {tr['train_s'] / 60:.1f} min)"}.get(name, name)
         loss = res["loss"].get(name)
         t.add_row(label, *[f"{100 * row[s]:.1f}%" for s in sets], "" if loss is None else f"{loss:.3f}")
     stdout.print(t)
-    stdout.print(f"held-out voices: {', '.join(res['voices'])} speaking Harvard sentences the adaptation never saw; "
+    stdout.print(f"new voice: {', '.join(res['voices'])} speaking Harvard sentences the adaptation never saw; "
                  "training voices: held-out Brown sentences in the voices the shipped adapter trained on")
     stdout.print(f"precision {res['precision']}; adapted adapter: {res['checkpoint']} (`steermoe infer --model` takes it)", soft_wrap=True)
 

@@ -56,7 +56,7 @@ def test_make_demo_adaptation_learns(tmp_path):
     assert any("s a step (batch 4" in line and "-> 12 steps" in line for line in logs), logs
     assert res["trained"]["steps"] == 12
     assert res["loss"]["adapted"] < res["loss"]["start adapter"], res["loss"]
-    assert set(res["wer"]) == {"start adapter", "adapted"} and set(res["wer"]["adapted"]) == {"held-out voices"}
+    assert set(res["wer"]) == {"start adapter", "adapted"} and set(res["wer"]["adapted"]) == {"new voice"}
     assert len(res["examples"]) == 8 and all(e["after"] is not None for e in res["examples"])
     # a second run reuses the stored table: nothing is trained or scored again
     logs.clear()
@@ -82,6 +82,7 @@ def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
     from steermoe_core.demo.run import PRETRAINED
     from steermoe_core.demo.text import (
         ADAPT_TEST_POOL,
+        HELDOUT_VOICES,
         TRAIN_VOICES,
         adapt_test_sentences,
         adapt_train_sentences,
@@ -91,7 +92,7 @@ def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
     from steermoe_core.errors import UsageError
 
     cfg = AdaptConfig(Path("w"))
-    assert cfg.start == PRETRAINED and not set(cfg.voices) & set(TRAIN_VOICES)
+    assert cfg.start == PRETRAINED and not set(cfg.voices) & set(TRAIN_VOICES) and set(cfg.voices) <= set(HELDOUT_VOICES)
     trained = set(adapt_train_sentences(cfg.train_sentences))
     assert not trained & set(adapt_test_sentences(ADAPT_TEST_POOL))
     assert not trained & set(train_sentences(12000)) and not trained & set(in_domain_sentences(300))

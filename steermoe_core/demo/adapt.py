@@ -1,10 +1,10 @@
-"""`steermoe demo` (what `make demo` runs): the shipped adapter adapted, before your eyes, to voices it never heard.
+"""`steermoe demo` (what `make demo` runs): the shipped adapter adapted, before your eyes, to a voice it never heard.
 
 A reader cannot be trained from scratch in 20 minutes on 2 CPU cores (`demo --full` takes hours), but an
 adapter that already reads English can be adapted in minutes. The demo starts from whatever adapter ships in
 ``demo/pretrained`` (loaded from its path, so a new shipped adapter is picked up with no other change),
-fine-tunes it on the held-out voices speaking a kind of text it never trained on (Harvard sentences), and
-scores it before and after on Harvard sentences in those voices that the fine-tune never sees, plus the
+fine-tunes it on a held-out voice (``ADAPT_VOICES``) speaking a kind of text it never trained on (Harvard
+sentences), and scores it before and after on Harvard sentences in that voice that the fine-tune never sees, plus the
 training voices it already knew (to show it did not forget them).
 
 The training length comes from a measured step time: the first few steps are timed, and the run takes as
@@ -27,7 +27,7 @@ import torch
 from steermoe_core.atomic import write_text
 from steermoe_core.demo.text import (
     ADAPT_TEST_POOL,
-    HELDOUT_VOICES,
+    ADAPT_VOICES,
     TRAIN_VOICES,
     adapt_test_sentences,
     adapt_train_sentences,
@@ -37,7 +37,6 @@ from steermoe_core.errors import UsageError
 from steermoe_core.inference.api import SHIPPED_MODEL
 
 Log = Callable[[str], None]
-SETS = {"held-out voices": "test", "training voices": "control"}  # table column -> data folder
 
 
 @dataclass
@@ -48,7 +47,7 @@ class AdaptConfig:
 
     workdir: Path
     start: Path = SHIPPED_MODEL  # the adapter to adapt: the shipped one, whatever it is now
-    voices: tuple[str, ...] = HELDOUT_VOICES  # the voices to adapt to; the shipped run never heard them
+    voices: tuple[str, ...] = ADAPT_VOICES  # the voices to adapt to; the shipped run never heard them
     train_sentences: int = 600  # Harvard sentences after the test pool, spoken in ``voices``
     test_sentences: int = 40  # held-out Harvard sentences in ``voices``: the fine-tune never sees them
     control_sentences: int = 20  # held-out Brown sentences in the training voices (0 = no such column)
@@ -78,6 +77,10 @@ class AdaptConfig:
             raise UsageError(f"demo: lr_scale must be above 0, got {self.lr_scale}")
         if set(self.voices) & set(TRAIN_VOICES):
             raise UsageError(f"demo: {sorted(set(self.voices) & set(TRAIN_VOICES))} are training voices, not new ones")
+
+
+def describe_voices(voices: tuple[str, ...] | list[str]) -> str:
+    return f"the voice {voices[0]}" if len(voices) == 1 else f"{len(voices)} voices ({', '.join(voices)})"
 
 
 def plan_steps(step_s: float, budget_s: float, min_steps: int, max_steps: int) -> int:
@@ -121,7 +124,7 @@ def _prep(cfg: AdaptConfig, data: Path, log: Log) -> dict[str, Path]:
 
     _prep_synth(adapt_train_sentences(cfg.train_sentences), data / "train", list(cfg.voices), 0, log)
     _prep_synth(adapt_test_sentences(cfg.test_sentences), data / "test", list(cfg.voices), 0, log)
-    sets = {"held-out voices": data / "test"}
+    sets = {"new voice": data / "test"}
     if cfg.control_sentences:
         _prep_synth(in_domain_sentences(cfg.control_sentences), data / "control", list(TRAIN_VOICES), 0, log)
         sets["training voices"] = data / "control"
@@ -129,7 +132,7 @@ def _prep(cfg: AdaptConfig, data: Path, log: Log) -> dict[str, Path]:
 
 
 def _score(model, recipe, sets: dict[str, Path], precision) -> dict:
-    """WER on each set, the LLM's loss on the held-out voices, the predictions, and the decode time."""
+    """WER on each set, the LLM's loss on the new voice's transcripts, the predictions, and the decode time."""
     from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.evaluation.evaluate import predict_dataset
     from steermoe_core.evaluation.metrics import word_error_rate
@@ -143,7 +146,7 @@ def _score(model, recipe, sets: dict[str, Path], precision) -> dict:
         wer[label] = word_error_rate([x["reference"] for x in p], [x["prediction"] for x in p])
         preds[label] = [{"reference": x["reference"], "prediction": x["prediction"]} for x in p]
     decode_s = time.perf_counter() - t0
-    loss = validation_loss(model, ShardedDataset(sets["held-out voices"]), recipe, precision, SingleDevice())
+    loss = validation_loss(model, ShardedDataset(sets["new voice"]), recipe, precision, SingleDevice())
     return {"wer": wer, "loss": loss, "predictions": preds, "decode_s": decode_s}
 
 
@@ -244,8 +247,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
         model = load_checkpoint(out, model=model, overrides=overrides)[0]
         trained = json.loads((cfg.workdir / "trained.json").read_text())
     else:
-        log(f"adapting to {len(cfg.voices)} voices it never heard ({', '.join(cfg.voices)}) on "
-            f"{cfg.train_sentences} Harvard sentences")
+        log(f"adapting to {describe_voices(cfg.voices)} it never heard on {cfg.train_sentences} Harvard sentences")
         trained = _fine_tune(model, recipe, cfg, out, precision, deadline, before["decode_s"] * 1.2, log)
         write_text(cfg.workdir / "trained.json", json.dumps(trained, indent=2))
     log("scoring the adapted adapter")
@@ -258,7 +260,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
         "wer": {"start adapter": before["wer"], "adapted": after["wer"]},
         "loss": {"start adapter": before["loss"], "adapted": after["loss"]},
         "examples": [{"reference": b["reference"], "before": b["prediction"], "after": a["prediction"]}
-                     for b, a in zip(before["predictions"]["held-out voices"], after["predictions"]["held-out voices"])],
+                     for b, a in zip(before["predictions"]["new voice"], after["predictions"]["new voice"])],
         "checkpoint": str(out),
         "sets": {k: str(v) for k, v in sets.items()},
     }
