@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import steermoe_core  # noqa: F401, I001  (before torch: it sets OpenMP's wait policy, read when torch loads)
+
 import numpy as np
 import torch
 
@@ -127,7 +129,8 @@ def run(args, work: Path) -> None:
     precision = resolve_precision(recipe.train.precision, device, "decode")
     audio_s = sum(len(a) for a in audio) / 16000
     isa = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {isa or 'native ISA'}; {len(audio)} clips, "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY')}, "
+          f"{isa or 'native ISA'}; {len(audio)} clips, "
           f"{audio_s:.1f} s of audio; torch decodes in {precision}", flush=True)
 
     systems = {"steermoe torch": SteerMoE(TorchBackend(model, precision))}

@@ -73,3 +73,19 @@ def test_eval_and_the_torch_backend_decode_at_the_decoding_precision(cpu_kind, b
     model = build_model(recipe.model, CPU)
     assert TorchBackend(model).precision.name == "fp32"
     assert evaluate(model, tiny_data, recipe)["precision"] == "fp32"
+
+
+@pytest.mark.parametrize("given, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_at_barriers_unless_the_caller_chose(given, want):
+    """Spinning OpenMP threads made a decode step 20-60x slower on a busy 2-core CPU; importing
+    steermoe_core before torch makes them sleep, and a wait policy the caller set is kept."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import steermoe_core, os; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == want
