@@ -82,6 +82,9 @@ class OnnxBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or int(os.environ.get("STEERMOE_ORT_THREADS", "0"))
         opts.log_severity_level = 3
+        # idle threads sleep rather than spin (as steermoe_core sets OpenMP's): on a busy CPU a spinning
+        # thread holds the core its partner needs (STEERMOE_ORT_SPIN=1 spins, onnxruntime's default)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STEERMOE_ORT_SPIN", "0"))
         self.tower = _session(ort, folder / files["audio_tower"], opts, providers)
         self.decoder = _session(ort, folder / files["decoder"], opts, providers)
         self.embeddings = np.load(folder / files["embeddings"], mmap_mode="r")
