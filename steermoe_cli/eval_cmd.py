@@ -30,7 +30,7 @@ def eval_(
     from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.evaluation.evaluate import evaluate
     from steermoe_core.model.checkpoint import load_checkpoint
-    from steermoe_core.runtime import pick_device
+    from steermoe_core.runtime import pick_device, resolve_precision
     from steermoe_core.training.distributed import launched_by_a_launcher
     from steermoe_core.training.engines import make_strategy
 
@@ -43,6 +43,8 @@ def eval_(
         model, recipe, _ = load_checkpoint(checkpoint, dev, set_, trust_remote_code=trust_remote_code)
         n = len(ShardedDataset(data))
         mine = len(strategy.shard_items(list(range(min(recipe.eval.max_examples or n, n)))))
+        if strategy.is_main:
+            console.print(f"precision {resolve_precision(recipe.train.precision, dev, 'decode')}", soft_wrap=True)
         with step_progress(console, mine, label="decoding", disable=not strategy.is_main) as bar:
             summary = evaluate(model, data, recipe, predictions if strategy.is_main else None, progress=lambda k: bar.advance(k),
                                shard=strategy.shard_items, gather=strategy.gather)
