@@ -182,7 +182,9 @@ def _fine_tune(model, recipe, cfg: AdaptConfig, out: Path, precision, deadline: 
             budget = min(cfg.train_budget_s, left)
             steps = plan_steps(step_s, budget, cfg.min_steps, cfg.max_steps)
             log(f"measured {step_s:.1f} s a step (batch {recipe.data.batch_size}, {precision.name}) -> {steps} steps, "
-                f"about {steps * step_s / 60:.0f} min of training" + (f" (budget {budget:.0f} s)" if budget < cfg.train_budget_s else ""))
+                f"about {steps * step_s / 60:.0f} min of training" + (
+                    f" (the {cfg.total_budget_s / 60:.0f}-minute budget leaves {max(budget, 0):.0f} s of it; "
+                    f"{cfg.min_steps} steps at least)" if budget < cfg.train_budget_s else ""))
         if step % 10 == 0 or step == steps:
             log(f"  step {step}/{steps}: loss {statistics.mean(losses[-10:]):.3f}, {times[-1]:.1f} s a step")
     model.eval()
