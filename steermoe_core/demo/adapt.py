@@ -71,6 +71,8 @@ class AdaptConfig:
             raise UsageError("demo: steps and control_sentences must be 0 or more")
         if self.test_sentences > ADAPT_TEST_POOL:
             raise UsageError(f"demo: at most {ADAPT_TEST_POOL} test sentences, {self.test_sentences} asked for")
+        if self.probe_steps > self.min_steps:
+            raise UsageError(f"demo: probe_steps {self.probe_steps} is above min_steps {self.min_steps} (the timed steps are part of the run)")
         if self.min_steps > self.max_steps:
             raise UsageError(f"demo: min_steps {self.min_steps} is above max_steps {self.max_steps}")
         if not self.lr_scale > 0:
@@ -166,12 +168,17 @@ def _fine_tune(model, recipe, cfg: AdaptConfig, out: Path, precision, deadline: 
     opt = make_optimizer(model, recipe.train, model.device)
     stream = micro_batch_stream(ShardedDataset(recipe.data.train), recipe, Position(), SingleDevice())
     model.train()
-    losses, times, step, steps = [], [], 0, cfg.steps or cfg.max_steps
+    losses, times, step, bad, steps = [], [], 0, 0, cfg.steps or cfg.max_steps
     while step < steps:
         batch = next(stream)[0]
         t = time.perf_counter()
         stats = train_step(model, opt, [batch], precision, recipe.train.clip_grad)
-        if stats["bad"]:
+        if stats["bad"]:  # a NaN/inf loss: the step was skipped on every parameter; too many stop the run
+            bad += 1
+            if bad >= recipe.train.max_bad_steps:
+                from steermoe_core.errors import TrainingError
+
+                raise TrainingError(f"{out}: {bad} adaptation steps had a NaN/inf loss (train.max_bad_steps); nothing saved")
             continue
         losses.append(float(stats["ce"]))
         times.append(time.perf_counter() - t)
