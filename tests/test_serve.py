@@ -193,12 +193,13 @@ def test_chat_with_input_audio_streamed_and_not(client, clips, sm):
     messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
                                              {"type": "text", "text": prompt}]}]
     expected = sm.ask(clips[0], prompt, transcribe=False, max_new_tokens=8, strategy="direct")[0].text
-    r = client.chat.completions.create(model="steermoe", messages=messages, max_tokens=8)
-    assert r.choices[0].message.content == expected
+    direct = {"strategy": "direct"}
+    r = client.chat.completions.create(model="steermoe", messages=messages, max_tokens=8, extra_body=direct)
+    assert r.choices[0].message.content == expected and r.model_extra["strategy"] == "direct"
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens_details.audio_tokens > 0
     assert r.usage.model_extra["audio_seconds"] == pytest.approx(0.8)
     chunks = list(client.chat.completions.create(model="steermoe", messages=messages, max_tokens=8, stream=True,
-                                                 stream_options={"include_usage": True}))
+                                                 stream_options={"include_usage": True}, extra_body=direct))
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == expected
@@ -206,7 +207,7 @@ def test_chat_with_input_audio_streamed_and_not(client, clips, sm):
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     # a second turn: the earlier exchange is context, the audio is still heard
     turns = messages + [{"role": "assistant", "content": expected}, {"role": "user", "content": "And in one word?"}]
-    again = client.chat.completions.create(model="steermoe", messages=turns, max_tokens=8)
+    again = client.chat.completions.create(model="steermoe", messages=turns, max_tokens=8, extra_body=direct)
     assert again.usage.prompt_tokens > r.usage.prompt_tokens and again.usage.prompt_tokens_details.audio_tokens > 0
 
 
@@ -378,7 +379,8 @@ def test_cap_context_failure_and_full_queue(sm, clips, tmp_path, caplog):
             assert _post_file(url, "c0.wav", clips[0].read_bytes(), key=None)[0] == 200
             # a prompt too long for the LLM's context is refused as `infer` refuses it
             backend.max_context = 20
-            status, _, body = _post_file(url, "c0.wav", clips[0].read_bytes(), {"prompt": "Summarize it."}, key=None)
+            status, _, body = _post_file(url, "c0.wav", clips[0].read_bytes(), {"prompt": "Summarize it.", "strategy": "direct"},
+                                         key=None)
             backend.max_context = real_context
             assert status == 400 and "too long for the LLM's context" in json.loads(body)["error"]["message"]
             # a full queue: 503 with Retry-After while the worker is busy and one request waits
@@ -420,6 +422,74 @@ def test_health_answers_while_the_model_decodes(sm, clips):
     finally:
         gate.set()
         backend.generate = real_generate
+
+
+def test_a_recording_too_long_for_the_context_is_answered_through_its_transcript(sm, clips, tmp_path):
+    """The same strategy choice as `infer`: for a checkpoint trained for instructions, ``auto`` reads
+    a recording that fits the context directly and answers one that does not through its transcript
+    (map-reduce past the context), with the same answer `infer` gives; ``direct`` on it is refused;
+    the strategy that ran is in the answer; an empty answer is an error."""
+    import base64
+
+    from steermoe_core.serving.app import ServeSettings, create_app
+
+    silence = np.zeros(8000, np.float32)
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([x for i in range(4) for x in (tone_clip(i, 0.8 + 0.3 * i), silence)]), 16000, subtype="PCM_16")
+    prompt = "Summarize the main points of the audio."
+    backend, policy = sm.backend, sm.policy
+    real_context, real_trained, real_generate = backend.max_context, policy.trained_for_instructions, backend.generate
+    real_vad = policy.vad
+    need = backend.prompt_tokens(prompt) + sum(backend.audio_token_counts([16000 * 6]))  # about the long one's
+    policy.trained_for_instructions = True
+    policy.vad = "off"  # chords are not speech to a voice detector: cut at low-energy points
+    try:
+        short_expected = sm.ask(clips[0], prompt, transcribe=False, max_new_tokens=TOKENS)[0]
+        assert short_expected.strategy == "direct"
+        backend.max_context = max(need // 2, 80)  # the short clip still fits; the 6 s recording does not
+        expected = sm.ask(long, prompt, transcribe=False, max_new_tokens=TOKENS)[0]
+        assert expected.strategy == "transcript" and expected.error is None and expected.text and len(expected.segments) > 1
+        assert expected.rounds >= 1  # its transcript is over the context too: map-reduce
+        with _live(create_app(ServeSettings(max_new_tokens=TOKENS), loaded=sm)) as base:
+            url = base + "/v1/audio/transcriptions"
+            status, _, body = _post_file(url, "long.wav", long.read_bytes(), {"prompt": prompt, "response_format": "verbose_json"},
+                                         key=None)
+            out = json.loads(body)
+            assert status == 200 and out["strategy"] == "transcript" and out["text"] == expected.text
+            assert out["transcript"] == expected.transcript and out["rounds"] == expected.rounds
+            assert [s["text"] for s in out["segments"]] == [s.text for s in expected.segments if s.text]
+            assert out["usage"]["output_tokens"] > 0 and out["usage"]["input_token_details"]["audio_tokens"] > 0
+            status, _, body = _post_file(url, "long.wav", long.read_bytes(), {"prompt": prompt, "strategy": "direct"}, key=None)
+            err = json.loads(body)["error"]
+            assert status == 400 and err["code"] == "context_length_exceeded" and "strategy 'transcript'" in err["message"]
+            status, _, body = _post_file(url, "long.wav", long.read_bytes(), {"prompt": prompt, "strategy": "sideways"}, key=None)
+            assert status == 400 and json.loads(body)["error"]["code"] == "invalid_strategy"
+            # the chat endpoint chooses the same way, streamed and not
+            client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+            audio = {"data": base64.b64encode(long.read_bytes()).decode(), "format": "wav"}
+            messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": audio}, {"type": "text", "text": prompt}]}]
+            r = client.chat.completions.create(model="steermoe", messages=messages, max_tokens=TOKENS)
+            assert r.choices[0].message.content == expected.text and r.model_extra["strategy"] == "transcript"
+            assert r.model_extra["transcript"] == expected.transcript
+            chunks = list(client.chat.completions.create(model="steermoe", messages=messages, max_tokens=TOKENS, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
+            assert chunks[-1].model_extra["strategy"] == "transcript"
+            short = {"data": base64.b64encode(clips[0].read_bytes()).decode(), "format": "wav"}
+            r = client.chat.completions.create(model="steermoe", max_tokens=TOKENS, messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": short}, {"type": "text", "text": prompt}]}])
+            assert r.model_extra["strategy"] == "direct" and r.choices[0].message.content == short_expected.text
+            # an empty answer is an error, never a success
+            backend.generate = lambda clips_, groups, *a, **k: [""] * len(groups)
+            status, _, body = _post_file(url, "c0.wav", clips[0].read_bytes(), {"prompt": prompt}, key=None)
+            err = json.loads(body)["error"]
+            assert status == 500 and err["code"] == "empty_answer" and "strategy direct" in err["message"]
+            status, _, body = _post_file(url, "long.wav", long.read_bytes(), {"prompt": prompt}, key=None)
+            assert status == 500 and json.loads(body)["error"]["code"] == "empty_answer"
+            backend.generate = real_generate
+            assert _post_file(url, "c0.wav", clips[0].read_bytes(), key=None)[0] == 200
+    finally:
+        backend.max_context, policy.trained_for_instructions, backend.generate = real_context, real_trained, real_generate
+        policy.vad = real_vad
 
 
 # -- the page, in Debian's chromium --

@@ -39,7 +39,8 @@ from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.errors import SteermoeError
 from steermoe_core.inference.api import TASK_PROMPTS, Result, Segment
 from steermoe_core.inference.formats import to_srt, to_vtt, verbose_json
-from steermoe_core.inference.longform import plan_segments
+from steermoe_core.inference.longform import STRATEGIES, answer_over_transcript, choose_strategy, plan_segments
+from steermoe_core.serving import llm
 from steermoe_core.serving.batcher import Batcher, Job, QueueFull, Row
 from steermoe_core.serving.metrics import Metrics
 
@@ -81,6 +82,10 @@ class ApiError(Exception):
 def error_response(status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": type_, "param": None, "code": code}}, status, headers=headers)
+
+
+class _Departed(Exception):
+    """The client of a transcript-strategy request went away: its remaining LLM calls are dropped."""
 
 
 class _State:
@@ -146,6 +151,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
 
     metrics = Metrics()
     state = _State()
+    running: set[asyncio.Task] = set()  # the transcript strategy's pipelines (held so they are not collected)
     cap = int(settings.max_upload_mb * 1024 * 1024)
 
     def load() -> None:
@@ -235,29 +241,146 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(413, f"{name}: {n / 2**20:.1f} MB is over this server's {settings.max_upload_mb:g} MB upload cap "
                                 "(--max-upload-mb)", code="file_too_large")
 
-    def audio_rows(clips: list[np.ndarray], name: str, prompt: str, transcribe: bool, budget: int | None) -> tuple[list[Row], list]:
-        """The rows and the segments (sample spans) they read, cut as `infer` cuts them
-        (``longform.plan_segments``): one row per segment when transcribing, each with its own
-        token budget, else one row holding every segment (`infer --strategy direct`); a prompt that
-        would not fit the LLM's context is refused as `infer` refuses it."""
-        backend, policy = state.sm.backend, state.sm.policy
-        windows = [(clip, s, e) for clip in clips for s, e in plan_segments(clip, policy).spans]
-        if transcribe:
-            rows = [Row(clips=[clip[s:e]], prompt=prompt, budget=budget or policy.budget((e - s) / SAMPLE_RATE))
-                    for clip, s, e in windows]
-            return rows, [(s, e) for _, s, e in windows]
+    def transcript_rows(audio: np.ndarray, budget: int | None) -> tuple[list[Row], list[tuple[int, int]]]:
+        """One row per segment, cut as `infer` cuts them (``longform.plan_segments``), each with its
+        own token budget (``budget``, else its duration's), and the segments' sample spans."""
+        policy = state.sm.policy
+        spans = plan_segments(audio, policy).spans
+        rows = [Row(clips=[audio[s:e]], prompt=TASK_PROMPTS["transcribe"], budget=budget or policy.budget((e - s) / SAMPLE_RATE))
+                for s, e in spans]
+        return rows, spans
+
+    def plan_instruction(clips: list[np.ndarray], name: str, prompt: str, requested: str) -> tuple[list, str]:
+        """The segments (clip, start, end) an instruction is about and the strategy that runs, chosen
+        as `infer` chooses it (``longform.choose_strategy``): ``direct`` puts every segment and the
+        prompt in one LLM prompt, refused when that is over the context; ``transcript`` transcribes,
+        then the frozen LLM answers over the text (map-reduce past its context)."""
+        sm = state.sm
+        backend = sm.backend
+        windows = [(clip, s, e) for clip in clips for s, e in plan_segments(clip, sm.policy).spans]
         if not windows:
             raise ApiError(400, f"{name}: no speech found, nothing to answer about", code="no_speech")
         need = backend.prompt_tokens(prompt) + sum(backend.audio_token_counts([e - s for _, s, e in windows]))
-        if need > backend.max_context:
-            raise ApiError(400, f"{name}: too long for the LLM's context ({need} tokens > {backend.max_context}); "
-                                "transcribe it (/v1/audio/transcriptions without a prompt), or send a shorter recording",
+        if requested == "transcript" and not sm.can_chat:
+            raise ApiError(400, f"strategy 'transcript' needs the torch backend (this server runs {backend.name}); "
+                                "use strategy 'direct' or 'auto'", code="unsupported_strategy")
+        strategy = choose_strategy(requested, sm.policy, need <= backend.max_context, sm.can_chat)
+        if strategy == "direct" and need > backend.max_context:
+            hint = "use strategy 'transcript' (or 'auto'), or send a shorter recording" if sm.can_chat else \
+                "transcribe it (/v1/audio/transcriptions without a prompt), or send a shorter recording"
+            raise ApiError(400, f"{name}: too long for the LLM's context ({need} tokens > {backend.max_context}); {hint}",
                            code="context_length_exceeded")
-        rows = [Row(clips=[clip[s:e] for clip, s, e in windows], prompt=prompt, budget=budget or policy.answer_tokens)]
-        return rows, [(0, sum(len(c) for c in clips))]
+        return windows, strategy
+
+    async def submit_instruction(request: Request, clips: list[np.ndarray], name: str, prompt: str, requested: str,
+                                 temperature: float, answer_tokens: int, stream: bool):
+        """Queue an instruction about audio by the strategy `infer` would run; returns (job, done
+        future, delta queue or None). The job's ``texts[0]`` is the answer; an empty one is an error."""
+        windows, strategy = plan_instruction(clips, name, prompt, requested)
+        audio_s = sum(len(c) for c in clips) / SAMPLE_RATE
+        if strategy == "direct":
+            job = Job("audio", [Row(clips=[clip[s:e] for clip, s, e in windows], prompt=prompt, budget=answer_tokens)],
+                      temperature, audio_s=audio_s, strategy="direct")
+            done, deltas = await submit(request, job, stream)
+            return job, done, deltas
+        return await submit_transcript(request, windows, name, prompt, temperature, answer_tokens, audio_s, stream)
+
+    async def submit_transcript(request: Request, windows: list, name: str, instruction: str, temperature: float,
+                                answer_tokens: int, audio_s: float, stream: bool):
+        """The transcript strategy as `infer` runs it: every segment transcribed (greedy, each at its
+        duration's budget), then ``longform.answer_over_transcript`` over the texts, its LLM calls
+        queued as text-only jobs (so they batch with other chats). Only the final answer streams."""
+        policy, backend, batcher = state.sm.policy, state.sm.backend, ready()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        deltas: asyncio.Queue | None = asyncio.Queue() if stream else None
+        job = Job("audio", [Row()], temperature, audio_s=audio_s, strategy="transcript")
+        job.texts, job.tokens, job.flags, job.stopped = [""], [0], [None], [False]
+        seg_rows = [Row(clips=[clip[s:e]], prompt=TASK_PROMPTS["transcribe"], budget=policy.budget((e - s) / SAMPLE_RATE))
+                    for clip, s, e in windows]
+        seg_job = Job("audio", seg_rows, 0.0, audio_s=audio_s)
+        seg_done, _ = await submit(request, seg_job, False)  # a full queue answers 503 here, before any work
+        text_tokens = sum(backend.prompt_tokens(r.prompt) for r in seg_rows)
+        audio_tokens = sum(backend.audio_token_counts([e - s for _, s, e in windows]))
+
+        def chat(messages: list[dict], n: int, final: bool) -> str:  # on a worker thread
+            nonlocal text_tokens
+            if job.cancelled.is_set():
+                raise _Departed
+            ids = llm.chat_prompt_ids(backend, messages)
+            called = threading.Event()
+            one = Job("text", [Row(ids=ids, budget=n)], temperature if final else 0.0, on_done=lambda _: called.set())
+            if final and deltas is not None:
+                one.on_delta = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
+            while True:
+                try:
+                    batcher.submit(one)
+                    break
+                except QueueFull:
+                    if job.cancelled.is_set():
+                        raise _Departed from None
+                    time.sleep(0.05)
+            while not called.wait(0.2):
+                if job.cancelled.is_set():
+                    one.cancelled.set()
+            if one.error is not None:
+                raise one.error
+            if one.cancelled.is_set():
+                raise _Departed
+            text_tokens += len(ids)
+            job.tokens[0] += sum(one.tokens)
+            if final:
+                job.flags = list(one.flags)
+            return one.texts[0]
+
+        async def run() -> None:
+            try:
+                while not seg_done.done():
+                    await asyncio.wait({seg_done}, timeout=0.2)
+                    if job.cancelled.is_set():
+                        seg_job.cancelled.set()
+                if seg_job.error is not None:
+                    job.error = seg_job.error
+                    return
+                if job.cancelled.is_set():
+                    return
+                job.tokens[0] = sum(seg_job.tokens)
+                job.segments = [Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, t, f)
+                                for (_, s, e), t, f in zip(windows, seg_job.texts, seg_job.flags)]
+                parts = [t for t in seg_job.texts if t]
+                job.transcript = " ".join(parts)
+                if not parts:
+                    job.fail = ApiError(500, f"{name}: nothing was transcribed, so there is nothing to answer about "
+                                             "(strategy transcript)", "server_error", "empty_answer")
+                    return
+                count = lambda m: len(llm.chat_prompt_ids(backend, m))  # noqa: E731
+                ans = await asyncio.to_thread(answer_over_transcript, instruction, parts, chat, count,
+                                              backend.max_context, answer_tokens)
+                job.texts[0], job.rounds = ans.text, ans.rounds
+            except _Departed:
+                pass
+            except Exception as e:
+                log.error("the transcript strategy failed on %s:\n%s", name, traceback.format_exc())
+                job.error = e
+            finally:
+                job.counted = (text_tokens, audio_tokens)
+                if not done.done():
+                    done.set_result(job)
+
+        task = asyncio.ensure_future(run())
+        running.add(task)
+        task.add_done_callback(running.discard)
+        return job, done, deltas
+
+    def settle(job: Job) -> None:
+        """An instruction whose answer came back empty is an error, never a success (as in `infer`)."""
+        if job.strategy and job.error is None and job.fail is None and not job.cancelled.is_set() and not job.texts[0].strip():
+            job.fail = ApiError(500, f"the model gave an empty answer (strategy {job.strategy})", "server_error", "empty_answer")
 
     def prompt_tokens(backend, job: Job) -> tuple[int, int]:
         """(text tokens, audio tokens) the job's prompts hold."""
+        if job.counted is not None:
+            return job.counted
         if job.kind == "text":
             return sum(len(r.ids) for r in job.rows), 0
         audio = sum(sum(backend.audio_token_counts([len(c) for c in r.clips])) for r in job.rows)
@@ -294,6 +417,9 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         if job.error is not None:
             log.error("request on %s failed (traceback above)", request.url.path)
             raise ApiError(500, "internal error: the server log has the traceback", "server_error", "internal_error")
+        settle(job)
+        if job.fail is not None:
+            raise job.fail
         return job
 
     async def events(job: Job, done: asyncio.Future, deltas: asyncio.Queue, first, delta, last):
@@ -314,9 +440,14 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                 while not deltas.empty():  # what arrived with the end
                     yield _sse(delta(deltas.get_nowait()))
                 break
+            settle(job)
             if job.error is not None:
                 yield _sse({"error": {"message": "internal error: the server log has the traceback", "type": "server_error",
                                       "param": None, "code": "internal_error"}})
+            elif job.fail is not None:
+                fail = job.fail
+                yield _sse({"error": {"message": getattr(fail, "message", str(fail)), "type": getattr(fail, "type", "server_error"),
+                                      "param": None, "code": getattr(fail, "code", None)}})
             else:
                 for ev in last(job):
                     yield _sse(ev)
@@ -366,6 +497,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             temperature = _number(form.get("temperature"), "temperature", 0.0)
             stream = str(form.get("stream") or "false").lower() in ("true", "1")
             prompt = str(form.get("prompt") or "").strip() or None
+            strategy = _strategy(form.get("strategy"))
             name = upload.filename or "upload"
             data = await upload.read(cap + 1)
             over_cap(name, len(data))
@@ -374,18 +506,35 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         audio = await asyncio.to_thread(decode_upload, data, name)
         del data
         backend = batcher.backend
-        rows, windows = audio_rows([audio], name, prompt or TASK_PROMPTS["transcribe"], prompt is None, settings.max_new_tokens)
-        job = Job("audio", rows, temperature, audio_s=len(audio) / SAMPLE_RATE)
+        if prompt is None:
+            rows, windows = transcript_rows(audio, settings.max_new_tokens)
+            job = Job("audio", rows, temperature, audio_s=len(audio) / SAMPLE_RATE)
+            if not rows:  # silence or noise: no speech, an empty transcript (as `infer` gives)
+                job.texts, job.tokens, job.flags = [], [], []
+            done, deltas = await submit(request, job, stream)
+        else:  # an instruction: answered by the strategy `infer` would run
+            answer_tokens = settings.max_new_tokens or state.sm.policy.answer_tokens
+            job, done, deltas = await submit_instruction(request, [audio], name, prompt, strategy, temperature, answer_tokens, stream)
         del audio
-        if not rows:  # silence or noise: no speech, an empty transcript (as `infer` gives)
-            job.texts, job.tokens, job.flags = [], [], []
 
         def result(j: Job) -> Result:
-            texts = j.texts
-            r = Result(name, audio_s=j.audio_s)
-            r.segments = [Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, t) for (s, e), t in zip(windows, texts)]
-            r.text = " ".join(t for t in texts if t)
+            r = Result(name, audio_s=j.audio_s, strategy=j.strategy)
+            if j.strategy is None:
+                r.segments = [Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, t) for (s, e), t in zip(windows, j.texts)]
+                r.text = " ".join(t for t in j.texts if t)
+                return r
+            r.text, r.transcript, r.rounds = j.texts[0], j.transcript, j.rounds
+            r.segments = j.segments or [Segment(0.0, j.audio_s, r.text, j.flags[0])]
             return r
+
+        def described(r: Result) -> dict:
+            """verbose_json, with how an instruction was answered (an extension: strategy, transcript, rounds)."""
+            out = verbose_json(r)
+            if r.strategy is not None:
+                out["strategy"] = r.strategy
+                if r.strategy == "transcript":
+                    out["transcript"], out["rounds"] = r.transcript, r.rounds
+            return out
 
         def usage(j: Job) -> dict:
             text_tokens, audio_tokens = prompt_tokens(backend, j)
@@ -394,13 +543,13 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                     "total_tokens": text_tokens + audio_tokens + out,
                     "input_token_details": {"text_tokens": text_tokens, "audio_tokens": audio_tokens}, "seconds": round(j.audio_s, 3)}
 
-        done, deltas = await submit(request, job, stream)
         if stream:
             def last(j: Job):
                 r = result(j)
                 ev = {"type": "transcript.text.done", "text": r.text, "usage": usage(j)}
                 if fmt == "verbose_json":  # an extension the page uses: the segments with their times
-                    ev["segments"] = verbose_json(r)["segments"]
+                    v = described(r)
+                    ev.update({k: v[k] for k in ("segments", "strategy", "transcript", "rounds") if k in v})
                 return [ev]
 
             return StreamingResponse(events(job, done, deltas, list, lambda t: {"type": "transcript.text.delta", "delta": t}, last),
@@ -414,7 +563,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         if fmt == "vtt":
             return PlainTextResponse(to_vtt(r), media_type="text/vtt")
         if fmt == "verbose_json":
-            return {**verbose_json(r), "usage": usage(j)}
+            return {**described(r), "usage": usage(j)}
         return {"text": r.text, "usage": usage(j)}
 
     @app.post("/v1/chat/completions")
@@ -434,20 +583,22 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(400, "max_tokens must be a positive integer", code="invalid_max_tokens")
         temperature = _number(body.get("temperature"), "temperature", 0.0)
         stream = bool(body.get("stream"))
+        strategy = _strategy(body.get("strategy"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         turns, audios = _read_messages(body["messages"], over_cap)
         backend = batcher.backend
         clips = [await asyncio.to_thread(decode_upload, data, name) for name, data in audios]
         del audios
-        if clips:
-            rows, _ = audio_rows(clips, "the audio", _audio_prompt(turns), False, max_tokens)
-            job = Job("audio", rows, temperature, audio_s=sum(len(c) for c in clips) / SAMPLE_RATE)
+        if clips:  # an instruction about audio: answered by the strategy `infer` would run
+            job, done, deltas = await submit_instruction(request, clips, "the audio", _audio_prompt(turns), strategy,
+                                                         temperature, max_tokens, stream)
         else:
             try:
                 ids = await asyncio.to_thread(_text_ids, backend, turns)
             except SteermoeError as e:
                 raise ApiError(400, str(e), code="unsupported") from None
             job = Job("text", [Row(ids=ids, budget=max_tokens)], temperature)
+            done, deltas = await submit(request, job, stream)
         del clips
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
@@ -459,14 +610,22 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                     "prompt_tokens_details": {"audio_tokens": audio_tokens, "cached_tokens": 0},
                     "audio_seconds": round(j.audio_s, 3)}
 
+        def how(j: Job) -> dict:
+            """An extension: how an answer about audio was made (strategy; the transcript and map-reduce rounds)."""
+            if j.strategy is None:
+                return {}
+            out = {"strategy": j.strategy}
+            if j.strategy == "transcript":
+                out.update(transcript=j.transcript, rounds=j.rounds)
+            return out
+
         def chunk(delta: dict, finish: str | None = None) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-        done, deltas = await submit(request, job, stream)
         if stream:
             def last(j: Job):
-                evs = [chunk({}, j.finish_reason)]
+                evs = [{**chunk({}, j.finish_reason), **how(j)}]
                 if include_usage:
                     evs.append({**chunk({}), "choices": [], "usage": usage(j)})
                 return evs
@@ -477,7 +636,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         j = await wait(request, job, done)
         return {"id": cid, "object": "chat.completion", "created": created, "model": settings.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": j.texts[0]}, "finish_reason": j.finish_reason}],
-                "usage": usage(j)}
+                "usage": usage(j), **how(j)}
 
     app.state.steermoe = state
     app.state.metrics = metrics
@@ -494,6 +653,14 @@ def _number(value, name: str, default: float) -> float:
     if not 0 <= x <= 2:
         raise ApiError(400, f"{name} must be between 0 and 2", code=f"invalid_{name}")
     return x
+
+
+def _strategy(value) -> str:
+    """An instruction's strategy (form field or request field): auto (default) | direct | transcript."""
+    chosen = str(value or "auto").strip().lower()
+    if chosen not in STRATEGIES:
+        raise ApiError(400, f"strategy '{str(value)[:40]}' is not one of {', '.join(STRATEGIES)}", code="invalid_strategy")
+    return chosen
 
 
 def _read_messages(messages: list, over_cap) -> tuple[list[dict], list[tuple[str, bytes]]]:

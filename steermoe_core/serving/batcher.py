@@ -63,6 +63,16 @@ class Job:
     stopped: list[bool] = field(default_factory=list)  # row ended on its own (not out of budget)
     flags: list[str | None] = field(default_factory=list)  # per row: None, "budget" (cut), "loop" (one copy kept)
     error: BaseException | None = None
+    # an instruction's answer (set by the app, not the worker): the strategy that ran (direct |
+    # transcript; None for a transcript or a text-only chat), and for the transcript strategy the
+    # transcript, its segments (start s, end s, text), the map-reduce rounds and the prompt tokens
+    # (text, audio) of every call it made; ``fail``: an answer for the client in place of the text
+    strategy: str | None = None
+    transcript: str | None = None
+    segments: list = field(default_factory=list)
+    rounds: int = 0
+    counted: tuple[int, int] | None = None
+    fail: Exception | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     _next: int = 0  # first row whose text is not all streamed yet
