@@ -492,6 +492,64 @@ def test_a_recording_too_long_for_the_context_is_answered_through_its_transcript
         policy.vad = real_vad
 
 
+def test_the_onnxruntime_backend_serves_an_exported_folder(ckpt, clips, tmp_path):
+    """`steermoe serve --backend onnxruntime --model EXPORT` (a folder from `steermoe export --onnx`):
+    the transcripts `infer --backend onnxruntime` gives, streamed and not; a prompt runs direct (the
+    transcript strategy and a text-only chat need the torch backend, and say so)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import base64
+
+    from steermoe_core.inference import SteerMoE
+
+    exported = tmp_path / "onnx"
+    done = subprocess.run([sys.executable, "-m", "steermoe_cli", "export", str(ckpt), "--onnx", "--out", str(exported)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = [r.text for r in SteerMoE.load(exported, "cpu", backend="onnxruntime").transcribe(clips[:2], batch_size=1,
+                                                                                               max_new_tokens=TOKENS)]
+    assert all(expected)
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "steermoe_cli", "serve", "--backend", "onnxruntime", "--model", str(exported), "--port", str(port),
+           "--device", "cpu", "--max-new-tokens", str(TOKENS)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env.pop("STEERMOE_API_KEY", None)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(base, proc)
+        assert json.loads(_get(base + "/health")[2])["backend"] == "onnxruntime"
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        for clip, text in zip(clips, expected):
+            with open(clip, "rb") as f:
+                assert client.audio.transcriptions.create(model="steermoe", file=f).text == text
+        with open(clips[0], "rb") as f:
+            events = list(client.audio.transcriptions.create(model="steermoe", file=f, stream=True))
+        assert "".join(e.delta for e in events if e.type == "transcript.text.delta") == expected[0]
+        url = base + "/v1/audio/transcriptions"
+        status, _, body = _post_file(url, "c0.wav", clips[0].read_bytes(), {"prompt": "Summarize it.", "response_format": "verbose_json"},
+                                     key=None)
+        out = json.loads(body)
+        assert (status == 200 and out["strategy"] == "direct") or (status == 500 and out["error"]["code"] == "empty_answer"), out
+        status, _, body = _post_file(url, "c0.wav", clips[0].read_bytes(), {"prompt": "Summarize it.", "strategy": "transcript"},
+                                     key=None)
+        assert status == 400 and json.loads(body)["error"]["code"] == "unsupported_strategy"
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="steermoe", max_tokens=4, messages=[{"role": "user", "content": "hello"}])
+        assert "torch backend" in e.value.body["message"]
+        audio = {"data": base64.b64encode(clips[1].read_bytes()).decode(), "format": "wav"}
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="steermoe", max_tokens=4, temperature=0.7, messages=[{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": audio}]}])
+        assert "torch backend" in e.value.body["message"]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()[-2000:]
+    assert "Traceback" not in log.read_text()
+
+
 # -- the page, in Debian's chromium --
 @pytest.fixture(scope="module")
 def browser():

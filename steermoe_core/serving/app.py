@@ -230,6 +230,12 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_ids)}",
                            code="model_not_found")
 
+    def check_sampling(temperature: float) -> None:
+        """Sampling runs on the torch backend only: refused up front, not as a failure in the batch."""
+        if temperature > 0 and state.sm.backend.name != "torch":
+            raise ApiError(400, f"temperature > 0 needs the torch backend (this server runs {state.sm.backend.name}); "
+                                "send temperature 0 (greedy)", code="unsupported")
+
     def check_length(request: Request, limit: int) -> None:
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > limit:
@@ -323,6 +329,8 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             while not called.wait(0.2):
                 if job.cancelled.is_set():
                     one.cancelled.set()
+                if not batcher.thread.is_alive():  # the server is stopping: do not wait forever
+                    raise RuntimeError("the model's worker stopped before the answer was written")
             if one.error is not None:
                 raise one.error
             if one.cancelled.is_set():
@@ -495,6 +503,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                 raise ApiError(400, "word timestamps are not available: this model times segments (its 30 s windows); "
                                     "ask for timestamp_granularities[]=segment", code="unsupported_granularity")
             temperature = _number(form.get("temperature"), "temperature", 0.0)
+            check_sampling(temperature)
             stream = str(form.get("stream") or "false").lower() in ("true", "1")
             prompt = str(form.get("prompt") or "").strip() or None
             strategy = _strategy(form.get("strategy"))
@@ -582,6 +591,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "max_tokens must be a positive integer", code="invalid_max_tokens")
         temperature = _number(body.get("temperature"), "temperature", 0.0)
+        check_sampling(temperature)
         stream = bool(body.get("stream"))
         strategy = _strategy(body.get("strategy"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
