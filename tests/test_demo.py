@@ -50,10 +50,12 @@ def test_make_demo_adaptation_learns(tmp_path):
     from steermoe_core.demo.adapt import AdaptConfig, run_adapt
 
     cfg = AdaptConfig(tmp_path / "d", train_sentences=48, test_sentences=8, control_sentences=0, batch_size=4,
-                      probe_steps=3, min_steps=12, max_steps=12, max_new_tokens=16, whisper=False)
+                      replay_sentences=20, probe_steps=3, min_steps=12, max_steps=12, max_new_tokens=16, whisper=False)
     logs = []
     res = run_adapt(cfg, log=logs.append)
     assert any("s a step (batch 4" in line and "-> 12 steps" in line for line in logs), logs
+    assert "each batch of 4: 2 clips in the new voice, 2 replayed in the training voices" in logs, logs
+    assert res["replay_per_batch"] == 2
     assert res["trained"]["steps"] == 12
     assert res["loss"]["adapted"] < res["loss"]["start adapter"], res["loss"]
     assert set(res["wer"]) == {"start adapter", "adapted"} and set(res["wer"]["adapted"]) == {"new voice"}
@@ -84,6 +86,7 @@ def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
         ADAPT_TEST_POOL,
         HELDOUT_VOICES,
         TRAIN_VOICES,
+        adapt_replay_sentences,
         adapt_test_sentences,
         adapt_train_sentences,
         in_domain_sentences,
@@ -96,10 +99,50 @@ def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
     trained = set(adapt_train_sentences(cfg.train_sentences))
     assert not trained & set(adapt_test_sentences(ADAPT_TEST_POOL))
     assert not trained & set(train_sentences(12000)) and not trained & set(in_domain_sentences(300))
+    # the replayed clips are the shipped run's own training text, never the held-out sentences anything is scored on
+    replayed = set(adapt_replay_sentences(cfg.replay_sentences))
+    assert cfg.replay_fraction > 0 and len(replayed) == cfg.replay_sentences
+    assert replayed <= set(train_sentences(12000)) and not replayed & set(in_domain_sentences(300))
+    assert not replayed & set(adapt_test_sentences(ADAPT_TEST_POOL)) and not replayed & trained
     with pytest.raises(UsageError, match="are training voices"):
         AdaptConfig(Path("w"), voices=("flite:awb", TRAIN_VOICES[0]))
     with pytest.raises(UsageError, match=f"at most {ADAPT_TEST_POOL} test sentences"):
         AdaptConfig(Path("w"), test_sentences=ADAPT_TEST_POOL + 1)
+
+
+def test_demo_adaptation_replays_the_training_voices_in_every_batch():
+    """Adapting to the new voice alone made the shipped adapter forget its training voices, so every
+    adaptation batch holds a fixed share of replayed clips next to the new voice's, pool by pool in a
+    fresh order each pass (every clip used once before any twice)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from steermoe_core.data.dataset import Example
+    from steermoe_core.demo.adapt import AdaptConfig, mixed_batches, replay_per_batch
+    from steermoe_core.errors import UsageError
+
+    assert [replay_per_batch(8, f) for f in (0.0, 0.5, 0.25, 0.95)] == [0, 4, 2, 7]
+    assert replay_per_batch(2, 0.1) == 1  # at least one of each kind
+    with pytest.raises(UsageError, match="replay_fraction must be at least 0 and below 1"):
+        AdaptConfig(Path("w"), replay_fraction=1.0)
+    with pytest.raises(UsageError, match="replaying needs"):
+        AdaptConfig(Path("w"), batch_size=1)
+    AdaptConfig(Path("w"), batch_size=1, replay_fraction=0.0)  # no replay: a batch of one is fine
+
+    def pool(kind: str, n: int) -> list[Example]:
+        return [Example(f"{kind}-{i}", np.zeros(160 * (i + 1), np.float32), f"{kind} {i}", "", "en") for i in range(n)]
+
+    new, old = pool("new", 10), pool("old", 6)
+    data = SimpleNamespace(speed_perturb=[], noise_snr_db=[], noise_prob=0.0, reverb_prob=0.0, prompt="Transcribe the audio.")
+    stream = mixed_batches(new, old, 8, 4, SimpleNamespace(data=data), seed=0)
+    batches = [next(stream) for _ in range(6)]
+    for b in batches:
+        assert len(b.targets) == 8 and sum(t.startswith("old") for t in b.targets) == 4
+    seen_old = [t for b in batches for t in b.targets if t.startswith("old")]
+    assert sorted(seen_old[:6]) == sorted(f"old {i}" for i in range(6))  # a whole pass before any repeat
+    seen_new = [t for b in batches for t in b.targets if t.startswith("new")]
+    assert sorted(seen_new[:10]) == sorted(f"new {i}" for i in range(10))
 
 
 def test_demo_folder_starts_afresh_for_a_new_shipped_adapter(tmp_path):
@@ -121,6 +164,19 @@ def test_demo_folder_starts_afresh_for_a_new_shipped_adapter(tmp_path):
     assert (cfg.workdir / "data").exists() and "adapting afresh" in said[0]
     with pytest.raises(UsageError, match=r"other data \(test_sentences 40 -> 8\)"):
         _claim(AdaptConfig(tmp_path / "d", test_sentences=8), "bbbb", print)
+    # a folder from before the replay clips: its data is kept, the replay set is added, the adapter adapted afresh
+    stamp = json.loads((cfg.workdir / "demo.json").read_text())
+    for k in ("replay_sentences", "replay_fraction"):
+        del stamp[k]
+    (cfg.workdir / "demo.json").write_text(json.dumps(stamp))
+    (cfg.workdir / "results.json").write_text("{}")
+    said.clear()
+    _claim(cfg, "bbbb", said.append)
+    assert not (cfg.workdir / "results.json").exists() and "adapting afresh" in said[0]
+    with pytest.raises(UsageError, match=r"other data \(replay_sentences 300 -> 50\)"):
+        _claim(AdaptConfig(tmp_path / "d", replay_sentences=50), "bbbb", print)
+    _claim(AdaptConfig(tmp_path / "d", replay_fraction=0.25), "bbbb", said.append)  # another share: only retrained
+    assert "adapting afresh" in said[-1]
 
 
 def test_full_run_uses_a_gpu_where_there_is_one_and_feeds_it_with_loader_workers(tmp_path):

@@ -5,7 +5,8 @@
 - out-of-domain: the Harvard sentences (IEEE 1969), a different source whose sentences never occur
   in the training text, spoken by voices the training never heard (``HELDOUT_VOICES``).
 - `make demo`'s adaptation: the Harvard sentences after the first ``ADAPT_TEST_POOL`` to adapt on,
-  the first ones (which the out-of-domain set also uses) to score on; the two never overlap.
+  the first ones (which the out-of-domain set also uses) to score on; the two never overlap. Its replay
+  clips (so the adapter keeps its training voices) are Brown training sentences, never the held-out ones.
 Sources and licences: ``demo/data/SOURCES.md``.
 """
 
@@ -67,3 +68,9 @@ def adapt_train_sentences(n: int) -> list[str]:
     if n > len(pool):
         raise ValueError(f"the demo has {len(pool)} Harvard sentences to adapt on, {n} asked for")
     return list(pool[:n])
+
+
+def adapt_replay_sentences(n: int) -> list[str]:
+    """Brown sentences `make demo` replays in the training voices while it adapts: the first ``n`` of the
+    training text the shipped run (`demo --full`) trained on, never the held-out in-domain pool it is scored on."""
+    return train_sentences(n)
