@@ -161,3 +161,16 @@ def test_every_voice_of_a_family_reads_the_same_sentences():
         by_voice.setdefault(it.extra["voice"], []).append(it.text)
     assert len(by_voice) == len(voice_sets.ROBOTIC) and len({tuple(v) for v in by_voice.values()}) == 1
     assert len({it.id for it in items}) == len(items)
+
+
+def test_prep_synth_refuses_a_reserved_voice_in_one_line_unless_for_eval(tmp_path):
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("hello there\n")
+    r = CliRunner().invoke(app, ["prep", "synth", str(texts), "--out", str(tmp_path / "o"), "--voice", "hibari:heart"])
+    assert r.exit_code != 0 and "reserved for evaluation" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["prep", "synth", str(texts), "--out", str(tmp_path / "o"), "--voice", "kokoro:nobody"])
+    assert r.exit_code != 0 and "Traceback" not in r.output and ("not one of" in r.output or "pip install" in r.output)
