@@ -149,6 +149,7 @@ def main() -> None:
             rows["direct"].append(d.text if not d.error else "")
             rows["transcript"].append(sm.chat_text(whole_messages(question, transcript), 24))
             rows["ceiling"].append(sm.chat_text(whole_messages(question, reference), 24))
+            print(json.dumps({"q": q, "a": a, **{name: rows[name][-1] for name in rows}}), flush=True)
         report["qa"].setdefault("examples", []).append(
             {"transcript": transcript[:400], "q": chunk[0][1], "a": chunk[0][2],
              **{name: rows[name][-len(chunk)] for name in rows}})
