@@ -24,10 +24,7 @@ from pathlib import Path
 
 import torch
 
-
-def instruction_messages(instruction: str, transcript: str) -> list[dict]:
-    """The chat the frozen LLM answers: the transcript, then the instruction (shared with `infer`)."""
-    return [{"role": "user", "content": f"Transcript of a recording:\n\n{transcript}\n\n{instruction}"}]
+from steermoe_core.data.instructions import instruction_messages
 
 
 def pick(example_id: str, instructions: list[str], prob: float, seed: int) -> str | None:

@@ -37,7 +37,7 @@ import numpy as np
 from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.audio.vad import is_silent, segment_speech
 from steermoe_core.audio.windows import split_points
-from steermoe_core.data.alignment import instruction_messages
+from steermoe_core.data.instructions import instruction_messages
 
 STRATEGIES = ("auto", "direct", "transcript")
 DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
