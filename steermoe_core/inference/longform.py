@@ -38,6 +38,7 @@ from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.audio.vad import is_silent, segment_speech
 from steermoe_core.audio.windows import split_points
 from steermoe_core.data.instructions import instruction_messages
+from steermoe_core.model.decoding import tail_repeats
 
 STRATEGIES = ("auto", "direct", "transcript")
 DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
@@ -133,10 +134,7 @@ def loop_length(ids: list[int], max_ngram: int = 16, min_span: int = 8) -> int:
         need = 4 if n <= 2 else 3
         if len(ids) < n * need:
             continue
-        gram = ids[-n:]
-        reps = 1
-        while len(ids) >= n * (reps + 1) and ids[len(ids) - n * (reps + 1) : len(ids) - n * reps] == gram:
-            reps += 1
+        reps = tail_repeats(ids, n)
         if reps >= need and n * reps >= min_span:
             return n * (reps - 1)
     return 0
@@ -197,9 +195,7 @@ def trim_text_loop(text: str, max_ngram: int = 12) -> str:
     for n in range(1, max_ngram + 1):
         if len(keys) < 2 * n:
             continue
-        gram, reps = keys[-n:], 1
-        while len(keys) >= n * (reps + 1) and keys[len(keys) - n * (reps + 1) : len(keys) - n * reps] == gram:
-            reps += 1
+        reps = tail_repeats(keys, n)
         if reps >= (3 if n <= 2 else 2):
             return " ".join(words[: len(words) - n * (reps - 1)])
     return text

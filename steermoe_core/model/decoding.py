@@ -11,14 +11,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+def tail_repeats(seq: list, n: int) -> int:
+    """How many copies of its last ``n`` items ``seq`` ends with, back to back (1: no repeat).
+
+    The one scan behind every loop check: token ids here and in `inference.longform`'s guard, words
+    in its text check."""
+    gram = seq[-n:]
+    reps = 1
+    while len(seq) >= n * (reps + 1) and seq[len(seq) - n * (reps + 1) : len(seq) - n * reps] == gram:
+        reps += 1
+    return reps
+
+
 def trim_loops(ids: list[int], min_repeats: int = 4, max_ngram: int = 4) -> list[int]:
     for n in range(1, max_ngram + 1):
         if len(ids) < n * min_repeats:
             continue
-        gram = ids[-n:]
-        reps = 1
-        while len(ids) >= n * (reps + 1) and ids[-n * (reps + 1) : len(ids) - n * reps] == gram:
-            reps += 1
+        reps = tail_repeats(ids, n)
         if reps >= min_repeats:
             return ids[: len(ids) - n * (reps - 1)]
     return ids
