@@ -2,7 +2,7 @@
 decoder, on the same held-out clips at the same batch sizes; real-time factors and WER.
 
     python benchmarks/infer_cpu.py                       # the shipped model, 16 held-out clips + 3 real ones
-    python benchmarks/infer_cpu.py --onnx-dir DIR        # reuse (or build once into) an export
+    python benchmarks/infer_cpu.py --onnx-dir DIR        # reuse (or build once into) an export (default: infer's cached one)
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmarks/infer_cpu.py   # an AVX2-only CPU
     python benchmarks/infer_cpu.py --smoke               # tiny random backbones, seconds (what CI runs)
 
@@ -78,11 +78,18 @@ def smoke_inputs(root: Path) -> tuple[Path, str, list[np.ndarray], list[str]]:
     return ckpt, str(whisper), [tone_clip(i % 4, 1.0 + 0.5 * i) for i in range(8)], [""] * 8
 
 
-def onnx_backend(ckpt: Path, folder: Path | None, work: Path):
-    """The export in ``folder`` (built there first when it has none), else a throw-away one."""
+def onnx_backend(ckpt: Path, folder: Path | None, work: Path, smoke: bool = False):
+    """The export in ``folder`` (built there first when it has none), else the one `steermoe infer`
+    uses by default on a CPU (``export.cache``: built once, cached; the smoke run's is thrown away)."""
+    from steermoe_core.export.cache import cached_export
     from steermoe_core.export.onnx_export import export_onnx
     from steermoe_core.inference.onnx_backend import OnnxBackend
 
+    if folder is None and not smoke:
+        t = time.perf_counter()
+        out = cached_export(ckpt, say=lambda line: print(line, flush=True))
+        print(f"the cached export: {out} ({time.perf_counter() - t:.1f} s to find or build)", flush=True)
+        return OnnxBackend.load(out, "cpu")
     out = folder or work / "onnx"
     if not (out / "manifest.json").exists():
         t = time.perf_counter()
@@ -135,7 +142,7 @@ def run(args, work: Path) -> None:
 
     systems = {"steermoe torch": SteerMoE(TorchBackend(model, precision))}
     if not args.no_onnx:
-        systems["steermoe onnxruntime"] = SteerMoE(onnx_backend(ckpt, args.onnx_dir, work))
+        systems["steermoe onnxruntime"] = SteerMoE(onnx_backend(ckpt, args.onnx_dir, work, args.smoke))
     whisper = WhisperDecoderBaseline(whisper_path)
 
     def decode(name: str, bs: int) -> list[str]:

@@ -1,10 +1,13 @@
-"""What every subcommand shares: the consoles and the error policy."""
+"""What every subcommand shares: the consoles, the error policy, and the backend choice of `infer` and `serve`."""
 
 from __future__ import annotations
 
 import functools
 import os
 import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -84,3 +87,19 @@ def params_table(counts: dict[str, int]) -> Table:
     for k, v in counts.items():
         t.add_row(k, f"{v:,}")
     return t
+
+
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+def pick_backend(model: Optional[Path], backend: BackendName, device: str, beams: int) -> tuple[Path, str]:
+    """What runs the model (`infer`, `serve`): ``auto`` is onnxruntime on a CPU (``export.cache``:
+    a checkpoint's export is built once and cached), torch elsewhere."""
+    from steermoe_core.export.cache import backend_for
+    from steermoe_core.inference import default_model_path
+
+    return backend_for(model or default_model_path(), backend.value, device, beams,
+                       say=lambda line: console.print(f"[dim]{line}[/]", highlight=False, soft_wrap=True))

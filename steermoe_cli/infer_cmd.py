@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import console, friendly
+from .common import BackendName, console, friendly, pick_backend
 from .launch import processes_for, relaunch
 from .progress import audio_progress
 
@@ -20,11 +20,6 @@ class Task(str, Enum):
     transcribe = "transcribe"
     summarize = "summarize"
     qa = "qa"
-
-
-class BackendName(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
 
 
 class Strategy(str, Enum):
@@ -52,7 +47,7 @@ class Format(str, Enum):
 def infer(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Audio files, folders (recursive) and globs")] = None,
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or an exported folder with --backend onnxruntime (default: $STEERMOE_MODEL, else the demo's)")] = None,
-    backend: Annotated[BackendName, typer.Option(help="torch | onnxruntime (a folder from `steermoe export --onnx`; no torch needed)")] = BackendName.torch,
+    backend: Annotated[BackendName, typer.Option(envvar="STEERMOE_BACKEND", help="auto (onnxruntime on a CPU, from an export built once and cached; torch on a GPU or with --beams) | torch | onnxruntime (a folder from `steermoe export --onnx`; no torch needed)")] = BackendName.auto,
     prompt: Annotated[Optional[str], typer.Option(help="Free-form instruction, e.g. 'Summarize the main points'")] = None,
     task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question)")] = Task.transcribe,
     question: Annotated[Optional[str], typer.Option(help="The question, with --task qa")] = None,
@@ -105,8 +100,9 @@ def infer(
     if first is None:  # every process of a sharded run finds the same nothing, and says so
         raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
     paths = itertools.chain([first], paths)
+    model, backend_name = pick_backend(model, backend, device, beams)
     if launched_by_a_launcher():
-        _run_shard(paths, out, fmt, resume, device, model, trust_remote_code, backend.value,
+        _run_shard(paths, out, fmt, resume, device, model, trust_remote_code, backend_name,
                    dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         num_beams=beams, workers=decode_workers, strategy=strategy.value, vad=vad.value if vad else None))
         return
@@ -123,7 +119,7 @@ def infer(
         if len(paths) > 1:
             raise UsageError(f"--format {fmt.value} with several inputs needs --out FOLDER (one .{fmt.value} per input)")
 
-    sm = SteerMoE.load(model, device, trust_remote_code, backend=backend.value)
+    sm = SteerMoE.load(model, device, trust_remote_code, backend=backend_name)
     streamer = sm.backend.text_streamer() if stream else None
     results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers,
                         strategy=strategy.value, vad=vad.value if vad else None, progress=None if transcribe else _instruction_progress)

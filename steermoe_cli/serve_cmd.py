@@ -3,24 +3,18 @@
 from __future__ import annotations
 
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import console, friendly
-
-
-class BackendName(str, Enum):
-    torch = "torch"
-    onnxruntime = "onnxruntime"
+from .common import BackendName, console, friendly, pick_backend
 
 
 @friendly
 def serve(
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or an exported folder with --backend onnxruntime (default: what `infer` uses)")] = None,
-    backend: Annotated[BackendName, typer.Option(help="torch | onnxruntime")] = BackendName.torch,
+    backend: Annotated[BackendName, typer.Option(envvar="STEERMOE_BACKEND", help="auto (onnxruntime on a CPU, from an export built once and cached; torch on a GPU) | torch | onnxruntime")] = BackendName.auto,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless you say otherwise)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 (default: $STEERMOE_API_KEY)")] = None,
@@ -59,8 +53,10 @@ def serve(
     model = model or default_model_path()
     if not Path(model).exists():
         raise UsageError(f"{model}: no such checkpoint or exported folder")
+    shown_model = model
+    model, backend_name = pick_backend(Path(model), backend, device, 1)
     settings = ServeSettings(
-        model=Path(model), backend=backend.value, device=device, api_key=api_key or os.environ.get("STEERMOE_API_KEY") or None,
+        model=Path(model), checkpoint=Path(shown_model), backend=backend_name, device=device, api_key=api_key or os.environ.get("STEERMOE_API_KEY") or None,
         cors_origins=list(cors_origin or []), max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
         max_queue=max_queue, max_new_tokens=max_new_tokens,
     )
@@ -77,7 +73,7 @@ def serve(
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None, lifespan="on")
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
-    console.print(f"steermoe serve: {model} ({backend.value}) at [bold]http://{shown}:{port}/[/] "
+    console.print(f"steermoe serve: {shown_model} ({backend_name}) at [bold]http://{shown}:{port}/[/] "
                   f"(OpenAI base_url http://{shown}:{port}/v1{', API key required' if settings.api_key else ''}); "
                   "Ctrl-C to stop", soft_wrap=True, highlight=False)
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with these
@@ -86,7 +82,7 @@ def serve(
         signal.signal(sig, lambda *_: None)
     server.run()
     if failed:
-        raise UsageError(f"cannot serve {model}: {failed[0]}")
+        raise UsageError(f"cannot serve {shown_model}: {failed[0]}")
     if not server.started:
         raise typer.Exit(2)
     console.print("steermoe serve: stopped")

@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `infer` and `serve` default to onnxruntime on a CPU, exporting each checkpoint once (seconds for a tiny
+# one, into the user's cache): the suite's many throw-away checkpoints run on torch unless a test asks
+# (tests/test_backend_auto.py runs the default end to end, in its own cache)
+os.environ.setdefault("STEERMOE_BACKEND", "torch")
 # `make test` runs the suite in pytest-xdist workers, one per core (-n 2 on the 2-core CI machine): most tests are
 # single-threaded Python (tracing an ONNX export, parsing a GGUF, starting processes), so two run side by side.
 # Each worker, and every process a test starts, then keeps to its share of the cores: torch's default (every

@@ -287,3 +287,85 @@ def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protob
     for i, a in enumerate(ob.encode_audio(clips)):  # the graph mixes the embeddings exactly as torch does
         np.testing.assert_allclose(a, ref[i, : len(a)], atol=1e-4 * np.abs(ref).max())
     assert ob.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1) == tb.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1)
+
+
+# -- the onnxruntime backend as infer's and serve's default on a CPU --
+def test_guard_stops_each_row_at_its_own_budget_inside_onnx_decoding(backends):
+    """The loop and budget guard runs inside onnxruntime decoding as it does inside torch's."""
+    from steermoe_core.inference.longform import DecodeGuard
+
+    tb, ob = backends
+    clips = _clips()[:3]
+    texts = {}
+    for b in (tb, ob):
+        guard = DecodeGuard([2, 5, 12], b.stop_ids)
+        texts[b.name] = (b.generate(clips, [1] * 3, [PROMPT] * 3, 12, 1, guard=guard), guard.reasons)
+    assert texts["onnxruntime"] == texts["torch"]
+    rows = ob.greedy(_prompt_rows(ob, clips), 12, guard=DecodeGuard([2, 5, 12], ob.stop_ids))
+    assert [len([t for t in r if t != ob.pad_id]) for r in rows][:2] == [2, 5]  # cut at 2 and 5 tokens, padded after
+
+
+def test_onnx_runs_the_frozen_llm_on_text_like_torch(backends):
+    """Text-only chat (the transcript strategy, serve's chat without audio) on the export equals torch's."""
+    from steermoe_core.inference import SteerMoE
+    from steermoe_core.inference.longform import chat_text, count_chat_tokens
+
+    tb, ob = backends
+    msgs = [{"role": "user", "content": "Summarize: the meeting moved to Tuesday at ten."}]
+    assert chat_text(ob, msgs, 8) == chat_text(tb, msgs, 8) != ""
+    assert count_chat_tokens(ob, msgs) == count_chat_tokens(tb, msgs)
+    assert SteerMoE(ob).can_chat
+    r = SteerMoE(ob).ask(_clips()[0], "What is the topic?", strategy="transcript", max_new_tokens=6)[0]
+    assert r.strategy == "transcript" and r.transcript is not None and r.error is None, r
+    sampled = ob.generate(_clips()[:2], [1, 1], [PROMPT] * 2, 6, 1, temperature=0.8)
+    assert len(sampled) == 2  # sampling runs (serve's temperature > 0)
+
+
+def test_auto_backend_exports_a_checkpoint_once_and_decodes_as_torch(ckpt, tmp_path, monkeypatch):
+    """`infer` with no --backend on a CPU: the checkpoint's export is built once into the cache, keyed
+    by the checkpoint's files, and gives torch's text; beam search stays on torch."""
+    from steermoe_core.export.cache import backend_for, cache_folder
+
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("STEERMOE_BACKEND", raising=False)
+    paths = []
+    for i, c in enumerate(_clips()[:3]):
+        paths.append(str(tmp_path / f"c{i}.wav"))
+        sf.write(paths[-1], c, 16000, subtype="FLOAT")
+    common = [*paths, "--format", "json", "--max-new-tokens", "10", "--model", str(ckpt), "--device", "cpu"]
+    r_auto = runner.invoke(app, ["infer", *common])
+    assert r_auto.exit_code == 0, r_auto.output
+    assert "exporting" in r_auto.stderr and "backend: onnxruntime" in r_auto.stderr
+    r_torch = runner.invoke(app, ["infer", "--backend", "torch", *common])
+    texts = [rec["text"] for rec in json.loads(r_auto.stdout)]
+    assert texts == [rec["text"] for rec in json.loads(r_torch.stdout)] and all(texts)
+    folder = cache_folder(ckpt)
+    assert (folder / "manifest.json").is_file() and folder.parent == tmp_path / "cache" / "onnx"
+    said: list[str] = []
+    assert backend_for(ckpt, "auto", "cpu", say=said.append) == (folder, "onnxruntime")
+    assert not any("exporting" in s for s in said)  # built once
+    assert backend_for(ckpt, "auto", "cpu", num_beams=2, say=said.append) == (ckpt, "torch")
+    assert backend_for(folder, "auto", "cpu") == (folder, "onnxruntime")  # an export as given
+    copy = tmp_path / "retrained"
+    shutil.copytree(ckpt, copy)
+    (copy / "meta.json").write_text((copy / "meta.json").read_text() + " ")
+    assert cache_folder(copy) != cache_folder(ckpt)  # new files, new export: never a stale one
+
+
+def test_auto_backend_falls_back_to_torch_once_an_export_failed(ckpt, tmp_path, monkeypatch):
+    import steermoe_core.export.onnx_export as onnx_export
+    from steermoe_core.export.cache import backend_for
+
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("the exporter met an op it cannot trace")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    said: list[str] = []
+    assert backend_for(ckpt, "auto", "cpu", say=said.append) == (ckpt, "torch")
+    assert "export failed: RuntimeError: the exporter met an op" in said[-1]
+    assert backend_for(ckpt, "auto", "cpu", say=said.append) == (ckpt, "torch")
+    assert len(calls) == 1 and "failed before" in said[-1]  # remembered, not retried on every call

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import inspect
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -46,7 +45,6 @@ from steermoe_core.inference.longform import (
     DecodeGuard,
     LongformPolicy,
     answer_over_transcript,
-    as_stopping_criteria,
     chat_text,
     check_text,
     choose_strategy,
@@ -232,7 +230,7 @@ class SteerMoE:
     @property
     def can_chat(self) -> bool:
         """Whether this backend can run the frozen LLM on text alone (the transcript strategy)."""
-        return getattr(getattr(self.backend, "model", None), "llm", None) is not None
+        return callable(getattr(self.backend, "complete", None))
 
     def chat_text(self, messages: list[dict], max_new_tokens: int | None = None, streamer=None) -> str:
         """The frozen LLM's greedy answer to chat ``messages`` (``[{"role": "user", "content": ...}]``),
@@ -324,20 +322,14 @@ class SteerMoE:
         return self.policy.budget((e - s) / SAMPLE_RATE)
 
     def _generate(self, clips, groups, prompts, budgets: list[int], num_beams: int, streamer) -> tuple[list[str], list[str | None]]:
-        """Texts and per-row stop reasons (None, "budget", "loop"); the guard runs inside decoding
-        on backends that take stopping criteria, after it (budget only) on the others."""
-        guard = None
-        kwargs = {}
-        if num_beams == 1 and "stopping_criteria" in inspect.signature(self.backend.generate).parameters:
-            guard = DecodeGuard(budgets, self._stop_ids())
-            kwargs["stopping_criteria"] = as_stopping_criteria(guard)
-        outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer, **kwargs)
-        reasons = guard.reasons if guard is not None else [None] * len(outs)
-        return outs, reasons
-
-    def _stop_ids(self) -> list[int]:
-        layout = getattr(getattr(self.backend, "model", None), "layout", None)
-        return list(layout.stop_ids) if layout is not None else []
+        """Texts and per-row stop reasons (None, "budget", "loop"): greedy decoding runs each row's
+        budget and loop guard inside decoding, on every backend; beam search runs to the largest budget."""
+        if num_beams != 1:
+            outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer)
+            return outs, [None] * len(outs)
+        guard = DecodeGuard(budgets, self.backend.stop_ids)
+        outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer, guard=guard)
+        return outs, guard.reasons
 
     def _run(self, jobs: list[_Job], batch_size: int, max_new_tokens: int | None, num_beams: int, streamer,
              progress: ProgressFn | None) -> Iterator[Result]:

@@ -144,13 +144,15 @@ class DecodeGuard:
     """Per-row stops for one batch: each row's own token budget, and a repetition loop.
 
     ``check(rows)`` is called after every decoding step with each row's generated ids; it returns
-    which rows must stop and records why in ``reasons`` (``"budget"``, ``"loop"``). Backend-neutral:
-    ``as_stopping_criteria`` wraps it for transformers' ``generate``."""
+    which rows must stop and records why in ``reasons`` (``"budget"``, ``"loop"``). A row that has
+    reached end of turn is finished and never flagged (the padding after it is no loop).
+    Backend-neutral: every backend's ``generate`` and ``complete`` take one."""
 
     def __init__(self, budgets: list[int], stop_ids: list[int] | None = None):
         self.budgets = budgets
         self.stop_ids = set(stop_ids or [])
         self.reasons: list[str | None] = [None] * len(budgets)
+        self.finished = [False] * len(budgets)
 
     def check(self, rows: list[list[int]]) -> list[bool]:
         out = []
@@ -158,7 +160,8 @@ class DecodeGuard:
             if self.reasons[i] is not None:
                 out.append(True)
                 continue
-            if row and row[-1] in self.stop_ids:
+            if self.finished[i] or (row and row[-1] in self.stop_ids):
+                self.finished[i] = True
                 out.append(False)
                 continue
             if len(row) >= self.budgets[i]:
@@ -167,19 +170,6 @@ class DecodeGuard:
                 self.reasons[i] = "loop"
             out.append(self.reasons[i] is not None)
         return out
-
-
-def as_stopping_criteria(guard: DecodeGuard, prompt_length: int = 0):
-    """A transformers ``StoppingCriteriaList`` that asks ``guard`` (only the ids after ``prompt_length``)."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Guard(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            stop = guard.check(input_ids[:, prompt_length:].tolist())
-            return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_Guard()])
 
 
 def compression_ratio(text: str) -> float:
@@ -209,13 +199,13 @@ def check_text(text: str, reason: str | None) -> tuple[str, str | None]:
 
 
 # -- text-only generation with the frozen LLM ----------------------------------------------------------
-def _torch_model(backend):
-    model = getattr(backend, "model", None)
-    if model is None or not hasattr(model, "llm"):
+def _text_backend(backend):
+    """``backend`` if it can run the frozen LLM on text alone (``complete`` + ``text_tokenizer``)."""
+    if not callable(getattr(backend, "complete", None)):
         from steermoe_core.errors import UsageError
 
         raise UsageError(f"the {getattr(backend, 'name', '?')} backend cannot run the LLM on text alone; use --strategy direct")
-    return model
+    return backend
 
 
 def render_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -229,38 +219,23 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def count_chat_tokens(backend, messages: list[dict]) -> int:
-    return len(render_chat(_torch_model(backend).tokenizer, messages))
+    return len(render_chat(_text_backend(backend).text_tokenizer, messages))
 
 
 def chat_text(backend, messages: list[dict], max_new_tokens: int = 256, streamer=None) -> str:
     """The frozen LLM's greedy answer to chat ``messages`` (text only, no audio, no system prompt of
     the adapter's): what the transcript strategy runs, and what behaviour alignment caches as targets.
-    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy)."""
-    import torch
-    from transformers import GenerationConfig
+    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy). The
+    same on every backend that has ``complete`` (torch, onnxruntime)."""
+    from steermoe_core.model.decoding import finish_rows
 
-    from steermoe_core.runtime import autocast
-
-    model = _torch_model(backend)
-    tok, layout = model.tokenizer, model.layout
-    ids = render_chat(tok, messages)
-    guard = DecodeGuard([max_new_tokens], layout.stop_ids)
-    gen = GenerationConfig(
-        do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=layout.stop_ids,
-        pad_token_id=layout.pad_id, temperature=None, top_p=None, top_k=None, use_cache=True,
-    )
-    x = torch.tensor([ids], device=model.device)
+    backend = _text_backend(backend)
+    ids = render_chat(backend.text_tokenizer, messages)
+    guard = DecodeGuard([max_new_tokens], backend.stop_ids)
     if streamer is not None and hasattr(streamer, "skip_prompt"):  # transformers' TextStreamer: print the answer only
         streamer.skip_prompt, streamer.next_tokens_are_prompt = True, True
-    with torch.no_grad(), autocast(model.device, getattr(backend, "precision", "fp32")):
-        out = model.llm.generate(
-            input_ids=x, attention_mask=torch.ones_like(x), generation_config=gen, streamer=streamer,
-            stopping_criteria=as_stopping_criteria(guard, len(ids)),
-        )
-    row = out[0, len(ids) :].tolist()
-    while row and row[-1] in set(layout.stop_ids) | {layout.pad_id}:
-        row.pop()
-    text = tok.decode(row, skip_special_tokens=True).strip()
+    row = finish_rows(backend.complete([ids], max_new_tokens, guard, 0.0, streamer), backend.stop_ids, backend.pad_id)[0]
+    text = backend.decode([row])[0].strip()
     return check_text(text, guard.reasons[0])[0]
 
 
@@ -271,11 +246,23 @@ def whole_messages(instruction: str, transcript: str) -> list[dict]:
 
 
 def llm_chat(model, precision: str = "fp32") -> Callable[[list[dict], int], str]:
-    """``chat_text`` on a bare ``SteerMoEModel`` (training: behaviour-alignment targets)."""
-    from types import SimpleNamespace
+    """``chat_text`` on a bare ``SteerMoEModel`` (training: behaviour-alignment targets; the model
+    keeps its train/eval mode)."""
+    from steermoe_core.inference.torch_backend import complete_ids
 
-    backend = SimpleNamespace(model=model, precision=precision, name="torch")
-    return lambda messages, max_new_tokens: chat_text(backend, messages, max_new_tokens)
+    class _Bare:
+        name, text_tokenizer = "torch", model.tokenizer
+        stop_ids, pad_id = list(model.layout.stop_ids), int(model.layout.pad_id)
+
+        @staticmethod
+        def complete(prompts, max_new_tokens, guard=None, temperature=0.0, streamer=None):
+            return complete_ids(model, precision, prompts, max_new_tokens, guard, temperature, streamer)
+
+        @staticmethod
+        def decode(rows):
+            return model.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    return lambda messages, max_new_tokens: chat_text(_Bare, messages, max_new_tokens)
 
 
 def part_messages(instruction: str, text: str, i: int, n: int) -> list[dict]:

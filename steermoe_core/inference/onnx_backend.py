@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from steermoe_core.errors import CheckpointError, UsageError
+from steermoe_core.errors import CheckpointError, MissingDependency, UsageError
 from steermoe_core.inference.onnx_manifest import cache_names, read_manifest, require
 from steermoe_core.model.decoding import finish_rows
 
@@ -92,6 +92,9 @@ class OnnxBackend:
         self.tokenizer = Tokenizer.from_file(str(folder / files["tokenizer"]))
         self.past_names = cache_names(self.llm["layers"], "past")
         self._post: dict[str, list[int]] = {k: list(v) for k, v in self.prompt["known"].items()}
+        self.folder = folder
+        self._chat_tokenizer = None
+        self._rng = np.random.default_rng()
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "auto") -> OnnxBackend:
@@ -155,8 +158,28 @@ class OnnxBackend:
         counts = self.audio_token_counts([len(c) for c in clips])
         return [tokens[i, :n].astype(np.float32) for i, n in enumerate(counts)]
 
+    # -- text only: the frozen LLM --
+    @property
+    def text_tokenizer(self):
+        """The export's tokenizer in transformers (its chat template renders text-only chats), loaded on
+        first use: the transcript strategy and serve's text chat need it, transcription does not."""
+        if self._chat_tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError:
+                raise MissingDependency("a chat without audio on the onnxruntime backend renders its template with transformers: pip install transformers") from None
+            self._chat_tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+        return self._chat_tokenizer
+
+    def complete(self, prompts: list[list[int]], max_new_tokens: int, guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
+        """The frozen LLM alone on token prompts (text chat, the transcript strategy): the new ids per row."""
+        rows = [np.asarray(self.embeddings[np.asarray(p, dtype=np.int64)], dtype=np.float32) for p in prompts]
+        return self.greedy(rows, max_new_tokens, streamer, guard, temperature)
+
     # -- decoding --
-    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None) -> list[str]:
+    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, guard=None, temperature: float = 0.0) -> list[str]:
+        """``guard``: a ``longform.DecodeGuard`` asked after every step (per-row budgets, loops);
+        ``temperature`` > 0 samples."""
         if num_beams != 1:
             raise UsageError("the onnxruntime backend decodes greedily: use --beams 1, or the torch backend for beam search")
         audio = self.encode_audio(list(clips))
@@ -165,11 +188,13 @@ class OnnxBackend:
             pre, post = self.prompt["pre_ids"], self.post_ids(prompt)
             rows.append(np.concatenate([self.embeddings[pre], *audio[k : k + n], self.embeddings[post]]).astype(np.float32))
             k += n
-        ids = self.greedy(rows, max_new_tokens, streamer)
+        ids = self.greedy(rows, max_new_tokens, streamer, guard, temperature)
         return [t.strip() for t in self.decode(finish_rows(ids, self.stop_ids, self.pad_id))]
 
-    def greedy(self, rows: list[np.ndarray], max_new_tokens: int, streamer=None) -> list[list[int]]:
-        """Greedy decoding of left-padded prompt embeddings with the KV cache kept in numpy."""
+    def greedy(self, rows: list[np.ndarray], max_new_tokens: int, streamer=None, guard=None, temperature: float = 0.0) -> list[list[int]]:
+        """Greedy (or, at ``temperature`` > 0, sampled) decoding of left-padded prompt embeddings with
+        the KV cache kept in numpy; a row ends at a stop id or when ``guard`` stops it (then padded,
+        as transformers pads a row its stopping criteria ended)."""
         b, width = len(rows), max(len(r) for r in rows)
         embeds = np.broadcast_to(self.embeddings[self.pad_id].astype(np.float32), (b, width, self.llm["hidden"])).copy()
         mask = np.zeros((b, width), dtype=np.int64)
@@ -184,11 +209,13 @@ class OnnxBackend:
         out = []
         for step in range(max_new_tokens):
             logits, *present = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past})
-            nxt = np.where(done, self.pad_id, logits.argmax(-1))
+            nxt = np.where(done, self.pad_id, self._pick(logits, temperature))
             out.append(nxt)
             if streamer is not None:
                 streamer.put(nxt)
             done |= np.isin(nxt, stops)
+            if guard is not None:
+                done |= np.array(guard.check(np.stack(out, axis=1).tolist()), dtype=bool)
             if done.all():
                 break
             past = dict(zip(self.past_names, present))
@@ -198,6 +225,15 @@ class OnnxBackend:
         if streamer is not None:
             streamer.end()
         return np.stack(out, axis=1).tolist() if out else [[] for _ in range(b)]
+
+    def _pick(self, logits: np.ndarray, temperature: float) -> np.ndarray:
+        """(B, V) logits -> (B,) ids: the argmax, or a draw from softmax(logits / temperature)."""
+        if temperature <= 0:
+            return logits.argmax(-1)
+        z = logits.astype(np.float64) / temperature
+        p = np.exp(z - z.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        return np.array([self._rng.choice(len(row), p=row) for row in p])
 
 
 def _session(ort, path: Path, opts, providers: list[str]):

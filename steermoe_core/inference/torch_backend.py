@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from steermoe_core.data.batch import AudioBatch, pad_clips
+from steermoe_core.model.decoding import finish_rows
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
 
@@ -36,6 +37,19 @@ class TorchBackend:
     def tokenizer(self):
         return self.model.tokenizer
 
+    text_tokenizer = tokenizer
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return list(self.model.layout.stop_ids)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.model.layout.pad_id)
+
+    def decode(self, rows: list[list[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
     def text_streamer(self):
         from transformers import TextStreamer
 
@@ -48,9 +62,69 @@ class TorchBackend:
         pre, post = self.model.layout.around_audio(prompt)
         return len(pre) + len(post)
 
-    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, stopping_criteria=None) -> list[str]:
-        """``stopping_criteria``: transformers stopping criteria per row (``longform.as_stopping_criteria``)."""
+    def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, guard=None, temperature: float = 0.0) -> list[str]:
+        """``guard``: a ``longform.DecodeGuard`` asked after every step (per-row budgets, loops);
+        ``temperature`` > 0 samples (greedy only)."""
         waves, lengths = pad_clips(clips)
         batch = AudioBatch(waves.to(self.device), lengths, prompts, clips_per_example=groups)
+        stopping = as_stopping_criteria(guard) if guard is not None else None
         with autocast(self.device, self.precision):
-            return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer, stopping_criteria=stopping_criteria)
+            if temperature <= 0:
+                return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer, stopping_criteria=stopping)
+            ids = _sample(self.model, batch, max_new_tokens, temperature, streamer, stopping)
+        rows = finish_rows(ids.tolist(), self.stop_ids, self.pad_id)
+        return [t.strip() for t in self.decode(rows)]
+
+    def complete(self, prompts: list[list[int]], max_new_tokens: int, guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
+        """The frozen LLM alone on token prompts (text chat, the transcript strategy): the new ids per row."""
+        return complete_ids(self.model, self.precision, prompts, max_new_tokens, guard, temperature, streamer)
+
+
+def as_stopping_criteria(guard, prompt_length: int = 0):
+    """A transformers ``StoppingCriteriaList`` that asks ``guard`` (only the ids after ``prompt_length``)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Guard(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stop = guard.check(input_ids[:, prompt_length:].tolist())
+            return torch.tensor(stop, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Guard()])
+
+
+def _config(model: SteerMoEModel, max_new_tokens: int, temperature: float):
+    """A fresh GenerationConfig (the LLM's own can never switch sampling on): greedy, or sampling at ``temperature``."""
+    from transformers import GenerationConfig
+
+    sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=model.layout.stop_ids,
+                            pad_token_id=model.layout.pad_id, use_cache=True, **sample)
+
+
+@torch.no_grad()
+def _sample(model: SteerMoEModel, batch: AudioBatch, max_new_tokens: int, temperature: float, streamer, stopping) -> torch.Tensor:
+    embeds, lb, _, _ = model._embed(batch, None)
+    return model.llm.generate(inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device),
+                              generation_config=_config(model, max_new_tokens, temperature), streamer=streamer,
+                              stopping_criteria=stopping)
+
+
+@torch.no_grad()
+def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list[list[int]], max_new_tokens: int,
+                 guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
+    """Left-padded token prompts through the frozen LLM (no audio, no adapter in the way); also what
+    training's behaviour alignment runs on a bare model."""
+    pad = model.layout.pad_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    stopping = as_stopping_criteria(guard, width) if guard is not None else None
+    with autocast(model.device, precision):
+        out = model.llm.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 generation_config=_config(model, max_new_tokens, temperature), streamer=streamer,
+                                 stopping_criteria=stopping)
+    return out[:, width:].tolist()

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio
@@ -55,6 +55,7 @@ class ServeSettings:
     """What `steermoe serve`'s options set (see its --help for each)."""
 
     model: Path | None = None  # None: what `steermoe infer` would use
+    checkpoint: Path | None = None  # what the user named, when ``model`` is its cached export (its folder name is a model id too)
     backend: str = "torch"
     device: str = "auto"
     api_key: str | None = None
@@ -178,8 +179,9 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app):
-        if settings.model is not None:
-            state.model_ids.add(Path(settings.model).name)
+        for named in (settings.model, settings.checkpoint):
+            if named is not None:
+                state.model_ids.add(Path(named).name)
         state.model_ids.add(settings.model_name)
         loader = threading.Thread(target=load, name="steermoe-load", daemon=True)
         loader.start()
@@ -230,12 +232,6 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(404, f"the model '{model}' does not exist; this server serves {sorted(state.model_ids)}",
                            code="model_not_found")
 
-    def check_sampling(temperature: float) -> None:
-        """Sampling runs on the torch backend only: refused up front, not as a failure in the batch."""
-        if temperature > 0 and state.sm.backend.name != "torch":
-            raise ApiError(400, f"temperature > 0 needs the torch backend (this server runs {state.sm.backend.name}); "
-                                "send temperature 0 (greedy)", code="unsupported")
-
     def check_length(request: Request, limit: int) -> None:
         n = request.headers.get("content-length")
         if n is not None and n.isdigit() and int(n) > limit:
@@ -268,7 +264,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             raise ApiError(400, f"{name}: no speech found, nothing to answer about", code="no_speech")
         need = backend.prompt_tokens(prompt) + sum(backend.audio_token_counts([e - s for _, s, e in windows]))
         if requested == "transcript" and not sm.can_chat:
-            raise ApiError(400, f"strategy 'transcript' needs the torch backend (this server runs {backend.name}); "
+            raise ApiError(400, f"strategy 'transcript' needs a backend that runs the LLM on text alone (this server runs {backend.name}); "
                                 "use strategy 'direct' or 'auto'", code="unsupported_strategy")
         strategy = choose_strategy(requested, sm.policy, need <= backend.max_context, sm.can_chat)
         if strategy == "direct" and need > backend.max_context:
@@ -503,7 +499,6 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                 raise ApiError(400, "word timestamps are not available: this model times segments (its 30 s windows); "
                                     "ask for timestamp_granularities[]=segment", code="unsupported_granularity")
             temperature = _number(form.get("temperature"), "temperature", 0.0)
-            check_sampling(temperature)
             stream = str(form.get("stream") or "false").lower() in ("true", "1")
             prompt = str(form.get("prompt") or "").strip() or None
             strategy = _strategy(form.get("strategy"))
@@ -591,7 +586,6 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ApiError(400, "max_tokens must be a positive integer", code="invalid_max_tokens")
         temperature = _number(body.get("temperature"), "temperature", 0.0)
-        check_sampling(temperature)
         stream = bool(body.get("stream"))
         strategy = _strategy(body.get("strategy"))
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
