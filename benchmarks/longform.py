@@ -82,14 +82,20 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, nargs="*", default=[1, 5])
     ap.add_argument("--qa-recordings", type=int, default=3, help="recordings of 12 facts each (36 questions at 3)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
+                    help="auto: what `steermoe infer` runs here (onnxruntime on a CPU, from its cached export)")
     ap.add_argument("--summary-tokens", type=int, default=128, help="budget of each summary")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
     import transformers
 
-    sm = SteerMoE.load(args.model, "cpu")
-    report: dict = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+    from steermoe_core.export.cache import backend_for
+    from steermoe_core.inference import default_model_path
+
+    path, backend = backend_for(args.model or default_model_path(), args.backend, "cpu")
+    sm = SteerMoE.load(path, "cpu", backend=backend)
+    report: dict = {"cpu": platform.processor() or platform.machine(), "backend": backend, "torch": torch.__version__,
                     "transformers": transformers.__version__, "policy": vars(sm.policy), "recordings": [], "qa": {}}
     pool = in_domain_sentences(300)
     start = 0

@@ -369,3 +369,20 @@ def test_auto_backend_falls_back_to_torch_once_an_export_failed(ckpt, tmp_path, 
     assert "export failed: RuntimeError: the exporter met an op" in said[-1]
     assert backend_for(ckpt, "auto", "cpu", say=said.append) == (ckpt, "torch")
     assert len(calls) == 1 and "failed before" in said[-1]  # remembered, not retried on every call
+
+
+def test_an_export_reads_long_recordings_as_its_checkpoint_does(ckpt, exported, tmp_path):
+    """Segment length, token rate and VAD travel in the manifest: an export given no recipe still cuts
+    recordings into the segments its checkpoint trained on, not Whisper's 30 s windows."""
+    import dataclasses
+
+    from steermoe_core.inference.longform import policy_from_checkpoint
+
+    assert json.loads((exported / "manifest.json").read_text())["longform"] == dataclasses.asdict(policy_from_checkpoint(ckpt))
+    folder = tmp_path / "export"
+    shutil.copytree(exported, folder)
+    m = json.loads((folder / "manifest.json").read_text())
+    m["longform"].update(max_segment_seconds=7.5, tokens_per_second=4.0)
+    (folder / "manifest.json").write_text(json.dumps(m))
+    pol = policy_from_checkpoint(folder)
+    assert (pol.max_segment_seconds, pol.tokens_per_second) == (7.5, 4.0)

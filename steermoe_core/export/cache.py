@@ -31,6 +31,7 @@ from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 _KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
+CACHE_REVISION = 2  # raised when what an export holds changes within one format version (2: the long-recording policy)
 
 
 def is_export(path: Path) -> bool:
@@ -40,7 +41,7 @@ def is_export(path: Path) -> bool:
 
 def export_key(checkpoint: Path) -> str:
     """A hash of the checkpoint's own files and the export format: what the cached export depends on."""
-    h = hashlib.sha256(f"steermoe-onnx-v{FORMAT_VERSION}".encode())
+    h = hashlib.sha256(f"steermoe-onnx-v{FORMAT_VERSION}.{CACHE_REVISION}".encode())
     for name in _KEY_FILES:
         path = Path(checkpoint) / name
         if path.is_file():

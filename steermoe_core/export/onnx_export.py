@@ -15,6 +15,7 @@ converter, keeping float32 inputs and outputs (the backend's numpy side never ch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -38,6 +39,7 @@ from steermoe_core.export.graphs import (
     frame_multiple,
     kv_shape,
 )
+from steermoe_core.inference.longform import policy_from_checkpoint
 from steermoe_core.inference.onnx_manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -154,6 +156,8 @@ def export_onnx(
             },
             "prompt": _prompt_pieces(model),
             "generation": {"stop_ids": model.layout.stop_ids, "pad_id": model.layout.pad_id, "do_sample": False},
+            # how `infer` reads long recordings with this model (segment length, token budget, VAD): the checkpoint's
+            "longform": dataclasses.asdict(policy_from_checkpoint(checkpoint)),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return manifest

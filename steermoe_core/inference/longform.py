@@ -24,6 +24,7 @@ No torch import at module level: the onnxruntime backend uses this module too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -71,11 +72,18 @@ def policy_from_checkpoint(folder: str | Path | None) -> LongformPolicy:
     """The policy a checkpoint folder asks for: ``eval.max_segment_seconds`` / ``eval.tokens_per_second``
     / ``eval.vad`` from its recipe, else what meta.json's ``training_audio`` records about its training
     data (``max_seconds``, ``tokens_per_second``), else the defaults. An exported folder (no recipe)
-    gets the defaults."""
+    gets the policy its checkpoint had, which the exporter writes into its manifest (``longform``)."""
     pol = LongformPolicy()
     if folder is None:
         return pol
     folder = Path(folder)
+    if not (folder / "recipe.toml").is_file() and (folder / "manifest.json").is_file():
+        try:
+            saved = json.loads((folder / "manifest.json").read_text()).get("longform") or {}
+        except (ValueError, AttributeError):
+            saved = {}
+        known = {f.name for f in dataclasses.fields(LongformPolicy)}
+        return LongformPolicy(**{k: v for k, v in saved.items() if k in known})
     meta = {}
     if (folder / "meta.json").is_file():
         try:
