@@ -126,3 +126,33 @@ def test_two_ddp_processes_train_llm_lora_through_ctc_only_steps(backbones, tiny
     r = _cli("train", str(recipe), "--gpus", "2", "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert load_checkpoint(tmp_path / "run" / "model")[2]["step"] == 3
+
+
+def test_prompts_without_audio_run_the_llm_as_released_when_it_has_lora(lora_run, backbones, tiny_data):
+    """LoRA trained to read audio must not change the frozen LLM's answers to text: text-only chat
+    (the transcript strategy, serve's chat) equals the same LLM without LoRA, token for token, while
+    the LoRA stays on for audio; `infer`'s default backend then stays on torch."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.export.cache import why_torch
+    from steermoe_core.inference.longform import chat_text
+    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.model.lora import base_llm
+
+    with_lora = TorchBackend.load(lora_run["ckpt"], "cpu")
+    plain = TorchBackend(build_model(recipe_from_dict(tiny_recipe_dict(backbones, tiny_data)).model, CPU))
+    for name, p in with_lora.model.llm.named_parameters():  # make the trained LoRA matter a lot
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        on = with_lora.model.llm(input_ids=ids).logits
+        with base_llm(with_lora.model):
+            off = with_lora.model.llm(input_ids=ids).logits
+        base = plain.model.llm(input_ids=ids).logits
+    assert not torch.allclose(on, base, atol=1e-3)  # LoRA is live outside
+    torch.testing.assert_close(off, base)  # and off inside
+    msgs = [{"role": "user", "content": "Summarize: the meeting moved to Tuesday."}]
+    assert chat_text(with_lora, msgs, 8) == chat_text(plain, msgs, 8)
+    assert has_lora(with_lora.model, "llm")  # switched back on afterwards
+    assert "LoRA on the LLM" in why_torch(lora_run["ckpt"], "cpu")

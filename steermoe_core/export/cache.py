@@ -9,7 +9,8 @@ into the same folder makes a new export and never reuses a stale one. The newest
 ``$STEERMOE_ONNX_CACHE_KEEP`` exports (default 3) are kept.
 
 ``auto`` stays on torch where onnxruntime would not help or cannot follow: a GPU, beam search, a
-Conformer encoder (not exportable), a missing ``[onnx]`` extra, or an export that failed before
+Conformer encoder (not exportable), LoRA on the LLM (an export folds it into the weights, and text-only
+prompts must run the LLM without it), a missing ``[onnx]`` extra, or an export that failed before
 (remembered, with its reason, so a failing export is not retried on every call).
 """
 
@@ -71,8 +72,11 @@ def why_torch(checkpoint: Path, device: str, num_beams: int = 1) -> str | None:
         return f"{', '.join(missing)} not installed; pip install 'steermoe[onnx]' for the faster onnxruntime backend"
     if not (Path(checkpoint) / "recipe.toml").is_file():
         return None  # not a checkpoint: loading it says what is wrong
-    if load_recipe(Path(checkpoint) / "recipe.toml").model.encoder.kind != "whisper":
+    recipe = load_recipe(Path(checkpoint) / "recipe.toml")
+    if recipe.model.encoder.kind != "whisper":
         return "only Whisper encoders export to ONNX"
+    if recipe.model.llm.lora is not None:
+        return "LoRA on the LLM: an export folds it in, and prompts without audio need the LLM without it"
     failed = _beside(cache_folder(checkpoint), ".failed")
     if failed.is_file():
         return f"its onnxruntime export failed before ({failed.read_text().splitlines()[0]}; delete {failed} to try again)"

@@ -9,6 +9,7 @@ import torch
 
 from steermoe_core.data.batch import AudioBatch, pad_clips
 from steermoe_core.model.decoding import finish_rows
+from steermoe_core.model.lora import base_llm
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
 
@@ -113,8 +114,8 @@ def _sample(model: SteerMoEModel, batch: AudioBatch, max_new_tokens: int, temper
 @torch.no_grad()
 def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list[list[int]], max_new_tokens: int,
                  guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
-    """Left-padded token prompts through the frozen LLM (no audio, no adapter in the way); also what
-    training's behaviour alignment runs on a bare model."""
+    """Left-padded token prompts through the frozen LLM (no audio, no adapter in the way, LoRA on the
+    LLM switched off: ``model.lora.base_llm``); also what training's behaviour alignment runs on a bare model."""
     pad = model.layout.pad_id
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -123,7 +124,7 @@ def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     stopping = as_stopping_criteria(guard, width) if guard is not None else None
-    with autocast(model.device, precision):
+    with autocast(model.device, precision), base_llm(model):
         out = model.llm.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  generation_config=_config(model, max_new_tokens, temperature), streamer=streamer,
                                  stopping_criteria=stopping)

@@ -12,6 +12,9 @@ A checkpoint stores the LoRA matrices beside the adapter in ``adapter.safetensor
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -129,3 +132,19 @@ def attach_lora(model: SteerMoEModel) -> None:
         cfg = getattr(model.cfg, part).lora
         if cfg is not None:
             model.lora[part] = apply_lora(getattr(model, part), cfg, part)
+
+
+@contextlib.contextmanager
+def base_llm(model: SteerMoEModel) -> Iterator[None]:
+    """The frozen LLM as it was released, LoRA layers switched off, for prompts without audio (the
+    transcript strategy, `serve`'s text chat, behaviour-alignment targets): LoRA trained to read
+    audio tokens must not change how the LLM answers text, its skills there are the product's."""
+    tuner = getattr(model, "lora", {}).get("llm")
+    if tuner is None:
+        yield
+        return
+    tuner.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        tuner.enable_adapter_layers()
