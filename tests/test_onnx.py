@@ -374,15 +374,14 @@ def test_auto_backend_falls_back_to_torch_once_an_export_failed(ckpt, tmp_path, 
 def test_an_export_reads_long_recordings_as_its_checkpoint_does(ckpt, exported, tmp_path):
     """Segment length, token rate and VAD travel in the manifest: an export given no recipe still cuts
     recordings into the segments its checkpoint trained on, not Whisper's 30 s windows."""
-    import dataclasses
+    from steermoe_core.inference.longform import policy_from_checkpoint, policy_inputs
 
-    from steermoe_core.inference.longform import policy_from_checkpoint
-
-    assert json.loads((exported / "manifest.json").read_text())["longform"] == dataclasses.asdict(policy_from_checkpoint(ckpt))
+    assert json.loads((exported / "manifest.json").read_text())["longform"] == policy_inputs(ckpt)
+    assert policy_from_checkpoint(exported) == policy_from_checkpoint(ckpt)
     folder = tmp_path / "export"
     shutil.copytree(exported, folder)
     m = json.loads((folder / "manifest.json").read_text())
-    m["longform"].update(max_segment_seconds=7.5, tokens_per_second=4.0)
+    m["longform"]["training_audio"] = {"p50_seconds": 4.0, "p95_seconds": 7.5, "max_seconds": 10.5, "tokens_per_second": 4.0}
     (folder / "manifest.json").write_text(json.dumps(m))
     pol = policy_from_checkpoint(folder)
-    assert (pol.max_segment_seconds, pol.tokens_per_second) == (7.5, 4.0)
+    assert (pol.max_segment_seconds, pol.tokens_per_second) == (7.5, 4.0)  # the 95th percentile, not the longest clip

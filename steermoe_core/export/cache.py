@@ -32,7 +32,7 @@ from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 _KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
-CACHE_REVISION = 2  # raised when what an export holds changes within one format version (2: the long-recording policy)
+CACHE_REVISION = 3  # raised when what an export holds changes within one format version (2: the long-recording policy's inputs)
 
 
 def is_export(path: Path) -> bool:

@@ -15,7 +15,6 @@ converter, keeping float32 inputs and outputs (the backend's numpy side never ch
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -39,7 +38,7 @@ from steermoe_core.export.graphs import (
     frame_multiple,
     kv_shape,
 )
-from steermoe_core.inference.longform import policy_from_checkpoint
+from steermoe_core.inference.longform import policy_inputs
 from steermoe_core.inference.onnx_manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -156,8 +155,9 @@ def export_onnx(
             },
             "prompt": _prompt_pieces(model),
             "generation": {"stop_ids": model.layout.stop_ids, "pad_id": model.layout.pad_id, "do_sample": False},
-            # how `infer` reads long recordings with this model (segment length, token budget, VAD): the checkpoint's
-            "longform": dataclasses.asdict(policy_from_checkpoint(checkpoint)),
+            # how `infer` reads long recordings with this model (segment length, token budget, VAD): what the
+            # checkpoint's policy is made of, so the export follows the same rules as the checkpoint
+            "longform": policy_inputs(checkpoint),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return manifest
