@@ -482,3 +482,12 @@ def test_a_recipe_that_is_not_utf8_is_one_line_naming_it(tmp_path):
     r = CliRunner().invoke(app, ["train", str(tmp_path / "r.toml")])
     assert r.exit_code == 2
     assert _one_error_line(r.output) == f"error: {tmp_path / 'r.toml'}: not UTF-8 text (byte 0xe9 at byte offset 23); UTF-8 expected"
+
+
+def test_a_synth_sentence_file_that_is_not_utf8_is_one_line_naming_it(tmp_path):
+    texts = tmp_path / "sentences.txt"
+    texts.write_bytes("Hello there.\nThe caf\u00e9 opens at nine.\n".encode("latin-1"))
+    r = CliRunner().invoke(app, ["prep", "synth", str(texts), "--voice", "flite:kal", "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2
+    assert _one_error_line(r.output) == (f"error: {texts}: not UTF-8 text (byte 0xe9 at byte offset 20); UTF-8 expected "
+                                         "(re-save it as UTF-8)")

@@ -40,7 +40,7 @@ import numpy as np
 
 from steermoe_core.audio.load import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.data.prep.item import Item
-from steermoe_core.errors import UsageError
+from steermoe_core.errors import UsageError, decode_error_text
 
 DEFAULT_VOICES = ["flite:slt", "flite:rms", "flite:awb", "flite:kal16", "espeak:en-us", "espeak:en-gb"]
 DEFAULT_SPEEDS = [0.9, 1.0, 1.15]
@@ -354,7 +354,10 @@ def synth_items(texts_file: Path, voices: list[str], speeds: list[float], copies
         check_training_voices(voices)
     parsed = [parse_voice(v) for v in voices]
     items, skipped = [], []
-    lines = texts_file.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = texts_file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        raise UsageError(decode_error_text(e, texts_file) + " (re-save it as UTF-8)") from None
     for n, line in enumerate(lines):
         text = line.strip()
         if not text:
