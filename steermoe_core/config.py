@@ -146,7 +146,7 @@ class EvalConfig:
     max_new_tokens: int = doc(128, "Generation budget per example.", min=1)
     num_beams: int = doc(1, "1 = greedy; >1 = beam search.", min=1)
     max_examples: int = doc(0, "0 = the full set (eval and validation); >0 = a seeded random sample of N examples.", min=0)
-    max_segment_seconds: float = doc(0.0, "`infer`: recordings are cut at voice activity into segments of at most this many seconds (what the model trained on reads best); 0 = the 95th percentile of the training clip lengths the checkpoint recorded (meta.json training_audio), else 30.", min=0.0, max=30.0)
+    max_segment_seconds: float = doc(0.0, "`infer`: recordings are cut at voice activity into segments of at most this many seconds (what the model trained on reads best); 0 = from the training clip lengths the checkpoint recorded (meta.json training_audio): a clip up to the longest is read whole and speech regions are joined up to the 95th percentile; else 30.", min=0.0, max=30.0)
     tokens_per_second: float = doc(0.0, "`infer`: each segment's decoding stops after 1.5 x this many tokens per second of its audio (+ 8); 0 = the rate the checkpoint recorded from its training transcripts (meta.json training_audio), else 6.", min=0.0)
     vad: Literal["auto", "silero", "energy", "off"] = doc("auto", "`infer`: voice activity detector for long recordings: silero (Silero VAD's ONNX model from the silero-vad wheel), energy (loudness over the noise floor), auto = silero when installed, else energy; off = fixed windows of max_segment_seconds cut at low-energy points, no speech detection.")
 

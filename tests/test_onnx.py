@@ -384,4 +384,4 @@ def test_an_export_reads_long_recordings_as_its_checkpoint_does(ckpt, exported, 
     m["longform"]["training_audio"] = {"p50_seconds": 4.0, "p95_seconds": 7.5, "max_seconds": 10.5, "tokens_per_second": 4.0}
     (folder / "manifest.json").write_text(json.dumps(m))
     pol = policy_from_checkpoint(folder)
-    assert (pol.max_segment_seconds, pol.tokens_per_second) == (7.5, 4.0)  # the 95th percentile, not the longest clip
+    assert (pol.max_segment_seconds, pol.join_seconds, pol.tokens_per_second) == (10.5, 7.5, 4.0)

@@ -153,15 +153,16 @@ def speech_regions(
 
 
 def segment_speech(
-    audio: np.ndarray, max_seconds: float, method: str = "auto", merge_gap_s: float = 1.0
+    audio: np.ndarray, max_seconds: float, method: str = "auto", merge_gap_s: float = 1.0, join_seconds: float = 0.0
 ) -> tuple[list[tuple[int, int]], str]:
     """Speech segments of at most ``max_seconds`` and the detector used. Neighbouring regions are
-    joined while the result stays within ``max_seconds`` and the pause between them is at most
-    ``merge_gap_s`` (fewer, fuller segments; still like what the model trained on); a region longer
-    than ``max_seconds`` is cut at its least speech-like frames."""
+    joined while the result stays within ``join_seconds`` (0 = ``max_seconds``) and the pause between
+    them is at most ``merge_gap_s`` (fewer, fuller segments; still like what the model trained on); a
+    region longer than ``max_seconds`` is cut at its least speech-like frames."""
     probs, used = speech_probs(audio, method)
     regions = speech_regions(probs, len(audio))
     max_len = int(max_seconds * SAMPLE_RATE)
+    join_len = int(join_seconds * SAMPLE_RATE) if join_seconds > 0 else max_len
     pieces: list[tuple[int, int]] = []
     for s, e in regions:
         while e - s > max_len:
@@ -174,7 +175,7 @@ def segment_speech(
         pieces.append((s, e))
     merged: list[tuple[int, int]] = []
     for s, e in pieces:
-        if merged and e - merged[-1][0] <= max_len and s - merged[-1][1] <= merge_gap_s * SAMPLE_RATE:
+        if merged and e - merged[-1][0] <= join_len and s - merged[-1][1] <= merge_gap_s * SAMPLE_RATE:
             merged[-1] = (merged[-1][0], e)
         else:
             merged.append((s, e))

@@ -52,7 +52,8 @@ COMPRESSION_RATIO_MAX = 2.4  # Whisper's compression_ratio_threshold
 class LongformPolicy:
     """How a checkpoint reads long audio: what its training data looked like, or what the recipe says."""
 
-    max_segment_seconds: float = DEFAULT_MAX_SECONDS
+    max_segment_seconds: float = DEFAULT_MAX_SECONDS  # the longest stretch read as one: a clip up to this is read whole
+    join_seconds: float = 0.0  # voice-activity regions are joined up to this (0 = max_segment_seconds)
     tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND
     vad: str = "auto"
     trained_for_instructions: bool = False
@@ -91,7 +92,7 @@ def policy_inputs(folder: str | Path) -> dict:
 def policy_from_checkpoint(folder: str | Path | None) -> LongformPolicy:
     """The policy a checkpoint folder asks for: ``eval.max_segment_seconds`` / ``eval.tokens_per_second``
     / ``eval.vad`` from its recipe, else what meta.json's ``training_audio`` records about its training
-    data (``p95_seconds``, else ``max_seconds``; ``tokens_per_second``), else the defaults. An exported
+    data (``max_seconds`` read whole, ``p95_seconds`` joined up to; ``tokens_per_second``), else the defaults. An exported
     folder (no recipe) uses what its manifest copied from its checkpoint (``policy_inputs``)."""
     if folder is None:
         return LongformPolicy()
@@ -109,17 +110,20 @@ def policy_from_checkpoint(folder: str | Path | None) -> LongformPolicy:
 def _policy(inputs: dict) -> LongformPolicy:
     pol = LongformPolicy()
     seen = inputs.get("training_audio") or {}
-    # the 95th percentile of the training clips, not the longest: segments as long as the rare longest
-    # clips read worse (the shipped adapter on a 5-minute recording: 75.8% WER at its longest clip's
-    # 10.5 s, 68.4% at its 95th percentile's 7.5 s, against 64.8% for the sentences as separate clips)
-    longest = seen.get("p95_seconds") or seen.get("max_seconds")
+    # a clip (or one speech region) up to the longest training clip is read whole, but regions are only
+    # joined up to the 95th percentile: segments joined as long as the rare longest clips read worse (the
+    # shipped adapter on a 5-minute recording: 75.8% WER joined up to its longest clip's 10.5 s, 68.4%
+    # cut at its 95th percentile's 7.5 s, against 64.8% for the sentences as separate clips)
+    longest = seen.get("max_seconds") or seen.get("p95_seconds")
     if longest:
         pol.max_segment_seconds = min(DEFAULT_MAX_SECONDS, float(longest))
+    if seen.get("p95_seconds"):
+        pol.join_seconds = min(pol.max_segment_seconds, float(seen["p95_seconds"]))
     if seen.get("tokens_per_second"):
         pol.tokens_per_second = float(seen["tokens_per_second"])
     ev = inputs.get("eval") or {}
-    if ev.get("max_segment_seconds", 0) > 0:
-        pol.max_segment_seconds = float(ev["max_segment_seconds"])
+    if ev.get("max_segment_seconds", 0) > 0:  # the recipe's length is both the cap and the joining length
+        pol.max_segment_seconds, pol.join_seconds = float(ev["max_segment_seconds"]), 0.0
     if ev.get("tokens_per_second", 0) > 0:
         pol.tokens_per_second = float(ev["tokens_per_second"])
     pol.vad = ev.get("vad", pol.vad)
@@ -147,7 +151,7 @@ def plan_segments(audio: np.ndarray, policy: LongformPolicy) -> Plan:
         return Plan([(0, n)], "whole")
     if policy.vad == "off":
         return Plan(split_points(audio, policy.max_segment_seconds, policy.max_segment_seconds * 2 / 3), "windows")
-    spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad)
+    spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad, join_seconds=policy.join_seconds)
     return Plan(spans, used)
 
 
