@@ -46,7 +46,7 @@ class Format(str, Enum):
 @friendly
 def infer(
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Audio files, folders (recursive) and globs")] = None,
-    model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or an exported folder with --backend onnxruntime (default: $STEERMOE_MODEL, else the demo's)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or a folder from `steermoe export --onnx` (default: $STEERMOE_MODEL, else the demo's)")] = None,
     backend: Annotated[BackendName, typer.Option(envvar="STEERMOE_BACKEND", help="auto (onnxruntime on a CPU, from an export built once and cached; torch on a GPU or with --beams) | torch | onnxruntime (a folder from `steermoe export --onnx`; no torch needed)")] = BackendName.auto,
     prompt: Annotated[Optional[str], typer.Option(help="Free-form instruction, e.g. 'Summarize the main points'")] = None,
     task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question)")] = Task.transcribe,

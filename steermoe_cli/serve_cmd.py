@@ -13,7 +13,7 @@ from .common import BackendName, console, friendly, pick_backend
 
 @friendly
 def serve(
-    model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or an exported folder with --backend onnxruntime (default: what `infer` uses)")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or a folder from `steermoe export --onnx` (default: what `infer` uses)")] = None,
     backend: Annotated[BackendName, typer.Option(envvar="STEERMOE_BACKEND", help="auto (onnxruntime on a CPU, from an export built once and cached; torch on a GPU) | torch | onnxruntime")] = BackendName.auto,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback unless you say otherwise)")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
