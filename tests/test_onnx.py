@@ -385,3 +385,25 @@ def test_an_export_reads_long_recordings_as_its_checkpoint_does(ckpt, exported, 
     (folder / "manifest.json").write_text(json.dumps(m))
     pol = policy_from_checkpoint(folder)
     assert (pol.max_segment_seconds, pol.join_seconds, pol.tokens_per_second) == (10.5, 7.5, 4.0)
+
+
+def test_auto_backend_retries_after_a_full_disk_and_ignores_what_is_not_a_checkpoint(ckpt, tmp_path, monkeypatch):
+    import steermoe_core.export.onnx_export as onnx_export
+    from steermoe_core.errors import StorageError
+    from steermoe_core.export.cache import backend_for, cache_folder
+
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def full(*a, **k):
+        calls.append(1)
+        raise StorageError("/cache/onnx/x: could not be written: no space left on the device")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", full)
+    said: list[str] = []
+    for _ in range(2):
+        assert backend_for(ckpt, "auto", "cpu", say=said.append) == (ckpt, "torch")
+    assert len(calls) == 2 and "no space left" in said[-1]  # a full disk is not remembered as a failed export
+    assert not cache_folder(ckpt).with_name(cache_folder(ckpt).name + ".failed").exists()
+    missing = tmp_path / "no-such-run"
+    assert backend_for(missing, "auto", "cpu") == (missing, "torch")  # loading it will say what is wrong

@@ -1,9 +1,9 @@
 """The default backend: on a CPU, a checkpoint runs on onnxruntime from an export built once and cached.
 
-Why: on a 2-core CPU the exported graphs decode the same greedy text as PyTorch, 1.4x faster at
-batch 8 and 1.7x at batch 1 (benchmarks/RESULTS.md), because onnxruntime fuses the small LLM's
-per-token work that PyTorch dispatches op by op. An export costs about a minute of CPU and 0.7 GB
-of disk per checkpoint (the shipped one), once: ``backend_for`` builds it on first use into
+Why: on a CPU the exported graphs decode the same greedy text as PyTorch, faster at every batch size
+(benchmarks/RESULTS.md), because onnxruntime runs the small LLM's per-token work as fused kernels
+that PyTorch dispatches op by op. An export costs about a minute of CPU and under a GB of disk per
+checkpoint of the shipped size, once: ``backend_for`` builds it on first use into
 ``$STEERMOE_CACHE/onnx/<checkpoint>-<key>/``, keyed by the checkpoint's own files, so retraining
 into the same folder makes a new export and never reuses a stale one. The newest
 ``$STEERMOE_ONNX_CACHE_KEEP`` exports (default 3) are kept.
@@ -28,11 +28,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from steermoe_core.backbones.weights import cache_root
+from steermoe_core.errors import SteermoeError
 from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 _KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
-CACHE_REVISION = 3  # raised when what an export holds changes within one format version (2: the long-recording policy's inputs)
+CACHE_REVISION = 3  # raised when what an export holds changes within one format version (3: the long-recording policy's inputs)
 
 
 def is_export(path: Path) -> bool:
@@ -70,8 +71,6 @@ def why_torch(checkpoint: Path, device: str, num_beams: int = 1) -> str | None:
     missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         return f"{', '.join(missing)} not installed; pip install 'steermoe[onnx]' for the faster onnxruntime backend"
-    if not (Path(checkpoint) / "recipe.toml").is_file():
-        return None  # not a checkpoint: loading it says what is wrong
     recipe = load_recipe(Path(checkpoint) / "recipe.toml")
     if recipe.model.encoder.kind != "whisper":
         return "only Whisper encoders export to ONNX"
@@ -96,6 +95,8 @@ def backend_for(
         return model, backend
     if is_export(model):
         return model, "onnxruntime"
+    if not (model / "recipe.toml").is_file():
+        return model, "torch"  # not a checkpoint: loading it says what is wrong, in one line
     reason = why_torch(model, device, num_beams)
     if reason is not None:
         say(f"backend: torch ({reason})")
@@ -105,9 +106,13 @@ def backend_for(
         folder = cached_export(model, say)
     except KeyboardInterrupt:
         raise
+    except (SteermoeError, OSError) as e:  # a full disk, an unwritable cache: this run on torch, the next one tries again
+        say(f"backend: torch (no onnxruntime export: {e})")
+        return model, "torch"
     except Exception as e:  # the exporter's own failure: decode with torch rather than not at all, and remember why
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        _beside(folder, ".failed").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
+        with contextlib.suppress(OSError):
+            _beside(folder, ".failed").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
         say(f"backend: torch (the onnxruntime export failed: {type(e).__name__}: {first})")
         return model, "torch"
     say(f"backend: onnxruntime ({folder}; --backend torch skips it)")
