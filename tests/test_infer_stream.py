@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,20 @@ def _infer(ckpt, *args, kill_after: int | None = None) -> subprocess.Popen:
                              "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line holds ``text`` (a forked pool worker keeps its parent's)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (proc / "stat").read_text().split(")")[-1].split()[0]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
 def _records(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -87,6 +102,10 @@ def test_lines_appear_as_files_finish_and_a_killed_run_resumes(ckpt, folder, tmp
     p.wait()
     assert p.returncode == -signal.SIGKILL
     assert len(_records(part)) == 100  # every finished file was on disk, complete, when the kill came
+    deadline = time.monotonic() + 10  # its audio-decoding worker (--decode-workers 1) ends with it
+    while _processes_mentioning(str(part)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(part)), "a decode worker outlived the killed infer"
     p = _infer(ckpt, str(folder), "--format", "jsonl", "--out", str(part), "--resume")
     p.wait()
     assert p.returncode == 1

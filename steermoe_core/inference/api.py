@@ -39,6 +39,7 @@ from steermoe_core.audio import (
     load_audio,
 )
 from steermoe_core.errors import ModelNotFound
+from steermoe_core.workers import die_with_parent
 from steermoe_core.inference.backend import Backend
 from steermoe_core.inference.longform import (
     STRATEGIES,
@@ -170,7 +171,7 @@ def decoded(items: Iterable, workers: int = 0, ahead: int = 8) -> Iterator[tuple
         for i, item in enumerate(items):
             yield (i, name(item), *local(item))
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:  # none outlives a killed infer
         window: collections.deque = collections.deque()
         for i, item in enumerate(items):
             fut = None if isinstance(item, np.ndarray) else pool.submit(_decode, str(item))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from steermoe_core.data.prep.item import Item
 from steermoe_core.atomic import write_text
 from steermoe_core.data.prep.shards import Row, write_manifest, write_shard
 from steermoe_core.errors import SourceError
+from steermoe_core.workers import die_with_parent
 
 SKIP_KEY = b"steermoe_skipped"
 CHUNK_KEY = b"steermoe_items_sha256"  # the hash of the items a shard was cut from
@@ -70,33 +70,6 @@ def _load(item: Item):
     if data is not None:
         return data
     return load_audio(item.path)
-
-
-def _die_with_parent(parent: int) -> None:
-    """Pool worker initializer: a worker ends when the prep that started it does, even on kill -9
-    (which runs no clean-up in the parent). Linux: the kernel sends SIGKILL when the parent dies
-    (PR_SET_PDEATHSIG); everywhere: a thread notices the parent is gone within half a second."""
-    import signal
-    import sys
-
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-
-    def watch() -> None:
-        import time
-
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent:  # the parent died before the signal was armed
-        os._exit(1)
-    threading.Thread(target=watch, name="steermoe-parent-watch", daemon=True).start()
 
 
 def _item_record(it: Item) -> dict:
@@ -252,7 +225,7 @@ def run_prep(
             if progress:
                 progress(len(chunk))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=_die_with_parent,
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), initializer=die_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_process_shard, chunk, out / name, digest): (name, len(chunk)) for name, chunk, digest in todo}
             for fut in as_completed(futures):
