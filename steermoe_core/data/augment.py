@@ -24,6 +24,11 @@ class Augment:
     seed: int = 0
     epoch: int = 0
 
+    @classmethod
+    def from_data(cls, data, seed: int, epoch: int = 0) -> Augment:
+        """The augmentation a recipe's ``[data]`` asks for (speed_perturb, noise_snr_db, noise_prob, reverb_prob)."""
+        return cls(tuple(data.speed_perturb), tuple(data.noise_snr_db), data.noise_prob, data.reverb_prob, seed, epoch)
+
     @property
     def active(self) -> bool:
         return bool(self.speeds or (self.noise_snr_db and self.noise_prob) or self.reverb_prob)

@@ -114,8 +114,9 @@ def collate(examples: list[Example], default_prompt: str) -> AudioBatch:
     )
 
 
-class _Collate:
-    """Picklable collate for DataLoader workers; carries ids along for predictions files."""
+class Collate:
+    """Training and evaluation batches: ``augment`` applied (training only), then ``collate``; the
+    examples come back without their audio (ids for predictions files). Picklable for DataLoader workers."""
 
     def __init__(self, prompt: str, augment: Augment | None = None):
         self.prompt, self.augment = prompt, augment
@@ -132,7 +133,7 @@ def make_loader(
     """(AudioBatch, examples without audio) per batch; ``augment`` applies to training only."""
     return iter(
         torch.utils.data.DataLoader(
-            ds, batch_sampler=batches, collate_fn=_Collate(prompt, augment), num_workers=num_workers,
+            ds, batch_sampler=batches, collate_fn=Collate(prompt, augment), num_workers=num_workers,
             persistent_workers=False, prefetch_factor=4 if num_workers else None,
             pin_memory=torch.cuda.is_available(),
         )

@@ -120,9 +120,8 @@ def mixed_batches(new, replay, batch_size: int, n_replay: int, recipe, seed: int
     not batch by batch, keeps every step's gradient pulling towards both kinds of speech; length bucketing
     would have split them, Brown sentences being longer than Harvard ones."""
     from steermoe_core.data.augment import Augment
-    from steermoe_core.data.dataset import collate
+    from steermoe_core.data.dataset import Collate
 
-    d = recipe.data
     rng = random.Random(seed)
 
     def cycle(n: int) -> Iterator[int]:
@@ -131,15 +130,11 @@ def mixed_batches(new, replay, batch_size: int, n_replay: int, recipe, seed: int
             rng.shuffle(order)
             yield from order
 
-    augment = Augment(tuple(d.speed_perturb), tuple(d.noise_snr_db), d.noise_prob, d.reverb_prob, seed, 0)
+    batch_of = Collate(recipe.data.prompt, Augment.from_data(recipe.data, seed))
     new_ix, replay_ix = cycle(len(new)), cycle(len(replay))
     while True:
         examples = [new[next(new_ix)] for _ in range(batch_size - n_replay)] + [replay[next(replay_ix)] for _ in range(n_replay)]
-        if augment.active:
-            import dataclasses
-
-            examples = [dataclasses.replace(e, audio=augment(e.audio, e.id)) for e in examples]
-        yield collate(examples, d.prompt)
+        yield batch_of(examples)[0]
 
 
 def adapter_fingerprint(model_dir: Path) -> str:

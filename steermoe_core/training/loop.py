@@ -121,7 +121,7 @@ def micro_batch_stream(
     while True:
         batches = length_bucketed_batches(ds, d.batch_size, d.max_batch_seconds, recipe.train.seed, epoch)
         batches = strategy.shard(batches)
-        augment = Augment(tuple(d.speed_perturb), tuple(d.noise_snr_db), d.noise_prob, d.reverb_prob, recipe.train.seed, epoch)
+        augment = Augment.from_data(d, recipe.train.seed, epoch)
         for batch, examples in make_loader(ds, batches[done:], d.prompt, d.num_workers, augment):
             done += 1
             yield batch, [e.id for e in examples], Position(epoch, done)
