@@ -100,8 +100,8 @@ def infer(
     if first is None:  # every process of a sharded run finds the same nothing, and says so
         raise UsageError(f"no audio files found in {' '.join(inputs or [str(from_list)])}")
     paths = itertools.chain([first], paths)
-    model, backend_name = pick_backend(model, backend, device, beams)
     if launched_by_a_launcher():
+        model, backend_name = pick_backend(model, backend, device, beams)
         _run_shard(paths, out, fmt, resume, device, model, trust_remote_code, backend_name,
                    dict(prompt=text_prompt, transcribe=transcribe, batch_size=batch_size, max_new_tokens=max_new_tokens,
                         num_beams=beams, workers=decode_workers, strategy=strategy.value, vad=vad.value if vad else None))
@@ -119,6 +119,7 @@ def infer(
         if len(paths) > 1:
             raise UsageError(f"--format {fmt.value} with several inputs needs --out FOLDER (one .{fmt.value} per input)")
 
+    model, backend_name = pick_backend(model, backend, device, beams)  # after the checks: a first export takes a minute
     sm = SteerMoE.load(model, device, trust_remote_code, backend=backend_name)
     streamer = sm.backend.text_streamer() if stream else None
     results = sm.stream(paths, text_prompt, transcribe, 1 if stream else batch_size, max_new_tokens, beams, streamer, workers=decode_workers,

@@ -39,20 +39,19 @@ from steermoe_core.audio import (
     load_audio,
 )
 from steermoe_core.errors import ModelNotFound
-from steermoe_core.workers import die_with_parent
 from steermoe_core.inference.backend import Backend
 from steermoe_core.inference.longform import (
     STRATEGIES,
-    DecodeGuard,
     LongformPolicy,
     answer_over_transcript,
     chat_text,
-    check_text,
     choose_strategy,
     count_chat_tokens,
+    decode_audio,
     plan_segments,
     policy_from_checkpoint,
 )
+from steermoe_core.workers import die_with_parent
 
 TASK_PROMPTS = {
     "transcribe": "Transcribe the audio.",
@@ -322,16 +321,6 @@ class SteerMoE:
         s, e = job.windows[w]
         return self.policy.budget((e - s) / SAMPLE_RATE)
 
-    def _generate(self, clips, groups, prompts, budgets: list[int], num_beams: int, streamer) -> tuple[list[str], list[str | None]]:
-        """Texts and per-row stop reasons (None, "budget", "loop"): greedy decoding runs each row's
-        budget and loop guard inside decoding, on every backend; beam search runs to the largest budget."""
-        if num_beams != 1:
-            outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer)
-            return outs, [None] * len(outs)
-        guard = DecodeGuard(budgets, self.backend.stop_ids)
-        outs = self.backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer, guard=guard)
-        return outs, guard.reasons
-
     def _run(self, jobs: list[_Job], batch_size: int, max_new_tokens: int | None, num_beams: int, streamer,
              progress: ProgressFn | None) -> Iterator[Result]:
         """Decode these jobs' segments in length-sorted batches; yield each job's Result."""
@@ -353,11 +342,11 @@ class SteerMoE:
             # a streamer prints one row's text: only where that row is what the user asked for
             row_streamer = streamer if len(chunk) == 1 and not chunk[0][0].instruction else None
             t0 = time.perf_counter()
-            outs, reasons = self._generate(clips, groups, prompts, budgets, num_beams, row_streamer)
+            outs, flags = decode_audio(self.backend, clips, groups, prompts, budgets, num_beams, streamer=row_streamer)
             dt = time.perf_counter() - t0
             total = sum(len(c) for c in clips)
-            for (job, w), text, reason, n in zip(chunk, outs, reasons, groups):
-                texts[(job.index, w)] = check_text(text, reason)
+            for (job, w), text, flag, n in zip(chunk, outs, flags, groups):
+                texts[(job.index, w)] = (text, flag)
                 walls[job.index] = walls.get(job.index, 0.0) + dt * sum(len(c) for c in clips[:n]) / max(total, 1)
                 clips = clips[n:]
                 done[job.index] = done.get(job.index, 0) + 1

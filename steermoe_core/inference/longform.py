@@ -38,7 +38,7 @@ from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.audio.vad import is_silent, segment_speech
 from steermoe_core.audio.windows import split_points
 from steermoe_core.data.instructions import instruction_messages
-from steermoe_core.model.decoding import tail_repeats
+from steermoe_core.model.decoding import finish_rows, tail_repeats
 
 STRATEGIES = ("auto", "direct", "transcript")
 DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
@@ -249,25 +249,52 @@ def render_chat(tokenizer, messages: list[dict]) -> list[int]:
     return bos + tokenizer(body, add_special_tokens=False)["input_ids"]
 
 
+def chat_ids(backend, messages: list[dict]) -> list[int]:
+    """``messages`` rendered for the frozen LLM on ``backend`` (its chat template), ready for its answer."""
+    return render_chat(_text_backend(backend).text_tokenizer, messages)
+
+
 def count_chat_tokens(backend, messages: list[dict]) -> int:
-    return len(render_chat(_text_backend(backend).text_tokenizer, messages))
+    return len(chat_ids(backend, messages))
+
+
+def _checked(texts: list[str], reasons: list[str | None]) -> tuple[list[str], list[str | None]]:
+    """Each row's text and flag after ``check_text``: a loop keeps one copy, a budget cut is flagged."""
+    out = [check_text(t.strip(), r) for t, r in zip(texts, reasons)]
+    return [t for t, _ in out], [flag for _, flag in out]
+
+
+def complete_texts(backend, prompts: list[list[int]], budgets: list[int], temperature: float = 0.0,
+                   streamer=None) -> tuple[list[str], list[str | None]]:
+    """The frozen LLM alone on token prompts (no audio, no adapter in the way), each row stopped at end
+    of turn, at its own budget and at a repetition loop, with its flag: the transcript strategy's and
+    `serve`'s text chats, on every backend that has ``complete`` (torch, onnxruntime)."""
+    backend = _text_backend(backend)
+    guard = DecodeGuard(budgets, backend.stop_ids)
+    ids = backend.complete(prompts, max(budgets), guard, temperature, streamer)
+    return _checked(backend.decode(finish_rows(ids, backend.stop_ids, backend.pad_id)), guard.reasons)
 
 
 def chat_text(backend, messages: list[dict], max_new_tokens: int = 256, streamer=None) -> str:
     """The frozen LLM's greedy answer to chat ``messages`` (text only, no audio, no system prompt of
     the adapter's): what the transcript strategy runs, and what behaviour alignment caches as targets.
-    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy). The
-    same on every backend that has ``complete`` (torch, onnxruntime)."""
-    from steermoe_core.model.decoding import finish_rows
-
-    backend = _text_backend(backend)
-    ids = render_chat(backend.text_tokenizer, messages)
-    guard = DecodeGuard([max_new_tokens], backend.stop_ids)
+    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy)."""
     if streamer is not None and hasattr(streamer, "skip_prompt"):  # transformers' TextStreamer: print the answer only
         streamer.skip_prompt, streamer.next_tokens_are_prompt = True, True
-    row = finish_rows(backend.complete([ids], max_new_tokens, guard, 0.0, streamer), backend.stop_ids, backend.pad_id)[0]
-    text = backend.decode([row])[0].strip()
-    return check_text(text, guard.reasons[0])[0]
+    return complete_texts(backend, [chat_ids(backend, messages)], [max_new_tokens], 0.0, streamer)[0][0]
+
+
+def decode_audio(backend, clips: list[np.ndarray], groups: list[int], prompts: list[str], budgets: list[int],
+                 num_beams: int = 1, temperature: float = 0.0, streamer=None) -> tuple[list[str], list[str | None]]:
+    """One text per example (example i: the next ``groups[i]`` clips) and its flag (None, "budget",
+    "loop"): greedy or sampled decoding asks each row's budget and loop guard after every step; beam
+    search runs to the largest budget, and only the text check applies. What `infer` and `serve` run."""
+    if num_beams != 1:
+        texts = backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer)
+        return _checked(texts, [None] * len(texts))
+    guard = DecodeGuard(budgets, backend.stop_ids)
+    texts = backend.generate(clips, groups, prompts, max(budgets), 1, streamer, guard=guard, temperature=temperature)
+    return _checked(texts, guard.reasons)
 
 
 # -- instructions over a transcript: map-reduce ---------------------------------------------------------
@@ -279,21 +306,10 @@ def whole_messages(instruction: str, transcript: str) -> list[dict]:
 def llm_chat(model, precision: str = "fp32") -> Callable[[list[dict], int], str]:
     """``chat_text`` on a bare ``SteerMoEModel`` (training: behaviour-alignment targets; the model
     keeps its train/eval mode)."""
-    from steermoe_core.inference.torch_backend import complete_ids
+    from steermoe_core.inference.torch_backend import TorchBackend
 
-    class _Bare:
-        name, text_tokenizer = "torch", model.tokenizer
-        stop_ids, pad_id = list(model.layout.stop_ids), int(model.layout.pad_id)
-
-        @staticmethod
-        def complete(prompts, max_new_tokens, guard=None, temperature=0.0, streamer=None):
-            return complete_ids(model, precision, prompts, max_new_tokens, guard, temperature, streamer)
-
-        @staticmethod
-        def decode(rows):
-            return model.tokenizer.batch_decode(rows, skip_special_tokens=True)
-
-    return lambda messages, max_new_tokens: chat_text(_Bare, messages, max_new_tokens)
+    backend = TorchBackend(model, precision, keep_mode=True)
+    return lambda messages, max_new_tokens: chat_text(backend, messages, max_new_tokens)
 
 
 def part_messages(instruction: str, text: str, i: int, n: int) -> list[dict]:

@@ -206,16 +206,17 @@ class OnnxBackend:
         past = dict.fromkeys(self.past_names, empty)
         stops = np.array(self.stop_ids)
         done = np.zeros(b, dtype=bool)
-        out = []
+        out: list[list[int]] = [[] for _ in range(b)]  # each row's ids so far, what the guard reads every step
         for step in range(max_new_tokens):
             logits, *present = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past})
             nxt = np.where(done, self.pad_id, self._pick(logits, temperature))
-            out.append(nxt)
+            for row, tok in zip(out, nxt.tolist()):
+                row.append(tok)
             if streamer is not None:
                 streamer.put(nxt)
             done |= np.isin(nxt, stops)
             if guard is not None:
-                done |= np.array(guard.check(np.stack(out, axis=1).tolist()), dtype=bool)
+                done |= np.array(guard.check(out), dtype=bool)
             if done.all():
                 break
             past = dict(zip(self.past_names, present))
@@ -224,7 +225,7 @@ class OnnxBackend:
             pos = pos[:, -1:] + 1
         if streamer is not None:
             streamer.end()
-        return np.stack(out, axis=1).tolist() if out else [[] for _ in range(b)]
+        return out
 
     def _pick(self, logits: np.ndarray, temperature: float) -> np.ndarray:
         """(B, V) logits -> (B,) ids: the argmax, or a draw from softmax(logits / temperature)."""

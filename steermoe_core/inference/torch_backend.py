@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 
 from steermoe_core.data.batch import AudioBatch, pad_clips
-from steermoe_core.model.decoding import finish_rows
 from steermoe_core.model.lora import base_llm
-from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.model.steermoe import SteerMoEModel, generation_config
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
 
 
@@ -19,8 +18,10 @@ class TorchBackend:
 
     name = "torch"
 
-    def __init__(self, model: SteerMoEModel, precision: Precision | None = None):
-        self.model = model.eval()
+    def __init__(self, model: SteerMoEModel, precision: Precision | str | None = None, keep_mode: bool = False):
+        """``keep_mode``: leave the model's train/eval mode as it is (training asks the frozen LLM for
+        behaviour-alignment targets mid-run); otherwise it is put in eval mode."""
+        self.model = model if keep_mode else model.eval()
         self.device = model.device
         self.precision = precision or resolve_precision("auto", self.device, "decode")
         self.max_context = int(getattr(model.llm.config, "max_position_embeddings", 1 << 30))
@@ -70,11 +71,8 @@ class TorchBackend:
         batch = AudioBatch(waves.to(self.device), lengths, prompts, clips_per_example=groups)
         stopping = as_stopping_criteria(guard) if guard is not None else None
         with autocast(self.device, self.precision):
-            if temperature <= 0:
-                return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer, stopping_criteria=stopping)
-            ids = _sample(self.model, batch, max_new_tokens, temperature, streamer, stopping)
-        rows = finish_rows(ids.tolist(), self.stop_ids, self.pad_id)
-        return [t.strip() for t in self.decode(rows)]
+            return self.model.generate(batch, max_new_tokens, num_beams, streamer=streamer, stopping_criteria=stopping,
+                                       temperature=temperature)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int, guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
         """The frozen LLM alone on token prompts (text chat, the transcript strategy): the new ids per row."""
@@ -93,24 +91,6 @@ def as_stopping_criteria(guard, prompt_length: int = 0):
     return StoppingCriteriaList([_Guard()])
 
 
-def _config(model: SteerMoEModel, max_new_tokens: int, temperature: float):
-    """A fresh GenerationConfig (the LLM's own can never switch sampling on): greedy, or sampling at ``temperature``."""
-    from transformers import GenerationConfig
-
-    sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    return GenerationConfig(num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=model.layout.stop_ids,
-                            pad_token_id=model.layout.pad_id, use_cache=True, **sample)
-
-
-@torch.no_grad()
-def _sample(model: SteerMoEModel, batch: AudioBatch, max_new_tokens: int, temperature: float, streamer, stopping) -> torch.Tensor:
-    embeds, lb, _, _ = model._embed(batch, None)
-    return model.llm.generate(inputs_embeds=embeds, attention_mask=lb.attention_mask.to(embeds.device),
-                              generation_config=_config(model, max_new_tokens, temperature), streamer=streamer,
-                              stopping_criteria=stopping)
-
-
 @torch.no_grad()
 def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list[list[int]], max_new_tokens: int,
                  guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
@@ -126,6 +106,6 @@ def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list
     stopping = as_stopping_criteria(guard, width) if guard is not None else None
     with autocast(model.device, precision), base_llm(model):
         out = model.llm.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                                 generation_config=_config(model, max_new_tokens, temperature), streamer=streamer,
+                                 generation_config=generation_config(model.layout, max_new_tokens, 1, temperature), streamer=streamer,
                                  stopping_criteria=stopping)
     return out[:, width:].tolist()

@@ -203,34 +203,41 @@ class SteerMoEModel(nn.Module):
     # -- inference --
     @torch.no_grad()
     def generate(
-        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None, **options
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None,
+        temperature: float = 0.0, **options,
     ) -> list[str]:
-        """Deterministic decoding: greedy (or beams), left-padded batch, stop at end of turn.
+        """Decoding: greedy (or beams; or sampling at ``temperature`` > 0), left-padded batch, stop at end of turn.
 
-        A fresh GenerationConfig is used, so the LLM's own generation_config can never switch
+        A fresh GenerationConfig is used (``generation_config``), so the LLM's own can never switch
         sampling on; ``options`` go into it (e.g. ``cache_implementation="static"``).
         ``stopping_criteria`` (transformers') stop rows early: per-row budgets and loop guards.
         """
-        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, stopping_criteria, **options)
+        ids = self.generate_ids(batch, max_new_tokens, num_beams, streamer, stopping_criteria, temperature, **options)
         rows = finish_rows(ids.tolist(), self.layout.stop_ids, self.layout.pad_id)
         return [t.strip() for t in self.tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
     @torch.no_grad()
     def generate_ids(
-        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None, **options
+        self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None,
+        temperature: float = 0.0, **options,
     ) -> torch.Tensor:
-        from transformers import GenerationConfig
-
         embeds, lb, _, _ = self._embed(batch, None)
-        gen = GenerationConfig(
-            do_sample=False, num_beams=num_beams, max_new_tokens=max_new_tokens,
-            eos_token_id=self.layout.stop_ids, pad_token_id=self.layout.pad_id,
-            temperature=None, top_p=None, top_k=None, use_cache=True, **options,
-        )
         return self.llm.generate(
-            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device), generation_config=gen, streamer=streamer,
-            stopping_criteria=stopping_criteria,
+            inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device),
+            generation_config=generation_config(self.layout, max_new_tokens, num_beams, temperature, **options),
+            streamer=streamer, stopping_criteria=stopping_criteria,
         )
+
+
+def generation_config(layout, max_new_tokens: int, num_beams: int = 1, temperature: float = 0.0, **options):
+    """A fresh GenerationConfig for the LLM (its own can never switch sampling on): greedy or beams,
+    or sampling from the whole distribution at ``temperature`` > 0; stop at ``layout``'s end of turn."""
+    from transformers import GenerationConfig
+
+    sample = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, eos_token_id=layout.stop_ids,
+                            pad_token_id=layout.pad_id, use_cache=True, **sample, **options)
 
 
 def backbone_identity(model: SteerMoEModel) -> dict:

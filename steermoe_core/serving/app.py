@@ -39,8 +39,7 @@ from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.errors import SteermoeError
 from steermoe_core.inference.api import TASK_PROMPTS, Result, Segment
 from steermoe_core.inference.formats import to_srt, to_vtt, verbose_json
-from steermoe_core.inference.longform import STRATEGIES, answer_over_transcript, choose_strategy, plan_segments
-from steermoe_core.serving import llm
+from steermoe_core.inference.longform import STRATEGIES, answer_over_transcript, chat_ids, choose_strategy, count_chat_tokens, plan_segments
 from steermoe_core.serving.batcher import Batcher, Job, QueueFull, Row
 from steermoe_core.serving.metrics import Metrics
 
@@ -309,7 +308,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
             nonlocal text_tokens
             if job.cancelled.is_set():
                 raise _Departed
-            ids = llm.chat_prompt_ids(backend, messages)
+            ids = chat_ids(backend, messages)
             called = threading.Event()
             one = Job("text", [Row(ids=ids, budget=n)], temperature if final else 0.0, on_done=lambda _: called.set())
             if final and deltas is not None:
@@ -357,8 +356,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                     job.fail = ApiError(500, f"{name}: nothing was transcribed, so there is nothing to answer about "
                                              "(strategy transcript)", "server_error", "empty_answer")
                     return
-                count = lambda m: len(llm.chat_prompt_ids(backend, m))  # noqa: E731
-                ans = await asyncio.to_thread(answer_over_transcript, instruction, parts, chat, count,
+                ans = await asyncio.to_thread(answer_over_transcript, instruction, parts, chat, lambda m: count_chat_tokens(backend, m),
                                               backend.max_context, answer_tokens)
                 job.texts[0], job.rounds = ans.text, ans.rounds
             except _Departed:
@@ -533,12 +531,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
 
         def described(r: Result) -> dict:
             """verbose_json, with how an instruction was answered (an extension: strategy, transcript, rounds)."""
-            out = verbose_json(r)
-            if r.strategy is not None:
-                out["strategy"] = r.strategy
-                if r.strategy == "transcript":
-                    out["transcript"], out["rounds"] = r.transcript, r.rounds
-            return out
+            return {**verbose_json(r), **_how(r.strategy, r.transcript, r.rounds)}
 
         def usage(j: Job) -> dict:
             text_tokens, audio_tokens = prompt_tokens(backend, j)
@@ -614,22 +607,13 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
                     "prompt_tokens_details": {"audio_tokens": audio_tokens, "cached_tokens": 0},
                     "audio_seconds": round(j.audio_s, 3)}
 
-        def how(j: Job) -> dict:
-            """An extension: how an answer about audio was made (strategy; the transcript and map-reduce rounds)."""
-            if j.strategy is None:
-                return {}
-            out = {"strategy": j.strategy}
-            if j.strategy == "transcript":
-                out.update(transcript=j.transcript, rounds=j.rounds)
-            return out
-
         def chunk(delta: dict, finish: str | None = None) -> dict:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": settings.model_name,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
         if stream:
             def last(j: Job):
-                evs = [{**chunk({}, j.finish_reason), **how(j)}]
+                evs = [{**chunk({}, j.finish_reason), **_how(j.strategy, j.transcript, j.rounds)}]
                 if include_usage:
                     evs.append({**chunk({}), "choices": [], "usage": usage(j)})
                 return evs
@@ -640,7 +624,7 @@ def create_app(settings: ServeSettings, on_load_failed=None, loaded=None) -> Fas
         j = await wait(request, job, done)
         return {"id": cid, "object": "chat.completion", "created": created, "model": settings.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": j.texts[0]}, "finish_reason": j.finish_reason}],
-                "usage": usage(j), **how(j)}
+                "usage": usage(j), **_how(j.strategy, j.transcript, j.rounds)}
 
     app.state.steermoe = state
     app.state.metrics = metrics
@@ -657,6 +641,14 @@ def _number(value, name: str, default: float) -> float:
     if not 0 <= x <= 2:
         raise ApiError(400, f"{name} must be between 0 and 2", code=f"invalid_{name}")
     return x
+
+
+def _how(strategy: str | None, transcript: str | None, rounds: int) -> dict:
+    """An extension to OpenAI's shapes: how an answer about audio was made (the strategy; for the
+    transcript strategy, the transcript and the map-reduce rounds); nothing for a plain transcript."""
+    if strategy is None:
+        return {}
+    return {"strategy": strategy, **({"transcript": transcript, "rounds": rounds} if strategy == "transcript" else {})}
 
 
 def _strategy(value) -> str:
@@ -720,6 +712,4 @@ def _audio_prompt(turns: list[dict]) -> str:
 
 
 def _text_ids(backend, turns: list[dict]) -> list[int]:
-    from steermoe_core.serving import llm
-
-    return llm.chat_prompt_ids(backend, [t for t in turns if t["content"] or t["role"] != "system"])
+    return chat_ids(backend, [t for t in turns if t["content"] or t["role"] != "system"])

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from steermoe_core.serving import llm
+from steermoe_core.inference.longform import complete_texts, decode_audio
 from steermoe_core.serving.metrics import Metrics
 
 log = logging.getLogger("steermoe.serve")
@@ -124,7 +124,7 @@ class _Streamer:
 
     def __init__(self, backend, owners: list[tuple[Job, int]]):
         self.backend, self.owners = backend, owners
-        self.stops = set(llm.stop_ids(backend)) | {llm.pad_id(backend)}  # a row stopped by its guard is padded
+        self.stops = set(backend.stop_ids) | {backend.pad_id}  # a row stopped by its guard is padded
         self.ids: list[list[int]] = [[] for _ in owners]
         self.shown = [0] * len(owners)
         self.done = [False] * len(owners)
@@ -150,7 +150,7 @@ class _Streamer:
             self.ids[i].append(int(tok))
             job.tokens[row] += 1
             if job.on_delta is not None and not job.cancelled.is_set():
-                text = llm.decode(self.backend, self.ids[i])
+                text = self.backend.decode([self.ids[i]])[0]
                 if text.endswith("\ufffd"):  # half a multi-byte character: wait for the rest
                     continue
                 job.row_delta(row, text[self.shown[i]:])
@@ -264,12 +264,12 @@ class Batcher:
             self.metrics.observe_batch(len(chunk))
             budgets = [row.budget for row in rows]
             if first.kind == "text":
-                texts, flags = llm.generate_text(self.backend, [row.ids for row in rows], budgets, first.temperature, streamer)
+                texts, flags = complete_texts(self.backend, [row.ids for row in rows], budgets, first.temperature, streamer)
             else:
                 clips = [c for row in rows for c in row.clips]
                 groups = [len(row.clips) for row in rows]
-                texts, flags = llm.generate_audio(self.backend, clips, groups, [row.prompt for row in rows],
-                                                  budgets, first.temperature, streamer)
+                texts, flags = decode_audio(self.backend, clips, groups, [row.prompt for row in rows], budgets,
+                                            temperature=first.temperature, streamer=streamer)
             for k_row, ((job, r), text, flag) in enumerate(zip(chunk, texts, flags)):
                 job.texts[r] = text
                 job.flags[r] = flag
@@ -284,6 +284,6 @@ class Batcher:
 def _top_up(job: Job, row: int, final: str, streamer: _Streamer, i: int) -> None:
     """What the token stream did not show of a row's final text (its last characters, held back
     while they might be half a character), so the deltas add up to the final text."""
-    shown = llm.decode(streamer.backend, streamer.ids[i])[: streamer.shown[i]].lstrip()
+    shown = streamer.backend.decode([streamer.ids[i]])[0][: streamer.shown[i]].lstrip()
     if final.startswith(shown) and len(final) > len(shown):
         job.row_delta(row, final[len(shown):])
