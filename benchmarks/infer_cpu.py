@@ -31,7 +31,7 @@ import torch
 
 from steermoe_core.evaluation.metrics import word_error_rate
 from steermoe_core.inference import SteerMoE
-from steermoe_core.inference.torch_backend import TorchBackend
+from steermoe_core.generation.torch_backend import TorchBackend
 from steermoe_core.model.checkpoint import load_checkpoint
 from steermoe_core.runtime import resolve_precision
 

@@ -24,7 +24,7 @@ from steermoe_core.evaluation.metrics import word_error_rate
 from steermoe_core.export.onnx_export import export_onnx
 from steermoe_core.inference import SteerMoE
 from steermoe_core.inference.onnx_backend import OnnxBackend
-from steermoe_core.inference.torch_backend import TorchBackend
+from steermoe_core.generation.torch_backend import TorchBackend
 from steermoe_core.model.checkpoint import load_checkpoint
 from steermoe_core.runtime import resolve_precision
 

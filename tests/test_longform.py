@@ -15,17 +15,10 @@ from conftest import tiny_recipe_dict, tone_clip
 from steermoe_core.audio.vad import is_silent, segment_speech, silero_model_path
 from steermoe_core.config import recipe_from_dict
 from steermoe_core.inference import SteerMoE
-from steermoe_core.inference.longform import (
-    DecodeGuard,
-    LongformPolicy,
-    answer_over_transcript,
-    chat_text,
-    compression_ratio,
-    loop_length,
-    plan_segments,
-    whole_messages,
-)
-from steermoe_core.inference.torch_backend import TorchBackend
+from steermoe_core.inference.longform import LongformPolicy, answer_over_transcript, plan_segments, whole_messages
+from steermoe_core.generation.guards import DecodeGuard, compression_ratio, loop_length
+from steermoe_core.generation.chat import chat_text
+from steermoe_core.generation.torch_backend import TorchBackend
 
 SR = 16_000
 
@@ -248,7 +241,7 @@ def test_concat_joins_neighbouring_utterances_of_one_source(tmp_path):
 def test_behaviour_alignment_targets_are_the_frozen_llms_answers_over_the_transcript(model, tmp_path):
     from steermoe_core.data.alignment import AlignedDataset, alignment_targets, pick
     from steermoe_core.data.dataset import ShardedDataset
-    from steermoe_core.inference.longform import llm_chat
+    from steermoe_core.generation.chat import llm_chat
 
     chat = llm_chat(model)
     examples = [("talk-0", "hello world"), ("talk-1", "good morning"), ("talk-2", "one two three")]

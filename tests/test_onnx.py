@@ -48,7 +48,7 @@ def exported(ckpt, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backends(ckpt, exported):
     from steermoe_core.inference.onnx_backend import OnnxBackend
-    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.generation.torch_backend import TorchBackend
 
     return TorchBackend.load(ckpt, "cpu"), OnnxBackend.load(exported, "cpu")
 
@@ -256,7 +256,7 @@ def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protob
     from steermoe_core.data.batch import pad_clips
     from steermoe_core.export import onnx_export
     from steermoe_core.inference.onnx_backend import OnnxBackend
-    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.generation.torch_backend import TorchBackend
     from steermoe_core.model.build import build_model
     from steermoe_core.model.checkpoint import save_checkpoint
     from steermoe_core.model.lora import lora_parameters
@@ -292,7 +292,7 @@ def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protob
 # -- the onnxruntime backend as infer's and serve's default on a CPU --
 def test_guard_stops_each_row_at_its_own_budget_inside_onnx_decoding(backends):
     """The loop and budget guard runs inside onnxruntime decoding as it does inside torch's."""
-    from steermoe_core.inference.longform import DecodeGuard
+    from steermoe_core.generation.guards import DecodeGuard
 
     tb, ob = backends
     clips = _clips()[:3]
@@ -308,7 +308,7 @@ def test_guard_stops_each_row_at_its_own_budget_inside_onnx_decoding(backends):
 def test_onnx_runs_the_frozen_llm_on_text_like_torch(backends):
     """Text-only chat (the transcript strategy, serve's chat without audio) on the export equals torch's."""
     from steermoe_core.inference import SteerMoE
-    from steermoe_core.inference.longform import chat_text, count_chat_tokens
+    from steermoe_core.generation.chat import chat_text, count_chat_tokens
 
     tb, ob = backends
     msgs = [{"role": "user", "content": "Summarize: the meeting moved to Tuesday at ten."}]

@@ -62,7 +62,7 @@ def test_eval_and_the_torch_backend_decode_at_the_decoding_precision(cpu_kind, b
 
     from steermoe_core.config import recipe_from_dict
     from steermoe_core.evaluation.evaluate import evaluate
-    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.generation.torch_backend import TorchBackend
     from steermoe_core.model.build import build_model
 
     cpu_kind(True)

@@ -212,7 +212,7 @@ def test_chat_with_input_audio_streamed_and_not(client, clips, sm):
 
 
 def test_a_chat_without_audio_is_the_frozen_llm_alone(client, sm):
-    from steermoe_core.inference.longform import chat_text, render_chat
+    from steermoe_core.generation.chat import chat_text, render_chat
 
     messages = [{"role": "user", "content": "hello world"}]
     r = client.chat.completions.create(model="steermoe", messages=messages, max_tokens=6)

@@ -204,7 +204,7 @@ def _infer_clips(model, precision, workdir: Path, max_new_tokens: int, log: Log)
     from steermoe_core.backbones.weights import resolve_path
     from steermoe_core.data.prep.synth import synthesize
     from steermoe_core.inference import SteerMoE
-    from steermoe_core.inference.torch_backend import TorchBackend
+    from steermoe_core.generation.torch_backend import TorchBackend
 
     clip = workdir / "synth_clip.wav"
     if not clip.exists():

@@ -3,7 +3,7 @@
 A backend turns audio clips + prompts into text. The windowing, batching, timing and output formats
 in ``inference.api`` are shared by every backend; a new runtime (onnxruntime, vLLM, ...) implements
 ``Backend`` and nothing else; this module imports no torch so such a backend need not either.
-``inference.torch_backend.TorchBackend`` runs a ``SteerMoEModel`` under the same precision
+``generation.torch_backend.TorchBackend`` runs a ``SteerMoEModel`` under the same precision
 policy as `steermoe eval`, so both give the same text for the same checkpoint.
 """
 
@@ -37,7 +37,7 @@ class Backend(Protocol):
         streamer=None, guard=None, temperature: float = 0.0,
     ) -> list[str]:
         """One text per example; example i holds the next ``groups[i]`` clips (its windows, in order).
-        ``guard`` (``longform.DecodeGuard``, greedy only) is asked after every step which rows stop
+        ``guard`` (``generation.guards.DecodeGuard``, greedy only) is asked after every step which rows stop
         (per-row budgets, loops); ``temperature`` > 0 samples instead of greedy (`serve`)."""
 
 

@@ -65,7 +65,7 @@ class TorchBackend:
         return len(pre) + len(post)
 
     def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, guard=None, temperature: float = 0.0) -> list[str]:
-        """``guard``: a ``longform.DecodeGuard`` asked after every step (per-row budgets, loops);
+        """``guard``: a ``generation.guards.DecodeGuard`` asked after every step (per-row budgets, loops);
         ``temperature`` > 0 samples (greedy only)."""
         waves, lengths = pad_clips(clips)
         batch = AudioBatch(waves.to(self.device), lengths, prompts, clips_per_example=groups)

@@ -39,18 +39,16 @@ from steermoe_core.audio import (
     load_audio,
 )
 from steermoe_core.errors import ModelNotFound
-from steermoe_core.inference.backend import Backend
+from steermoe_core.generation.backend import Backend
 from steermoe_core.inference.longform import (
     STRATEGIES,
     LongformPolicy,
     answer_over_transcript,
-    chat_text,
     choose_strategy,
-    count_chat_tokens,
-    decode_audio,
     plan_segments,
     policy_from_checkpoint,
 )
+from steermoe_core.generation.chat import chat_text, count_chat_tokens, decode_audio
 from steermoe_core.workers import die_with_parent
 
 TASK_PROMPTS = {
@@ -219,7 +217,7 @@ class SteerMoE:
             from steermoe_core.inference.onnx_backend import OnnxBackend
 
             return cls(OnnxBackend.load(path, device), policy)
-        from steermoe_core.inference.torch_backend import TorchBackend
+        from steermoe_core.generation.torch_backend import TorchBackend
 
         return cls(TorchBackend.load(path, device, trust_remote_code), policy)
 

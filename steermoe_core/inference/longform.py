@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +36,12 @@ from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.audio.vad import is_silent, segment_speech
 from steermoe_core.audio.windows import split_points
 from steermoe_core.data.instructions import instruction_messages
-from steermoe_core.model.decoding import finish_rows, tail_repeats
 
 STRATEGIES = ("auto", "direct", "transcript")
 DEFAULT_MAX_SECONDS = 30.0  # a checkpoint that records nothing: Whisper's window
 DEFAULT_TOKENS_PER_SECOND = 6.0  # fast English speech is about 3 words, 4-5 tokens, a second
 BUDGET_MARGIN = 1.5
 BUDGET_FLOOR = 8
-COMPRESSION_RATIO_MAX = 2.4  # Whisper's compression_ratio_threshold
 
 
 @dataclass
@@ -155,161 +151,10 @@ def plan_segments(audio: np.ndarray, policy: LongformPolicy) -> Plan:
     return Plan(spans, used)
 
 
-# -- decoding guards ----------------------------------------------------------------------------------
-def loop_length(ids: list[int], max_ngram: int = 16, min_span: int = 8) -> int:
-    """How many tokens at the end of ``ids`` are extra copies of a repeated n-gram (0 = no loop).
-
-    A loop is the same n-gram (n <= ``max_ngram``) at least 3 times in a row at the tail (4 for
-    n <= 2, as "no, no, no" can be real) and covering at least ``min_span`` tokens."""
-    for n in range(1, max_ngram + 1):
-        need = 4 if n <= 2 else 3
-        if len(ids) < n * need:
-            continue
-        reps = tail_repeats(ids, n)
-        if reps >= need and n * reps >= min_span:
-            return n * (reps - 1)
-    return 0
-
-
-class DecodeGuard:
-    """Per-row stops for one batch: each row's own token budget, and a repetition loop.
-
-    ``check(rows)`` is called after every decoding step with each row's generated ids; it returns
-    which rows must stop and records why in ``reasons`` (``"budget"``, ``"loop"``). A row that has
-    reached end of turn is finished and never flagged (the padding after it is no loop).
-    Backend-neutral: every backend's ``generate`` and ``complete`` take one."""
-
-    def __init__(self, budgets: list[int], stop_ids: list[int] | None = None):
-        self.budgets = budgets
-        self.stop_ids = set(stop_ids or [])
-        self.reasons: list[str | None] = [None] * len(budgets)
-        self.finished = [False] * len(budgets)
-
-    def check(self, rows: list[list[int]]) -> list[bool]:
-        out = []
-        for i, row in enumerate(rows):
-            if self.reasons[i] is not None:
-                out.append(True)
-                continue
-            if self.finished[i] or (row and row[-1] in self.stop_ids):
-                self.finished[i] = True
-                out.append(False)
-                continue
-            if len(row) >= self.budgets[i]:
-                self.reasons[i] = "budget"
-            elif loop_length(row):
-                self.reasons[i] = "loop"
-            out.append(self.reasons[i] is not None)
-        return out
-
-
-def compression_ratio(text: str) -> float:
-    """Bytes over zlib-compressed bytes: about 1.5-2 for speech, above 2.4 for a loop (Whisper's test)."""
-    data = text.encode("utf-8")
-    return len(data) / max(1, len(zlib.compress(data)))
-
-
-def trim_text_loop(text: str, max_ngram: int = 12) -> str:
-    """Keep one copy of a phrase repeated at the end of ``text`` (words, punctuation ignored)."""
-    words = text.split()
-    keys = [re.sub(r"\W+", "", w.lower()) for w in words]
-    for n in range(1, max_ngram + 1):
-        if len(keys) < 2 * n:
-            continue
-        reps = tail_repeats(keys, n)
-        if reps >= (3 if n <= 2 else 2):
-            return " ".join(words[: len(words) - n * (reps - 1)])
-    return text
-
-
-def check_text(text: str, reason: str | None) -> tuple[str, str | None]:
-    """(text to keep, flag): a loop (guard or compression ratio) keeps one copy; a budget cut is flagged."""
-    if reason == "loop" or (len(text) > 40 and compression_ratio(text) > COMPRESSION_RATIO_MAX):
-        return trim_text_loop(text), "loop"
-    return text, reason
-
-
-# -- text-only generation with the frozen LLM ----------------------------------------------------------
-def _text_backend(backend):
-    """``backend`` if it can run the frozen LLM on text alone (``complete`` + ``text_tokenizer``)."""
-    if not callable(getattr(backend, "complete", None)):
-        from steermoe_core.errors import UsageError
-
-        raise UsageError(f"the {getattr(backend, 'name', '?')} backend cannot run the LLM on text alone; use --strategy direct")
-    return backend
-
-
-def render_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` ready for the assistant's answer (chat template, or plain lines + 'Answer:')."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    body = "\n\n".join(m["content"] for m in messages) + "\nAnswer:"
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + tokenizer(body, add_special_tokens=False)["input_ids"]
-
-
-def chat_ids(backend, messages: list[dict]) -> list[int]:
-    """``messages`` rendered for the frozen LLM on ``backend`` (its chat template), ready for its answer."""
-    return render_chat(_text_backend(backend).text_tokenizer, messages)
-
-
-def count_chat_tokens(backend, messages: list[dict]) -> int:
-    return len(chat_ids(backend, messages))
-
-
-def _checked(texts: list[str], reasons: list[str | None]) -> tuple[list[str], list[str | None]]:
-    """Each row's text and flag after ``check_text``: a loop keeps one copy, a budget cut is flagged."""
-    out = [check_text(t.strip(), r) for t, r in zip(texts, reasons)]
-    return [t for t, _ in out], [flag for _, flag in out]
-
-
-def complete_texts(backend, prompts: list[list[int]], budgets: list[int], temperature: float = 0.0,
-                   streamer=None) -> tuple[list[str], list[str | None]]:
-    """The frozen LLM alone on token prompts (no audio, no adapter in the way), each row stopped at end
-    of turn, at its own budget and at a repetition loop, with its flag: the transcript strategy's and
-    `serve`'s text chats, on every backend that has ``complete`` (torch, onnxruntime)."""
-    backend = _text_backend(backend)
-    guard = DecodeGuard(budgets, backend.stop_ids)
-    ids = backend.complete(prompts, max(budgets), guard, temperature, streamer)
-    return _checked(backend.decode(finish_rows(ids, backend.stop_ids, backend.pad_id)), guard.reasons)
-
-
-def chat_text(backend, messages: list[dict], max_new_tokens: int = 256, streamer=None) -> str:
-    """The frozen LLM's greedy answer to chat ``messages`` (text only, no audio, no system prompt of
-    the adapter's): what the transcript strategy runs, and what behaviour alignment caches as targets.
-    Stops at end of turn, at ``max_new_tokens`` and at a repetition loop (kept as one copy)."""
-    if streamer is not None and hasattr(streamer, "skip_prompt"):  # transformers' TextStreamer: print the answer only
-        streamer.skip_prompt, streamer.next_tokens_are_prompt = True, True
-    return complete_texts(backend, [chat_ids(backend, messages)], [max_new_tokens], 0.0, streamer)[0][0]
-
-
-def decode_audio(backend, clips: list[np.ndarray], groups: list[int], prompts: list[str], budgets: list[int],
-                 num_beams: int = 1, temperature: float = 0.0, streamer=None) -> tuple[list[str], list[str | None]]:
-    """One text per example (example i: the next ``groups[i]`` clips) and its flag (None, "budget",
-    "loop"): greedy or sampled decoding asks each row's budget and loop guard after every step; beam
-    search runs to the largest budget, and only the text check applies. What `infer` and `serve` run."""
-    if num_beams != 1:
-        texts = backend.generate(clips, groups, prompts, max(budgets), num_beams, streamer)
-        return _checked(texts, [None] * len(texts))
-    guard = DecodeGuard(budgets, backend.stop_ids)
-    texts = backend.generate(clips, groups, prompts, max(budgets), 1, streamer, guard=guard, temperature=temperature)
-    return _checked(texts, guard.reasons)
-
-
 # -- instructions over a transcript: map-reduce ---------------------------------------------------------
 def whole_messages(instruction: str, transcript: str) -> list[dict]:
     """The whole transcript and the instruction: the prompt behaviour alignment trains towards too."""
     return instruction_messages(instruction, transcript)
-
-
-def llm_chat(model, precision: str = "fp32") -> Callable[[list[dict], int], str]:
-    """``chat_text`` on a bare ``SteerMoEModel`` (training: behaviour-alignment targets; the model
-    keeps its train/eval mode)."""
-    from steermoe_core.inference.torch_backend import TorchBackend
-
-    backend = TorchBackend(model, precision, keep_mode=True)
-    return lambda messages, max_new_tokens: chat_text(backend, messages, max_new_tokens)
 
 
 def part_messages(instruction: str, text: str, i: int, n: int) -> list[dict]:

@@ -39,7 +39,8 @@ from steermoe_core.audio import SAMPLE_RATE, AudioError, load_audio
 from steermoe_core.errors import SteermoeError
 from steermoe_core.inference.api import TASK_PROMPTS, Result, Segment
 from steermoe_core.inference.formats import to_srt, to_vtt, verbose_json
-from steermoe_core.inference.longform import STRATEGIES, answer_over_transcript, chat_ids, choose_strategy, count_chat_tokens, plan_segments
+from steermoe_core.inference.longform import STRATEGIES, answer_over_transcript, choose_strategy, plan_segments
+from steermoe_core.generation.chat import chat_ids, count_chat_tokens
 from steermoe_core.serving.batcher import Batcher, Job, QueueFull, Row
 from steermoe_core.serving.metrics import Metrics
 

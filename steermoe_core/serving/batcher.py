@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from steermoe_core.inference.longform import complete_texts, decode_audio
+from steermoe_core.generation.chat import complete_texts, decode_audio
 from steermoe_core.serving.metrics import Metrics
 
 log = logging.getLogger("steermoe.serve")

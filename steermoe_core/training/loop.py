@@ -342,7 +342,7 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
     valid_ds = ShardedDataset(recipe.data.valid) if recipe.data.valid else None
     if recipe.data.concat_seconds > 0 or recipe.data.align_instructions:  # joined utterances; behaviour-alignment targets
         from steermoe_core.data.alignment import training_view
-        from steermoe_core.inference.longform import llm_chat
+        from steermoe_core.generation.chat import llm_chat
 
         train_ds = training_view(train_ds, recipe.data, cfg.seed, out, llm_chat(model, precision.name), strategy.is_main)
 
