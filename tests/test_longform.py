@@ -65,21 +65,23 @@ def test_energy_vad_cuts_at_the_pauses_and_keeps_segments_short():
     assert is_silent(np.zeros(SR, np.float32)) and not is_silent(tone_clip(0, 1.0))
 
 
-def test_regions_are_joined_up_to_the_usual_clip_and_read_whole_up_to_the_longest():
-    """The checkpoint's 95th-percentile clip length bounds joining; its longest clip bounds one region."""
+def test_regions_are_joined_only_for_a_model_trained_on_joined_utterances():
+    """One segment per speech region unless the checkpoint trained on joined utterances (then joined up to
+    that length); its longest clip bounds one region, and a clip within it is read whole."""
     from steermoe_core.inference.longform import _policy, plan_segments
 
-    audio = _meeting(n=6, seconds=1.5, pause=0.6)
-    joined, _ = segment_speech(audio, 4.0, "energy")
-    apart, _ = segment_speech(audio, 4.0, "energy", join_seconds=2.0)
-    assert len(apart) == 6 > len(joined)  # each utterance alone once joining stops at 2 s
+    meeting = _meeting(n=6, seconds=1.5, pause=0.6)
+    single = _policy({"training_audio": {"p95_seconds": 2.0, "max_seconds": 4.6}, "eval": {"vad": "energy"}})
+    assert (single.max_segment_seconds, single.join_seconds) == (4.6, 0.0)
+    assert len(plan_segments(meeting, single).spans) == 6  # each sentence alone, never two in one segment
+    joined = _policy({"training_audio": {"max_seconds": 4.6}, "eval": {"vad": "energy"}, "joined_seconds": 4.0})
+    assert joined.join_seconds == 4.0
+    spans = plan_segments(meeting, joined).spans
+    assert len(spans) < 6 and all(e - s <= 4.0 * SR for s, e in spans)
     one = np.concatenate([np.zeros(SR // 2, np.float32), tone_clip(2, 3.5) * 0.5, np.zeros(SR // 2, np.float32)])
-    pol = _policy({"training_audio": {"p95_seconds": 2.0, "max_seconds": 4.6}})
-    assert (pol.max_segment_seconds, pol.join_seconds) == (4.6, 2.0)
-    assert plan_segments(one, pol).spans == [(0, len(one))]  # 4.5 s: within the longest clip, read whole
-    pol.vad = "energy"
-    spans = plan_segments(np.concatenate([one, one]), pol).spans
-    assert len(spans) == 2 and all(e - s > 3.0 * SR for s, e in spans)  # a 3.5 s region is never cut at 2 s
+    assert plan_segments(one, single).spans == [(0, len(one))]  # 4.5 s: within the longest clip, read whole
+    spans = plan_segments(np.concatenate([one, one]), single).spans
+    assert len(spans) == 2 and all(e - s > 3.0 * SR for s, e in spans)  # a 3.5 s region is never cut
 
 
 @pytest.mark.skipif(silero_model_path() is None or shutil.which("flite") is None, reason="needs the silero-vad wheel and flite")

@@ -27,66 +27,21 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from steermoe_core.audio import (
-    SAMPLE_RATE,
-    AudioError,
-    is_audio_file,
-    load_audio,
-)
+from steermoe_core.audio import AudioError, is_audio_file, load_audio
 from steermoe_core.errors import ModelNotFound
 from steermoe_core.generation.backend import Backend
-from steermoe_core.inference.longform import (
-    STRATEGIES,
-    LongformPolicy,
-    answer_over_transcript,
-    choose_strategy,
-    plan_segments,
-    policy_from_checkpoint,
-)
 from steermoe_core.generation.chat import chat_text, count_chat_tokens, decode_audio
+from steermoe_core.inference.longform import STRATEGIES, LongformPolicy, policy_from_checkpoint
+from steermoe_core.inference.plan import TASK_PROMPTS, Plan, answer, assemble, plan_request
+from steermoe_core.inference.result import Result, Segment
 from steermoe_core.workers import die_with_parent
 
-TASK_PROMPTS = {
-    "transcribe": "Transcribe the audio.",
-    "summarize": "Summarize the main points of the audio.",
-}
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-    flag: str | None = None  # None = decoded to its end; "budget" = cut at its token budget; "loop" = a repetition loop, one copy kept
-
-
-@dataclass
-class Result:
-    path: str
-    text: str = ""
-    error: str | None = None
-    audio_s: float = 0.0
-    wall_s: float = 0.0
-    rtf: float = 0.0  # audio seconds per wall second (higher is faster)
-    segments: list[Segment] = field(default_factory=list)
-    strategy: str | None = None  # instructions: the strategy that ran (direct | transcript); None for transcripts
-    warnings: list[str] = field(default_factory=list)  # segments cut or looping, a transcript shortened to fit, no speech found
-    transcript: str | None = None  # the transcript strategy: the transcript the answer was made from
-    rounds: int = 0  # the transcript strategy: map-reduce rounds before the final answer (0 = it fitted the context)
-    size: int | None = None  # the input file's size and mtime: what `infer --resume` matches on
-    mtime_ns: int | None = None
-    index: int = field(default=-1, repr=False)  # position among the inputs (not written out)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("index")
-        return d
-
+__all__ = ["TASK_PROMPTS", "Result", "Segment", "SteerMoE", "default_model_path", "expand_inputs", "iter_inputs"]
 
 # the adapter `make demo-full` trains, package data: the best model steermoe carries (demo.run ships it)
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "demo" / "pretrained"
@@ -184,20 +139,16 @@ def decoded(items: Iterable, workers: int = 0, ahead: int = 8) -> Iterator[tuple
 @dataclass
 class _Job:
     index: int
-    path: str
-    windows: list[tuple[int, int]]  # the segments decoded (sample spans)
     audio: np.ndarray
+    plan: Plan
     result: Result
-    prompt: str = ""  # what each decoded unit is asked
-    mode: str = "segments"  # segments: each window on its own (transcripts, and the transcript strategy); direct: all in one prompt
-    instruction: str = ""  # the transcript strategy's instruction, run over the transcript afterwards
 
 
 ProgressFn = Callable[[str, str, int, int], None]  # (path, what, done, total)
 
 
 class SteerMoE:
-    """A loaded backend plus the segmentation, batching, strategies and timing around it (shared by every backend)."""
+    """A loaded backend plus the planning, batching, strategies and timing around it (shared by every backend)."""
 
     def __init__(self, backend: Backend, policy: LongformPolicy | None = None):
         self.backend = backend
@@ -235,8 +186,12 @@ class SteerMoE:
         text only: what the transcript strategy runs; `serve` answers text-only chat with it too."""
         return chat_text(self.backend, messages, max_new_tokens or self.policy.answer_tokens, streamer)
 
-    def _context_needed(self, job: _Job, prompt: str) -> int:
-        return self.backend.prompt_tokens(prompt) + sum(self.backend.audio_token_counts([e - s for s, e in job.windows]))
+    def plan(self, clips: list[np.ndarray], name: str, prompt: str, strategy: str = "auto", transcribe: bool | None = None,
+             max_new_tokens: int | None = None, vad: str | None = None) -> Plan:
+        """``plan.plan_request`` with this model's backend and long-recording policy: what `infer` and
+        every `serve` route decode for the same request."""
+        policy = self.policy if vad is None else dataclasses.replace(self.policy, vad=vad)
+        return plan_request(clips, name, prompt, self.backend, policy, strategy, transcribe, max_new_tokens)
 
     def stream(
         self,
@@ -256,18 +211,16 @@ class SteerMoE:
         """Results as files finish (input order within each look-ahead chunk); a bad input is an
         error Result and the rest go on.
 
-        ``transcribe`` (default: prompt is the transcription prompt) decodes each segment on its own
-        and joins the texts; any other prompt is an instruction, run by ``strategy`` (``longform``).
-        ``max_new_tokens``: None = each segment's budget from its duration (answers:
-        ``policy.answer_tokens``); a number = that budget everywhere.
+        ``transcribe`` (default: the prompt is the transcription prompt, ``plan.is_task_prompt``)
+        decodes each segment on its own and joins the texts; any other prompt is an instruction, run
+        by ``strategy`` (``plan``, ``longform``). ``max_new_tokens``: None = each segment's budget
+        from its duration (answers: ``policy.answer_tokens``); a number = that budget everywhere.
         ``lookahead``: segments gathered (and sorted by length) before decoding; 0 = 8 batches.
         ``progress(path, what, done, total)``: segments decoded and answers written, per file.
         ``vad``: auto | silero | energy | off, instead of the checkpoint's ``eval.vad``.
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy {strategy!r} is not one of {STRATEGIES}")
-        policy = self.policy if vad is None else dataclasses.replace(self.policy, vad=vad)
-        transcribe = (prompt == TASK_PROMPTS["transcribe"]) if transcribe is None else transcribe
         limit = lookahead or 8 * batch_size
         pending: list[_Job] = []
         units = 0
@@ -278,100 +231,53 @@ class SteerMoE:
             if error is not None:
                 yield Result(name, error=error, index=index, **stat)
                 continue
-            plan = plan_segments(audio, policy)
-            job = _Job(index, name, plan.spans, audio, Result(name, audio_s=len(audio) / SAMPLE_RATE, index=index, **stat), prompt)
-            if not plan.spans:
-                job.result.warnings.append("no speech found")
-                if not transcribe:
-                    job.result.error = f"{name}: no speech found, nothing to answer about"
+            plan = self.plan([audio], name, prompt, strategy, transcribe, max_new_tokens, vad)
+            job = _Job(index, audio, plan, Result(name, audio_s=plan.audio_s, index=index, **stat))
+            if not plan.rows:  # no speech, or refused
+                assemble(plan, [], [], job.result)
                 yield job.result
                 continue
-            if not transcribe:
-                need = self._context_needed(job, prompt)
-                fits = need <= self.max_context
-                job.result.strategy = choose_strategy(strategy, self.policy, fits, self.can_chat)
-                if job.result.strategy == "direct":
-                    if not fits:
-                        job.result.error = (
-                            f"{name}: too long for the LLM's context ({need} tokens > {self.max_context}); "
-                            "use --strategy transcript (or auto), or a shorter recording"
-                        )
-                        yield job.result
-                        continue
-                    job.mode = "direct"
-                else:
-                    job.instruction, job.prompt = prompt, TASK_PROMPTS["transcribe"]
             pending.append(job)
-            units += len(job.windows) if job.mode == "segments" else 1
+            units += len(plan.rows)
             if units >= limit:
                 yield from self._run(pending, *opts)
                 pending, units = [], 0
         if pending:
             yield from self._run(pending, *opts)
 
-    def _budget(self, job: _Job, w: int | None, max_new_tokens: int | None) -> int:
-        """A transcript's segments: ``max_new_tokens`` else the duration's budget; an instruction's
-        segments (transcript strategy) always their duration's (``max_new_tokens`` is the answer's)."""
-        if max_new_tokens is not None and not job.instruction:
-            return max_new_tokens
-        if w is None:
-            return self.policy.answer_tokens
-        s, e = job.windows[w]
-        return self.policy.budget((e - s) / SAMPLE_RATE)
-
     def _run(self, jobs: list[_Job], batch_size: int, max_new_tokens: int | None, num_beams: int, streamer,
              progress: ProgressFn | None) -> Iterator[Result]:
-        """Decode these jobs' segments in length-sorted batches; yield each job's Result."""
-        work = [(j, w) for j in jobs for w in (range(len(j.windows)) if j.mode == "segments" else [None])]
+        """Decode these jobs' rows in length-sorted batches; yield each job's Result."""
+        work = [(j, w) for j in jobs for w in range(len(j.plan.rows))]
         if streamer is None:  # a streamed transcript prints its segments in time order
-            work.sort(key=lambda u: -(u[0].windows[u[1]][1] - u[0].windows[u[1]][0] if u[1] is not None else len(u[0].audio)))
-        texts: dict[tuple[int, int | None], tuple[str, str | None]] = {}
+            work.sort(key=lambda u: -u[0].plan.rows[u[1]].samples)
+        out: dict[tuple[int, int], tuple[str, str | None]] = {}
         walls: dict[int, float] = {}
         done: dict[int, int] = {}
         for k in range(0, len(work), batch_size):
             chunk = work[k : k + batch_size]
-            clips, groups = [], []
-            for job, w in chunk:
-                spans = [job.windows[w]] if w is not None else job.windows
-                clips.extend(job.audio[s:e] for s, e in spans)
-                groups.append(len(spans))
-            prompts = [job.prompt for job, _ in chunk]
-            budgets = [self._budget(job, w, max_new_tokens) for job, w in chunk]
+            rows = [job.plan.rows[w] for job, w in chunk]
             # a streamer prints one row's text: only where that row is what the user asked for
-            row_streamer = streamer if len(chunk) == 1 and not chunk[0][0].instruction else None
+            row_streamer = streamer if len(chunk) == 1 and not chunk[0][0].plan.instruction else None
             t0 = time.perf_counter()
-            outs, flags = decode_audio(self.backend, clips, groups, prompts, budgets, num_beams, streamer=row_streamer)
+            texts, flags = decode_audio(self.backend, [c for r in rows for c in r.clips], [len(r.clips) for r in rows],
+                                        [r.prompt for r in rows], [r.budget for r in rows], num_beams, streamer=row_streamer)
             dt = time.perf_counter() - t0
-            total = sum(len(c) for c in clips)
-            for (job, w), text, flag, n in zip(chunk, outs, flags, groups):
-                texts[(job.index, w)] = (text, flag)
-                walls[job.index] = walls.get(job.index, 0.0) + dt * sum(len(c) for c in clips[:n]) / max(total, 1)
-                clips = clips[n:]
+            total = sum(r.samples for r in rows)
+            for (job, w), row, text, flag in zip(chunk, rows, texts, flags):
+                out[(job.index, w)] = (text, flag)
+                walls[job.index] = walls.get(job.index, 0.0) + dt * row.samples / max(total, 1)
                 done[job.index] = done.get(job.index, 0) + 1
-                if progress and job.mode == "segments":
-                    progress(job.path, "segments", done[job.index], len(job.windows))
+                if progress and not job.plan.direct:
+                    progress(job.result.path, "segments", done[job.index], len(job.plan.rows))
         for job in jobs:
-            r = job.result
             t0 = time.perf_counter()
-            if job.mode == "segments":
-                r.segments = []
-                for w, (s, e) in enumerate(job.windows):
-                    text, flag = texts[(job.index, w)]
-                    r.segments.append(Segment(s / SAMPLE_RATE, e / SAMPLE_RATE, text, flag))
-                    if flag:
-                        what = "cut at its token budget" if flag == "budget" else "a repetition loop, one copy kept"
-                        r.warnings.append(f"segment {w + 1} ({s / SAMPLE_RATE:.1f}-{e / SAMPLE_RATE:.1f} s): {what}")
-                r.text = " ".join(seg.text for seg in r.segments if seg.text)
-                if job.instruction:
-                    self._answer(job, max_new_tokens, streamer, progress)
-            else:
-                text, flag = texts[(job.index, None)]
-                r.text = text
-                r.segments = [Segment(0.0, r.audio_s, r.text, flag)]
-                if flag:
-                    r.warnings.append("the answer was " + ("cut at its token budget" if flag == "budget" else "a repetition loop, one copy kept"))
-                if not r.text:
-                    r.error = f"{r.path}: the model gave an empty answer (strategy {r.strategy})"
+            n = len(job.plan.rows)
+            refusal = assemble(job.plan, [out[(job.index, w)][0] for w in range(n)], [out[(job.index, w)][1] for w in range(n)],
+                               job.result)
+            if job.plan.instruction and refusal is None:
+                self._answer(job, max_new_tokens, streamer, progress)
+            r = job.result
             r.wall_s = walls[job.index] + time.perf_counter() - t0
             r.rtf = r.audio_s / r.wall_s if r.wall_s else 0.0
             job.audio = np.empty(0, np.float32)  # free the samples before the next chunk
@@ -379,27 +285,13 @@ class SteerMoE:
 
     def _answer(self, job: _Job, max_new_tokens: int | None, streamer, progress: ProgressFn | None) -> None:
         """The transcript strategy's second half: the instruction over the segments' texts, as text."""
-        r = job.result
-        parts = [seg.text for seg in r.segments if seg.text]
-        if not parts:
-            r.error = f"{r.path}: nothing was transcribed, so there is nothing to answer about"
-            return
-        answer_tokens = max_new_tokens or self.policy.answer_tokens
+        path = job.result.path
 
         def chat(messages: list[dict], n: int, final: bool) -> str:
             return chat_text(self.backend, messages, n, streamer if final else None)
 
-        ans = answer_over_transcript(
-            job.instruction, parts, chat, lambda m: count_chat_tokens(self.backend, m), self.max_context, answer_tokens,
-            progress=(lambda i, n: progress(r.path, "answers", i, n)) if progress else None,
-        )
-        r.transcript = r.text
-        r.text = ans.text
-        r.rounds = ans.rounds
-        if ans.truncated:
-            r.warnings.append("the transcript was shortened to fit the LLM's context")
-        if not r.text:
-            r.error = f"{r.path}: the model gave an empty answer (strategy transcript)"
+        answer(job.plan, job.result, chat, lambda m: count_chat_tokens(self.backend, m), self.max_context,
+               max_new_tokens or self.policy.answer_tokens, progress=(lambda i, n: progress(path, "answers", i, n)) if progress else None)
 
     def ask(
         self,

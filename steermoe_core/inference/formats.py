@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from steermoe_core.inference.api import Result, Segment
+from steermoe_core.inference.result import Result, Segment
 
 
 def _clock(t: float, sep: str) -> str:

@@ -5,8 +5,8 @@ loops to its token budget; asked about silence, it invents text. So:
 
 - **Segments like the training clips.** ``plan_segments`` cuts a recording at voice activity
   (``audio.vad``) into segments no longer than the checkpoint trained on (``LongformPolicy``: from
-  ``eval.max_segment_seconds``, else the training lengths meta.json records). Silence gives no
-  segment, so no text.
+  ``eval.max_segment_seconds``, else the training lengths meta.json records): one segment per speech
+  region, joined only for a checkpoint trained on joined utterances. Silence gives no segment, so no text.
 - **A decode budget per segment, and a loop guard.** ``DecodeGuard`` stops each row of a batch at
   its own budget (tokens per second of its audio, from the training transcripts) and as soon as
   its tail repeats an n-gram (``loop_length``); after decoding, a text whose zlib compression
@@ -49,7 +49,7 @@ class LongformPolicy:
     """How a checkpoint reads long audio: what its training data looked like, or what the recipe says."""
 
     max_segment_seconds: float = DEFAULT_MAX_SECONDS  # the longest stretch read as one: a clip up to this is read whole
-    join_seconds: float = 0.0  # voice-activity regions are joined up to this (0 = max_segment_seconds)
+    join_seconds: float = 0.0  # voice-activity regions are joined up to this; 0 = never joined (one segment per region)
     tokens_per_second: float = DEFAULT_TOKENS_PER_SECOND
     vad: str = "auto"
     trained_for_instructions: bool = False
@@ -82,6 +82,7 @@ def policy_inputs(folder: str | Path) -> dict:
         recipe = load_recipe(folder / "recipe.toml")
         out["eval"] = {k: getattr(recipe.eval, k) for k in ("max_segment_seconds", "tokens_per_second", "vad")}
         out["trained_for_instructions"] = bool(recipe.data.align_instructions) and recipe.data.align_prob > 0
+        out["joined_seconds"] = float(recipe.data.concat_seconds) if recipe.data.concat_prob > 0 else 0.0
     return out
 
 
@@ -106,20 +107,20 @@ def policy_from_checkpoint(folder: str | Path | None) -> LongformPolicy:
 def _policy(inputs: dict) -> LongformPolicy:
     pol = LongformPolicy()
     seen = inputs.get("training_audio") or {}
-    # a clip (or one speech region) up to the longest training clip is read whole, but regions are only
-    # joined up to the 95th percentile: segments joined as long as the rare longest clips read worse (the
-    # shipped adapter on a 5-minute recording: 75.8% WER joined up to its longest clip's 10.5 s, 68.4%
-    # cut at its 95th percentile's 7.5 s, against 64.8% for the sentences as separate clips)
+    # a clip (or one speech region) up to the longest training clip is read whole; speech regions are
+    # joined only for a checkpoint that trained on joined utterances (``data.concat_seconds``), up to that
+    # length: a model trained on one sentence per clip, given a segment of two, writes the first and stops
+    # (short sentences with 0.6 s pauses joined into 6-7 s segments lost 341 of 813 words)
     longest = seen.get("max_seconds") or seen.get("p95_seconds")
     if longest:
         pol.max_segment_seconds = min(DEFAULT_MAX_SECONDS, float(longest))
-    if seen.get("p95_seconds"):
-        pol.join_seconds = min(pol.max_segment_seconds, float(seen["p95_seconds"]))
     if seen.get("tokens_per_second"):
         pol.tokens_per_second = float(seen["tokens_per_second"])
     ev = inputs.get("eval") or {}
-    if ev.get("max_segment_seconds", 0) > 0:  # the recipe's length is both the cap and the joining length
-        pol.max_segment_seconds, pol.join_seconds = float(ev["max_segment_seconds"]), 0.0
+    if ev.get("max_segment_seconds", 0) > 0:  # the recipe's length caps a segment
+        pol.max_segment_seconds = float(ev["max_segment_seconds"])
+    if inputs.get("joined_seconds", 0) > 0:
+        pol.join_seconds = min(pol.max_segment_seconds, float(inputs["joined_seconds"]))
     if ev.get("tokens_per_second", 0) > 0:
         pol.tokens_per_second = float(ev["tokens_per_second"])
     pol.vad = ev.get("vad", pol.vad)
@@ -147,7 +148,10 @@ def plan_segments(audio: np.ndarray, policy: LongformPolicy) -> Plan:
         return Plan([(0, n)], "whole")
     if policy.vad == "off":
         return Plan(split_points(audio, policy.max_segment_seconds, policy.max_segment_seconds * 2 / 3), "windows")
-    spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad, join_seconds=policy.join_seconds)
+    if policy.join_seconds > 0:
+        spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad, join_seconds=policy.join_seconds)
+    else:  # one segment per speech region
+        spans, used = segment_speech(audio, policy.max_segment_seconds, policy.vad, merge_gap_s=0.0)
     return Plan(spans, used)
 
 
