@@ -1,0 +1,51 @@
+"""Build (or resume) the large synthetic training set: one clip per sentence, hundreds of voices.
+
+    python tools/brown_sentences.py package/ --out /work/data/brown_train.txt
+    nohup nice -n 19 python tools/synth_corpus.py /work/data/brown_train.txt --out /work/data/corpus \
+        >> synth.log 2>&1 &
+
+Kokoro costs about a CPU-second per second of speech, so this runs for hours: every shard it finishes is
+kept (re-run the same command to resume; the shard it was in comes back from the synthesis cache), and
+a training run can read the shards finished so far (``data.train = /work/data/corpus``). Pause it with
+``kill -STOP PID`` and resume with ``kill -CONT PID``. Each shard logs one JSON line: its clips, seconds of
+speech, and the CPU seconds it took (this process and its espeak-ng / flite children).
+See ``steermoe_core/data/prep/corpus.py`` for the voice plan.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("sentences", type=Path, help="one sentence a line (tools/brown_sentences.py)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--chunk", type=int, default=200, help="clips a shard")
+    ap.add_argument("--mix", type=int, default=400, help="Kokoro blends to draw speakers from (kokoro:mix-0 ...)")
+    ap.add_argument("--robotic", type=float, default=0.2, help="fraction of clips in flite / espeak-ng voices")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N sentences (0 = all)")
+    ap.add_argument("--stop-after", type=int, default=0, help="stop after N new shards (0 = run to the end)")
+    args = ap.parse_args()
+
+    from steermoe_core.data.prep.corpus import cpu_seconds, plan, synthesise_chunks
+
+    lines = [ln.strip() for ln in args.sentences.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if args.limit:
+        lines = lines[: args.limit]
+    items = plan(lines, seed=args.seed, n_mix=args.mix, robotic_fraction=args.robotic)
+    voices = {it.extra["voice"] for it in items}
+    print(json.dumps({"start": str(args.out), "sentences": len(lines), "distinct_voices": len(voices),
+                      "robotic_clips": sum(it.synth[0] in ("flite", "espeak") for it in items)}), flush=True)
+    manifest = synthesise_chunks(items, args.out, chunk=args.chunk, stop_after=args.stop_after,
+                                 log=lambda line: print(line, flush=True))
+    print(json.dumps({"done": str(args.out), "examples": manifest.get("examples"), "hours": manifest.get("hours"),
+                      "cpu_s_this_run": round(cpu_seconds(), 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
