@@ -31,7 +31,7 @@ def eval_(
     from steermoe_core.evaluation.evaluate import evaluate
     from steermoe_core.model.checkpoint import load_checkpoint
     from steermoe_core.runtime import pick_device, resolve_precision
-    from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.launch_env import launched_by_a_launcher
     from steermoe_core.training.engines import make_strategy
 
     nproc = processes_for(gpus, workers, device)

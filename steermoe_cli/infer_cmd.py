@@ -85,7 +85,7 @@ def infer(
         raise UsageError("no inputs: give audio files, folders or globs, or --from-list FILE")
     if from_list is not None and not from_list.is_file():
         raise UsageError(f"{from_list}: no such list file")
-    from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.launch_env import launched_by_a_launcher
 
     nproc = processes_for(gpus, workers, device)
     if (nproc > 1 or launched_by_a_launcher()) and (out is None or stream):

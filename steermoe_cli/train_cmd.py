@@ -33,7 +33,7 @@ def train(
     A run folder belongs to one run: a second `train` into it while one is running is refused, and so
     is a new run into a folder that holds checkpoints or a model, unless --resume or --overwrite."""
     from steermoe_core.config import load_recipe
-    from steermoe_core.training.distributed import launched_by_a_launcher
+    from steermoe_core.launch_env import launched_by_a_launcher
     from steermoe_core.training.engines import check_engine_available
 
     r = load_recipe(recipe, set_)

@@ -7,17 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from steermoe_core.errors import BackboneError
-
-
-def cache_root() -> Path:
-    """Where converted backbones (CTranslate2, GGUF) and the demo live: $STEERMOE_CACHE or ~/.cache/steermoe."""
-    return Path(os.environ.get("STEERMOE_CACHE", Path.home() / ".cache" / "steermoe"))
+from steermoe_core.paths import cache_root  # noqa: F401  (its home is the torch-free steermoe_core.paths)
 
 
 def file_key(path: Path) -> str:

@@ -182,22 +182,21 @@ def run_shard(
     ranks return None. The caller writes the outputs (``write_outputs(..., merged=True)``) and then
     ``drop_parts``. ``progress(is_main)``: a context giving the per-result callback (a progress bar)."""
     from steermoe_core.inference import SteerMoE
+    from steermoe_core.process_group import joined
     from steermoe_core.runtime import pick_device
-    from steermoe_core.training.engines import make_strategy
 
     t0 = time.perf_counter()
-    strategy, dev = make_strategy("ddp", pick_device(device))
-    try:
-        rank, world = strategy.rank, strategy.world_size
+    with joined(pick_device(device)) as (group, dev):
+        rank, world = group.rank, group.world_size
         out.parent.mkdir(parents=True, exist_ok=True)
         paths = list(paths)  # every process walks the same list: global indices, and a resumed merge's order
         done: set = set()
         if resume:  # what any earlier run finished: one process's --out, or parts of N processes
             for p in [out, *parts(out)]:
                 done |= finished_records(p)
-        elif strategy.is_main:
+        elif group.is_main:
             drop_parts(out)
-        strategy.barrier()
+        group.barrier()
         part = out.with_name(f"{out.name}.part{rank}-of-{world}")
         index: list[int] = []
 
@@ -213,15 +212,13 @@ def run_shard(
                 yield r
 
         sm = SteerMoE.load(model, str(dev), trust_remote_code, backend=backend)
-        with progress(strategy.is_main) if progress else contextlib.nullcontext() as on_result:
+        with progress(group.is_main) if progress else contextlib.nullcontext() as on_result:
             stream_records(global_index(sm.stream(mine(), **opts)), "jsonl", part, resume, on_result=on_result,
                            extra=lambda r: {"index": r.index})
-        strategy.barrier()
-        if not strategy.is_main:
+        group.barrier()
+        if not group.is_main:
             return None
         return merge_parts(out, paths, resume), time.perf_counter() - t0
-    finally:
-        strategy.close()
 
 
 def merge_parts(out: Path, paths: list, resume: bool) -> list[Result]:

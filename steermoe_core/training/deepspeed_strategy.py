@@ -30,11 +30,8 @@ import torch.distributed as dist
 
 from steermoe_core.atomic import atomic_file
 from steermoe_core.errors import CheckpointError, UsageError
-from steermoe_core.training.distributed import (
-    DEEPSPEED_MISSING,
-    DDPStrategy,
-    launched_by_a_launcher,
-)
+from steermoe_core.launch_env import launched_by_a_launcher
+from steermoe_core.training.distributed import DEEPSPEED_MISSING, DDPStrategy
 
 
 def _free_port() -> int:

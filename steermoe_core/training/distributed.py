@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import os
 
 import torch
 import torch.distributed as dist
 
+from steermoe_core.process_group import init_group, leave_group
 from steermoe_core.training.strategy import Strategy
-
-
-def launched_by_a_launcher() -> bool:
-    """True inside a process that torchrun, deepspeed or srun started as part of a group."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
 
 def some_weights_sit_out(recipe) -> bool:
@@ -43,9 +38,7 @@ class DDPStrategy(Strategy):
         """``find_unused_parameters``: some trainable weights get no gradient in some steps (see
         ``some_weights_sit_out``); DDP then has to look for them instead of waiting forever."""
         self.find_unused_parameters = find_unused_parameters
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.rank, self.world_size = init_group(device)
         self.device = device
         self.ddp: torch.nn.parallel.DistributedDataParallel | None = None
 
@@ -113,11 +106,7 @@ class DDPStrategy(Strategy):
         # without an active exception", exit -6). Free them while everything is still alive.
         self.ddp = None
         gc.collect()
-        if dist.is_initialized():
-            # every rank done with its collectives first: a group destroyed under another rank's
-            # pending work aborts that process at exit
-            dist.barrier()
-            dist.destroy_process_group()
+        leave_group()
 
 
 DEEPSPEED_MISSING = "distributed.engine = 'deepspeed' needs DeepSpeed: pip install 'steermoe[deepspeed]'"

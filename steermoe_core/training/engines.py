@@ -1,18 +1,13 @@
-"""Which strategy a training (or eval / infer) process runs: one device, DDP or DeepSpeed."""
+"""Which strategy a training (or eval) process runs: one device, DDP or DeepSpeed."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from steermoe_core.errors import UsageError
-from steermoe_core.training.distributed import (
-    DEEPSPEED_MISSING,
-    DDPStrategy,
-    launched_by_a_launcher,
-    some_weights_sit_out,
-)
+from steermoe_core.launch_env import launched_by_a_launcher
+from steermoe_core.process_group import rank_device
+from steermoe_core.training.distributed import DEEPSPEED_MISSING, DDPStrategy, some_weights_sit_out
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
 
@@ -29,9 +24,7 @@ def make_strategy(engine: str, device: torch.device, recipe=None, precision=None
     DeepSpeed whenever the recipe asks for it) and its device (a GPU rank takes the GPU its
     LOCAL_RANK names). ``recipe`` and ``precision`` configure DeepSpeed."""
     check_engine_available(engine)
-    if launched_by_a_launcher() and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    device = rank_device(device)
     if engine == "deepspeed":
         from steermoe_core.training.deepspeed_strategy import DeepSpeedStrategy
 
