@@ -56,7 +56,7 @@ class LLMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
     trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")
     system_prompt: str = doc("", "System message before the user turn; empty = whatever the chat template puts there by default.")
-    lora: LoRAConfig | None = doc(None, "[model.llm.lora]: LoRA on the LLM; absent = off. Export needs it merged (merge_lora).")
+    lora: LoRAConfig | None = doc(None, "[model.llm.lora]: LoRA on the LLM; absent = off. `steermoe export` folds it into the LLM's weights by itself; `infer --backend auto` runs such a checkpoint on torch.")
 
 
 @dataclass
@@ -92,7 +92,7 @@ class DataConfig:
     train: str = doc("", "Prepared dataset folder for training (Parquet shards + manifest.json).")
     valid: str = doc("", "Prepared dataset folder for validation; empty = no validation.")
     prompt: str = doc("Transcribe the audio.", "Prompt used when an example has no prompt of its own.")
-    batch_size: int = doc(8, "Examples per micro-batch.", min=1)
+    batch_size: int = doc(8, "Examples per micro-batch summed over all processes: the global batch, whatever `--gpus N` (each process takes 1/N of it); an optimizer step sees batch_size x train.grad_accum examples.", min=1)
     max_batch_seconds: float = doc(0.0, "If > 0, cap on summed audio seconds per micro-batch (length-bucketed batches).", min=0.0)
     max_duration: float = doc(30.0, "Training clips longer than this (seconds) are skipped and counted.", gt=0.0, max=30.0)
     max_target_tokens: int = doc(256, "Targets are truncated to this many tokens.", min=1)
@@ -129,7 +129,7 @@ class TrainConfig:
     max_bad_steps: int = doc(10, "A step whose loss is NaN/inf on any process is skipped on all of them (logged with its batch ids); after this many such steps the run stops with an error, keeping its last good checkpoint.", min=1)
     ctc_weight: float = doc(0.0, "Weight of an auxiliary CTC loss reading the transcript off the audio tokens through the LLM's frozen input embeddings; ties audio tokens to the words they carry and speeds up alignment. 0 = off.", min=0.0)
     ctc_only_steps: int = doc(0, "The first N steps train on the CTC loss alone, without running the LLM (several times faster per step): a cheap first stage that aligns audio tokens with word embeddings before the LLM reads them. Needs ctc_weight > 0.", min=0)
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer; auto = bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), fp32 elsewhere. The adapter keeps fp32 master weights.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer. auto: on a GPU, bf16 where it has bf16, else fp32; on a CPU, training in bf16 where it runs bf16 natively (AVX512-BF16/AMX) and fp32 elsewhere, while decoding (eval, infer, serve, validation WER, the demo's scores) runs fp32 on every CPU. A value other than auto applies to both. The adapter keeps fp32 master weights.")
     gradient_checkpointing: bool = doc(False, "Recompute LLM activations in the backward pass (saves memory, costs time).")
     compile: bool = doc(False, "torch.compile the encoder layers and LLM.")
     seed: int = doc(0, "Seed for init, data order and dropout-free determinism.")
