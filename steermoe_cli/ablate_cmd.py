@@ -16,7 +16,8 @@ from .progress import step_progress
 def ablate(
     recipe: Annotated[Path, typer.Argument(help="TOML recipe: the base every variant changes")],
     variants: Annotated[str, typer.Option(help="Comma-separated: linear, post_encoder, layer_wise, per_layer_router, "
-                                               "encoder_lora, llm_lora, experts=N, top_k=N, temperature=T, load_balance=W")] = (
+                                               "encoder_lora, llm_lora, vocab_posterior, experts=N, top_k=N, temperature=T, "
+                                               "load_balance=W")] = (
         "linear,post_encoder,layer_wise,per_layer_router,experts=4,experts=16,encoder_lora"),
     steps: Annotated[int, typer.Option(help="Optimizer steps per variant")] = 200,
     out: Annotated[Optional[Path], typer.Option("--out", help="Ablation folder (default runs/ablate-<recipe name>)")] = None,

@@ -76,7 +76,7 @@ class SteeringConfig:
 class ProjectorConfig:
     pooling: Literal["avg", "max", "stack"] = doc("avg", "How k encoder frames become one audio token; stack concatenates (D*k -> H).")
     stride: int = doc(4, "Frames per audio token (4: Whisper's 50 Hz -> 12.5 Hz).", min=1)
-    vocab_posterior: bool = doc(False, "The LLM reads each audio token as a mixture of its own input embeddings, weighted by the softmax of the token's dot products with them (the posterior train.ctc_weight trains; LegoSLM): in-distribution inputs close to the spoken words' embeddings, meant to let a frozen LLM follow the audio after fewer steps (on the demo it did not: README). Costs two (tokens x vocabulary) matmuls per clip.")
+    vocab_posterior: bool = doc(False, "The LLM reads each audio token as a mixture of its own input embeddings, weighted by the softmax of the token's dot products with them (the posterior train.ctc_weight trains; LegoSLM): in-distribution inputs close to the spoken words' embeddings, meant to let a frozen LLM follow the audio after fewer steps (on the demo it did not: docs/demo.md, What limits it). Costs two (tokens x vocabulary) matmuls per clip.")
 
 
 @dataclass
