@@ -126,7 +126,7 @@ def infer(
                         strategy=strategy.value, vad=vad.value if vad else None, progress=None if transcribe else _instruction_progress)
     with audio_progress(console, disable=stream) as bar:
         records = folder_job.stream_records(results, fmt.value, out, resume, None if stream else sys.stdout,
-                                            on_result=lambda r: bar.add(r.audio_s, r.wall_s))
+                                            on_result=lambda r: bar.add(r.audio_s, r.wall_s, bool(r.segments)))
     if len(records) == 0 and resume:
         console.print(f"nothing left to do: all inputs are already in {out}")
         return
@@ -145,10 +145,14 @@ def _finish(records: list, fmt: Format, out: Optional[Path], skipped: int, wall:
 
     folder_job.write_outputs(records, fmt.value, out, sys.stdout, merged=wall is not None)
     s = folder_job.summarize(records, wall)
-    spent = f"{s.seconds:.1f} s wall time" if s.wall else f"{s.seconds:.1f} s of model time"
+    if not s.decoded:  # no model time to divide by: no speed to report
+        spent = f"{s.audio_s / 3600:.2f} h of audio, no speech was decoded"
+    elif s.wall:
+        spent = f"{s.audio_s / 3600:.2f} h of audio in {s.seconds:.1f} s wall time ({s.speed:.1f}x real time)"
+    else:
+        spent = f"{s.audio_s / 3600:.2f} h of audio in {s.seconds:.1f} s of model time ({s.speed:.1f}x real time)"
     console.print(f"{len(s.good)} file(s) done{f' ({skipped} already done before)' if skipped else ''}, "
-                  f"{s.audio_s / 3600:.2f} h of audio in {spent} ({s.speed:.1f}x real time), "
-                  f"{len(s.bad)} failed", soft_wrap=True)
+                  f"{spent}, {len(s.bad)} failed", soft_wrap=True)
     if s.bad:
         console.print(f"[bold red]failed inputs[/] ({len(s.bad)}):")
         for r in s.bad:
@@ -164,7 +168,7 @@ def _run_shard(paths, out: Path, fmt: Format, resume: bool, device: str, model, 
     @contextlib.contextmanager
     def progress_for(is_main: bool):
         with audio_progress(console, disable=not is_main) as bar:
-            yield lambda r: bar.add(r.audio_s, r.wall_s)
+            yield lambda r: bar.add(r.audio_s, r.wall_s, bool(r.segments))
 
     merged = folder_job.run_shard(paths, out, resume, device, model, trust_remote_code, backend, opts, progress_for)
     if merged is None:

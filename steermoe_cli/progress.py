@@ -49,19 +49,24 @@ def step_progress(console: Console, total: int, label: str = "training", disable
 
 class AudioBar:
     """Progress in audio hours (the total is unknown while inputs are still being listed), with the
-    files done and the model's running real-time factor."""
+    files done and the model's running real-time factor, shown once some file had speech decoded
+    (before that the model time is next to nothing and the factor meaningless)."""
 
     def __init__(self, progress: Progress, task):
         self.progress, self.task = progress, task
         self.audio = self.wall = 0.0
         self.files = 0
+        self.decoded = False
 
-    def add(self, audio_s: float, wall_s: float) -> None:
+    def add(self, audio_s: float, wall_s: float, decoded: bool = True) -> None:
+        """``decoded``: some of this file's speech reached the model (not a file found silent)."""
         self.audio += audio_s
         self.wall += wall_s
         self.files += 1
-        rtf = self.audio / self.wall if self.wall else 0.0
-        info = f"{self.files} files · {self.audio / 3600:.3f} h audio · {rtf:.1f}x real time"
+        self.decoded = self.decoded or (decoded and wall_s > 0)
+        info = f"{self.files} files · {self.audio / 3600:.3f} h audio"
+        if self.decoded:
+            info += f" · {self.audio / self.wall:.1f}x real time"
         self.progress.update(self.task, completed=self.audio / 3600, info=info)
 
 

@@ -66,3 +66,50 @@ def test_jsonl_streaming_to_a_full_disk_leaves_no_empty_file(tmp_path, monkeypat
     with pytest.raises(SteermoeError) as e:
         folder_job.stream_records(iter(_records()), "jsonl", out, resume=False)
     assert str(e.value) == f"{out}: no space left on the device" and not out.exists()
+
+
+def _summary_line(monkeypatch, records: list[Result], wall: float | None = None) -> str:
+    """What `infer` prints at the end of a run over ``records``."""
+    from rich.console import Console
+
+    from steermoe_cli import infer_cmd
+
+    err = io.StringIO()
+    monkeypatch.setattr(infer_cmd, "console", Console(file=err, width=400))
+    infer_cmd._finish(records, infer_cmd.Format.text, None, 0, wall=wall)  # text to stdout: written as it streamed
+    return err.getvalue()
+
+
+@pytest.mark.parametrize("wall", [None, 3.5])
+def test_no_speed_is_reported_when_no_speech_was_decoded(monkeypatch, wall):
+    """10 minutes of low noise and a 0.05 s clip: both rightly 'no speech found', no segment ever
+    reached the model, and the summary used to divide 0.17 h by next to no model time
+    ('600050000000.0x real time')."""
+    silent = [Result("noise.wav", audio_s=600.0, wall_s=1e-8, warnings=["no speech found"], index=0),
+              Result("short.wav", audio_s=0.05, wall_s=0.0, warnings=["no speech found"], index=1)]
+    line = _summary_line(monkeypatch, silent, wall)
+    assert "2 file(s) done, 0.17 h of audio, no speech was decoded, 0 failed" in line, line
+    assert "real time" not in line
+    assert not folder_job.summarize(silent).decoded
+
+
+def test_the_speed_is_reported_once_a_segment_was_decoded(monkeypatch):
+    records = _records()
+    for r in records:
+        r.wall_s = 0.5
+    line = _summary_line(monkeypatch, records)
+    assert "3 file(s) done, 0.00 h of audio in 1.5 s of model time (2.0x real time), 0 failed" in line, line
+    line = _summary_line(monkeypatch, records, wall=6.0)
+    assert "in 6.0 s wall time (0.5x real time)" in line, line
+
+
+def test_the_progress_bar_shows_no_speed_before_speech_was_decoded():
+    from rich.console import Console
+
+    from steermoe_cli.progress import audio_progress
+
+    with audio_progress(Console(file=io.StringIO()), disable=True) as bar:
+        bar.add(600.0, 0.0, decoded=False)
+        assert "real time" not in bar.progress.tasks[0].fields["info"]
+        bar.add(2.0, 0.5, decoded=True)
+        assert bar.progress.tasks[0].fields["info"].endswith("· 1204.0x real time")

@@ -155,6 +155,13 @@ class Summary:
     def speed(self) -> float:
         return self.audio_s / max(self.seconds, 1e-9)
 
+    @property
+    def decoded(self) -> bool:
+        """Some segment reached the model. Without one (silence, noise, clips too short to hold
+        speech) next to no model time was spent, and a real-time factor would be a meaningless
+        division by almost zero."""
+        return any(r.segments for r in self.good)
+
 
 def summarize(records: list[Result], wall: float | None = None) -> Summary:
     good = [r for r in records if not r.error]
