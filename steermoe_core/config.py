@@ -93,7 +93,7 @@ class DataConfig:
     valid: str = doc("", "Prepared dataset folder for validation; empty = no validation.")
     prompt: str = doc("Transcribe the audio.", "Prompt used when an example has no prompt of its own.")
     batch_size: int = doc(8, "Examples per micro-batch summed over all processes: the global batch, whatever `--gpus N` (each process takes 1/N of it); an optimizer step sees batch_size x train.grad_accum examples.", min=1)
-    max_batch_seconds: float = doc(0.0, "If > 0, cap on summed audio seconds per micro-batch (length-bucketed batches).", min=0.0)
+    max_batch_seconds: float = doc(0.0, "If > 0, cap on a micro-batch's padded audio seconds (clips x the longest clip's duration; batches are length-bucketed), over all processes like batch_size.", min=0.0)
     max_duration: float = doc(30.0, "Training clips longer than this (seconds) are skipped and counted.", gt=0.0, max=30.0)
     max_target_tokens: int = doc(256, "Targets are truncated to this many tokens.", min=1)
     num_workers: int = doc(2, "DataLoader worker processes decoding FLAC.", min=0)
