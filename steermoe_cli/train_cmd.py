@@ -21,6 +21,9 @@ def train(
                                               "refused when it has none")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the earlier run in the run folder (its checkpoints, model/ and "
                                                  "metrics); without it or --resume such a folder is refused")] = False,
+    init_from: Annotated[Optional[Path], typer.Option("--init-from", help="Start this new run from a checkpoint's adapter "
+                                                      "weights and, where it kept them, its optimizer state (this recipe's "
+                                                      "schedule and data from step 0); ignored by --resume")] = None,
     gpus: Annotated[int, typer.Option(help="Processes per node: GPUs, or CPU processes with train.device=cpu")] = 1,
     nodes: Annotated[int, typer.Option(help="Nodes in the job")] = 1,
     node_rank: Annotated[int, typer.Option(help="This node's rank")] = 0,
@@ -57,7 +60,7 @@ def train(
                 usage_error(f"--gpus {gpus}: this node has {have} CUDA GPU(s); use train.device=cpu for CPU processes")
         relaunch(*launch)
         return
-    _run(r, run_dir, resume, overwrite)
+    _run(r, run_dir, resume, overwrite, init_from)
 
 
 def _print_plan(r, recipe: Path, run_dir: Path, resume: bool, world: int, launch: tuple) -> None:
@@ -75,7 +78,7 @@ def _print_plan(r, recipe: Path, run_dir: Path, resume: bool, world: int, launch
                  f"{t.max_steps} steps, precision {t.precision}", soft_wrap=True)
 
 
-def _run(r, run_dir: Path, resume: bool, overwrite: bool) -> None:
+def _run(r, run_dir: Path, resume: bool, overwrite: bool, init_from: Optional[Path] = None) -> None:
     import os
 
     from steermoe_core.training.loop import Callbacks
@@ -88,6 +91,10 @@ def _run(r, run_dir: Path, resume: bool, overwrite: bool) -> None:
                 for why in info["passed_over"]:
                     console.print(f"[yellow]passed over[/] {why}", highlight=False, soft_wrap=True)
                 console.print(f"resuming from {info['resumed_from']} (step {info['start_step']})", highlight=False, soft_wrap=True)
+            if main and info.get("init_from") and not info.get("resumed_from"):
+                init = info["init_from"]
+                console.print(f"starting from {init['path']} (its step {init['step']}; optimizer state: {init.get('optimizer', 'none')})",
+                              highlight=False, soft_wrap=True)
             if main:
                 console.print(f"device {info['device']} · precision {info['precision']} · {info['world_size']} process(es) · "
                               f"{info['train_examples']} training examples"
@@ -110,6 +117,6 @@ def _run(r, run_dir: Path, resume: bool, overwrite: bool) -> None:
                               highlight=False, soft_wrap=True)
 
         callbacks = Callbacks(on_start=on_start, on_step=on_step, on_eval=on_eval, on_skip=on_skip)
-        result = run(r, run_dir, resume=resume, callbacks=callbacks, overwrite=overwrite)
+        result = run(r, run_dir, resume=resume, callbacks=callbacks, overwrite=overwrite, init_from=init_from)
     if main:
         console.print(f"[green]done[/]: model in {result.model_dir}")

@@ -286,20 +286,23 @@ class _Window:
 # -- the loop --------------------------------------------------------------------------------------
 def train(
     recipe: Recipe, out: Path, resume: bool = False, callbacks: Callbacks | None = None, strategy: Strategy | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, init_from: Path | None = None,
 ) -> TrainResult:
     """Train into the run folder ``out``. A folder that holds an earlier run (checkpoints or a model)
     is refused unless ``resume`` (continue it from its newest complete checkpoint) or ``overwrite``
-    (remove it first); the writing process holds the folder's lock throughout."""
+    (remove it first); the writing process holds the folder's lock throughout.
+
+    ``init_from``: a new run starts from that checkpoint's weights and, where it kept them, its Adam
+    moments (``training.init_from``); a resumed run continues from its own checkpoint and ignores it."""
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder, --overwrite replaces it: give one of them")
     cfg = recipe.train
     device = pick_device(cfg.device)
     if strategy is not None:
-        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device)
+        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device, init_from)
     strategy, device = make_strategy(recipe.distributed.engine, device, recipe, resolve_precision(cfg.precision, device))
     try:
-        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device)
+        return _train(recipe, out, resume, overwrite, callbacks or Callbacks(), strategy, device, init_from)
     finally:
         strategy.close()
 
@@ -321,14 +324,35 @@ def _claim(out: Path, resume: bool, overwrite: bool, main: bool) -> ResumePoint 
 
 
 def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbacks, strategy: Strategy,
-           device: torch.device) -> TrainResult:
+           device: torch.device, init_from: Path | None = None) -> TrainResult:
     out.mkdir(parents=True, exist_ok=True)
     with run_folder_lock(out) if strategy.is_main else contextlib.nullcontext():
-        return _train_locked(recipe, out, resume, overwrite, cb, strategy, device)
+        return _train_locked(recipe, out, resume, overwrite, cb, strategy, device, init_from)
+
+
+def _initialise(model: SteerMoEModel, opt, out: Path, start: Path | None, init_from: Path | None, strategy: Strategy) -> dict | None:
+    """Where a run's weights came from (kept in ``init_from.json`` so checkpoints after a resume still say it):
+    a new run with ``init_from`` loads that checkpoint's adapter and Adam moments (not under DeepSpeed,
+    whose optimizer keeps its own partitions)."""
+    from steermoe_core.training.init_from import init_from as load_init
+
+    record = out / "init_from.json"
+    if start is not None:
+        return json.loads(record.read_text()) if record.is_file() else None
+    if init_from is None:
+        if strategy.is_main:
+            record.unlink(missing_ok=True)
+        return None
+    info = load_init(model, None if strategy.name == "deepspeed" else opt, init_from)
+    if strategy.name == "deepspeed":
+        info["optimizer"] = "not restored (distributed.engine = deepspeed keeps its own optimizer state)"
+    if strategy.is_main:
+        write_text(record, json.dumps(info, indent=2))
+    return info
 
 
 def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbacks, strategy: Strategy,
-                  device: torch.device) -> TrainResult:
+                  device: torch.device, init_from: Path | None = None) -> TrainResult:
     cfg = recipe.train
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
@@ -348,6 +372,7 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
 
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
+    init = _initialise(model, opt, out, start, init_from, strategy)
     saved, step, pos = _restore(start, sched, device) if start is not None else ({}, 0, Position())
     bad_steps = int(saved.get("bad_steps", 0))
     log_path = out / "metrics.jsonl"
@@ -361,13 +386,15 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
     history: list[dict] = []
     run_info = {"engine": strategy.name, "world_size": strategy.world_size, "precision": precision.name,
                 "training_audio": training_audio_stats(train_ds, model.tokenizer)}  # what `infer` cuts long audio to
+    if init is not None:
+        run_info["init_from"] = init
     if strategy.is_main:
         write_text(out / "recipe.toml", dump_recipe(recipe))
     cb.on_start({
         "device": str(device), "precision": str(precision), "parameters": identity["parameters"],
         "train_examples": len(train_ds), "skipped_too_long": train_ds.too_long, "start_step": step,
         "max_steps": cfg.max_steps, "world_size": strategy.world_size,
-        "resumed_from": str(start) if start is not None else None,
+        "resumed_from": str(start) if start is not None else None, "init_from": init,
         "passed_over": list(point.passed_over) if point is not None else [],
     })
 

@@ -1,0 +1,126 @@
+"""`steermoe train --init-from CHECKPOINT`: a new run from another run's weights and Adam moments."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from steermoe_cli.main import app
+from steermoe_core.errors import CheckpointError
+from steermoe_core.model.checkpoint import load_checkpoint
+from steermoe_core.training.init_from import MOMENTS_FILE, moments_from_state_dict, save_moments
+from steermoe_core.training.loop import train
+
+
+def flat_recipe(backbones, tiny_data, steps: int, **train_cfg):
+    """The tiny recipe at a constant learning rate: the 4 clips are one batch, so every step sees the
+    same batch and a run from a checkpoint can match the run that wrote it step for step."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import recipe_from_dict
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"]["valid"] = ""
+    d["train"].update(max_steps=steps, save_every=10, log_every=5, warmup_steps=0, min_lr_ratio=1.0, lr=1e-2, **train_cfg)
+    return d, recipe_from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def first_run(backbones, tiny_data, tmp_path_factory):
+    """20 steps at a flat lr, checkpoints at 10 and 20."""
+    _, recipe = flat_recipe(backbones, tiny_data, 20)
+    out = tmp_path_factory.mktemp("first")
+    result = train(recipe, out)
+    return {"out": out, "step10": out / "checkpoints" / "step-0000010", "final": result.model_dir}
+
+
+def adapter(path):
+    return load_checkpoint(path)[0].adapter_state_dict()
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_a_continuation_with_the_optimizer_state_ends_where_the_uninterrupted_run_does(backbones, tiny_data, first_run, tmp_path):
+    """From step 10 with Adam's moments, 10 more steps land on the 20-step run's weights; the same 10
+    steps from the weights alone (moments restarted: what the shipped adapter used to force) do not."""
+    _, recipe = flat_recipe(backbones, tiny_data, 10)
+    cont = train(recipe, tmp_path / "cont", init_from=first_run["step10"])
+    want = adapter(first_run["final"])
+    assert max_diff(adapter(cont.model_dir), want) < 1e-5
+    bare = tmp_path / "weights-only"
+    shutil.copytree(first_run["step10"], bare)
+    (bare / "train_state.pt").unlink()
+    cold = train(recipe, tmp_path / "cold", init_from=bare)
+    assert max_diff(adapter(cold.model_dir), want) > 1e-3
+    meta = json.loads((cont.model_dir / "meta.json").read_text())
+    assert meta["init_from"]["step"] == 10 and meta["init_from"]["optimizer"].startswith("6 of 6 parameters from train_state.pt")
+    assert json.loads((cold.model_dir / "meta.json").read_text())["init_from"]["optimizer"] == "none saved"
+
+
+def test_moments_saved_beside_an_adapter_continue_like_the_checkpoint(backbones, tiny_data, first_run, tmp_path):
+    """A shipped adapter keeps its moments in optimizer.safetensors (by weight name, no pickle)."""
+    _, recipe = flat_recipe(backbones, tiny_data, 10)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(first_run["step10"], shipped)
+    state = torch.load(shipped / "train_state.pt", weights_only=True)
+    (shipped / "train_state.pt").unlink()
+    model = load_checkpoint(shipped)[0]
+    moments = moments_from_state_dict(state["optimizer"], model)
+    assert set(moments) == {f"{n}#{s}" for n in model.adapter.state_dict() for s in ("exp_avg", "exp_avg_sq", "step")}
+    save_moments(moments, shipped)
+    assert (shipped / MOMENTS_FILE).stat().st_size < 4 * (shipped / "adapter.safetensors").stat().st_size
+    cont = train(recipe, tmp_path / "cont", init_from=shipped)
+    assert max_diff(adapter(cont.model_dir), adapter(first_run["final"])) < 1e-5
+
+
+def test_a_recipe_with_llm_lora_takes_the_adapter_and_its_moments_and_starts_lora_fresh(backbones, tiny_data, first_run, tmp_path):
+    d, _ = flat_recipe(backbones, tiny_data, 2)
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    d["train"]["lr_lora"] = 1e-3
+    from steermoe_core.config import recipe_from_dict
+
+    seen = {}
+    from steermoe_core.training.loop import Callbacks
+
+    result = train(recipe_from_dict(d), tmp_path / "lora", init_from=first_run["step10"],
+                   callbacks=Callbacks(on_start=seen.update))
+    assert seen["init_from"]["lora"] == "fresh"
+    n_lora = len([k for k in adapter(result.model_dir) if k.startswith("lora.")])
+    assert n_lora > 0 and seen["init_from"]["optimizer"] == f"6 of {6 + n_lora} parameters from train_state.pt"
+
+
+def test_a_checkpoint_that_does_not_fit_the_recipe_is_refused_in_one_line(backbones, tiny_data, first_run, tmp_path):
+    d, _ = flat_recipe(backbones, tiny_data, 2)
+    d["model"]["steering"]["num_experts"] = 8
+    from steermoe_core.config import recipe_from_dict
+
+    with pytest.raises(CheckpointError, match=r"--init-from .*step-0000010: adapter weight .* shape"):
+        train(recipe_from_dict(d), tmp_path / "other", init_from=first_run["step10"])
+
+
+def test_cli_init_from_and_resume(backbones, tiny_data, first_run, tmp_path):
+    """The flag on the command line; a resumed run keeps saying where it started; a missing path is one line."""
+    sets = [f"model.encoder.path={backbones['whisper']}", f"model.llm.path={backbones['llm']}", f"data.train={tiny_data}",
+            "data.valid=", "data.batch_size=4", "data.num_workers=0", "model.steering.num_experts=4",
+            "train.max_steps=10", "train.save_every=5", "train.precision=fp32", "train.device=cpu"]
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny_random.toml"
+    args = ["train", str(recipe), "--out", str(tmp_path / "run"), *[x for s in sets for x in ("--set", s)]]
+    runner = CliRunner()
+    r = runner.invoke(app, args + ["--init-from", str(first_run["step10"])])
+    assert r.exit_code == 0, r.output
+    assert "starting from" in r.output and "6 of 6 parameters" in r.output
+    shutil.rmtree(tmp_path / "run" / "model")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000010")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-0000005")
+    r = runner.invoke(app, args + ["--resume"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["init_from"]["path"] == str(first_run["step10"])
+    r = runner.invoke(app, args[:4] + ["--overwrite", "--init-from", str(tmp_path / "nowhere"), *args[4:]])
+    assert r.exit_code != 0 and "not a steermoe checkpoint" in r.output
+    assert "Traceback" not in r.output
