@@ -124,3 +124,25 @@ def test_cli_init_from_and_resume(backbones, tiny_data, first_run, tmp_path):
     r = runner.invoke(app, args[:4] + ["--overwrite", "--init-from", str(tmp_path / "nowhere"), *args[4:]])
     assert r.exit_code != 0 and "not a steermoe checkpoint" in r.output
     assert "Traceback" not in r.output
+
+
+def test_shipping_an_adapter_puts_its_run_s_last_moments_beside_it(first_run, tmp_path):
+    """`make demo-full --ship` (demo.run._ship_moments): the final checkpoint's moments go beside the
+    shipped files, and --init-from the shipped folder takes all of them."""
+    from steermoe_core.demo.run import SHIPPED_FILES, SHIPPED_MOMENTS, _ship_moments
+    from steermoe_core.training.init_from import init_from, read_moments
+
+    dest = tmp_path / "pretrained"
+    dest.mkdir()
+    for name in SHIPPED_FILES:
+        shutil.copy(first_run["final"] / name, dest / name)
+    _ship_moments(first_run["final"], first_run["out"] / "checkpoints" / "step-0000020", dest)
+    model = load_checkpoint(first_run["final"])[0]
+    shipped, source = read_moments(dest, model)
+    from_ckpt, _ = read_moments(first_run["out"] / "checkpoints" / "step-0000020", model)
+    assert source == SHIPPED_MOMENTS and shipped.keys() == from_ckpt.keys()
+    assert all(torch.equal(shipped[k], from_ckpt[k]) for k in shipped)
+    opt = torch.optim.AdamW([p for ps in model.parameter_groups().values() for p in ps])
+    assert init_from(model, opt, dest)["optimizer"] == f"6 of 6 parameters from {SHIPPED_MOMENTS}"
+    with pytest.raises(CheckpointError, match="does not belong to it"):
+        _ship_moments(first_run["final"], first_run["step10"], dest)
