@@ -47,8 +47,7 @@ TASK_PROMPTS = {
 }
 
 # what each refusal means to an HTTP client (`serve` answers with this status and the code)
-REFUSAL_STATUS = {"no_speech": 400, "context_length_exceeded": 400, "unsupported_strategy": 400,
-                  "nothing_transcribed": 500, "empty_answer": 500}
+REFUSAL_STATUS = {"no_speech": 400, "context_length_exceeded": 400, "unsupported_strategy": 400, "empty_answer": 500}
 
 FLAG_WORDS = {"budget": "cut at its token budget", "loop": "a repetition loop, one copy kept"}
 
@@ -189,7 +188,7 @@ def assemble(plan: Plan, texts: list[str], flags: list[str | None], result: Resu
     if plan.strategy == "transcript":
         result.transcript = result.text
         if not result.text:
-            return _refuse(result, Refusal("nothing_transcribed", f"{plan.name}: nothing was transcribed, so there is "
+            return _refuse(result, Refusal("empty_answer", f"{plan.name}: nothing was transcribed, so there is "
                                                                   "nothing to answer about (strategy transcript)"))
     return None
 

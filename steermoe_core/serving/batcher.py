@@ -5,8 +5,10 @@ Why a thread: the model call blocks for seconds; on the event loop it would free
 connection (``/health`` included). The worker takes the oldest job, adds every compatible job
 already waiting (same kind and temperature) up to ``max_batch`` rows, and waits up
 to ``max_wait`` for more only while requests are arriving (another one came in within
-``max_wait`` before it): a lone request starts at once. Rows are the backend's examples: one per
-30 s window of a transcription, one per chat.
+``max_wait`` before it): a lone request starts at once. Rows are the backend's examples, as the
+request planner (``inference.plan``) made them: one per segment of a transcript, one per direct
+answer, one per text-only chat. The batcher only batches and decodes rows; what a request means is
+the planner's and the routes' business.
 
 Each job gets its own token stream (``Job.on_delta``) even when it shares a batch; a job whose
 client went away is dropped before its batch starts, and a batch whose every client went away is
@@ -41,7 +43,7 @@ class _AllGone(Exception):
 
 @dataclass
 class Row:
-    """One backend example: audio clips (its windows, in order) and a prompt, or text-only token ids."""
+    """One backend example: audio clips (its segments, in order) and a prompt, or text-only token ids."""
 
     clips: list[np.ndarray] = field(default_factory=list)
     prompt: str = ""
@@ -63,16 +65,6 @@ class Job:
     stopped: list[bool] = field(default_factory=list)  # row ended on its own (not out of budget)
     flags: list[str | None] = field(default_factory=list)  # per row: None, "budget" (cut), "loop" (one copy kept)
     error: BaseException | None = None
-    # an instruction's answer (set by the app, not the worker): the strategy that ran (direct |
-    # transcript; None for a transcript or a text-only chat), and for the transcript strategy the
-    # transcript, its segments (start s, end s, text), the map-reduce rounds and the prompt tokens
-    # (text, audio) of every call it made; ``fail``: an answer for the client in place of the text
-    strategy: str | None = None
-    transcript: str | None = None
-    segments: list = field(default_factory=list)
-    rounds: int = 0
-    counted: tuple[int, int] | None = None
-    fail: Exception | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
     _next: int = 0  # first row whose text is not all streamed yet
@@ -173,9 +165,11 @@ class Batcher:
         self.thread = threading.Thread(target=self._loop, name="steermoe-batcher", daemon=True)
         self.thread.start()
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, force: bool = False) -> None:
+        """Queue ``job``; a full queue raises ``QueueFull`` unless ``force`` (the follow-up call of a
+        request already admitted: refusing it would waste the work already done for it)."""
         with self.cond:
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) >= self.max_queue and not force:
                 raise QueueFull
             job.texts = [""] * len(job.rows)
             job.tokens = [0] * len(job.rows)
