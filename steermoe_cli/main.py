@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -19,6 +21,19 @@ from .train_cmd import train
 
 app = typer.Typer(help="SteerMoE: give a frozen LLM ears.", epilog=EXIT_CODES_HELP, no_args_is_help=True, add_completion=False,
                   pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[bool, typer.Option("--verbose", help="Also show the progress bars and warnings of the libraries "
+                                                           "steermoe loads (transformers, DeepSpeed); hidden by default")] = False,
+) -> None:
+    """Options before the subcommand. ``--verbose`` travels as ``STEERMOE_VERBOSE=1``, so the processes
+    a command starts (torchrun ranks, workers) and the code that loads those libraries see it."""
+    if verbose:
+        os.environ["STEERMOE_VERBOSE"] = "1"
+
+
 app.add_typer(prep_app, name="prep")
 app.command()(train)
 app.command("eval")(eval_)

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +93,35 @@ def _read_once() -> Iterator[None]:
         readers.clear()
 
 
+@contextlib.contextmanager
+def _quiet_conversion() -> Iterator[None]:
+    """Two foreign outputs a conversion would print between steermoe's own lines: transformers'
+    GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF tensors", which
+    transformers' progress-bar switch does not reach), and ``save_pretrained`` imports DeepSpeed
+    through accelerate when it is installed, whose accelerator probe warns "Setting accelerator to
+    CPU" on a machine without a GPU. Both are hidden unless ``--verbose``."""
+    from steermoe_core.backbones.llm import foreign_output_wanted
+
+    if foreign_output_wanted():
+        yield
+        return
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read once, when DeepSpeed is first imported
+    try:
+        import transformers.modeling_gguf_pytorch_utils as reader_module
+    except ImportError:  # a transformers without GGUF support fails in from_pretrained, with its own message
+        yield
+        return
+    bar = getattr(reader_module, "tqdm", None)
+    if bar is not None:
+        reader_module.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            reader_module.tqdm = bar
+
+
 def gguf_to_hf_folder(parts: list[Path]) -> Path:
     """Convert once into ``$STEERMOE_CACHE/gguf/<name>-<key>/`` and return that folder.
 
@@ -102,7 +132,7 @@ def gguf_to_hf_folder(parts: list[Path]) -> Path:
     out = cache_root() / "gguf" / _cache_name(parts)
     if (out / "config.json").exists():
         return out
-    with atomic_dir(out, keep_existing=True) as tmp, _read_once():
+    with atomic_dir(out, keep_existing=True) as tmp, _read_once(), _quiet_conversion():
         path = parts[0] if len(parts) == 1 else join_parts(parts, tmp / "joined.gguf")
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

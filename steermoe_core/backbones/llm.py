@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -14,6 +16,23 @@ from steermoe_core.config import LLMConfig
 from steermoe_core.errors import BackboneError
 
 
+def foreign_output_wanted() -> bool:
+    """`steermoe --verbose` (``STEERMOE_VERBOSE=1``): the progress bars and warnings of the libraries
+    steermoe loads (transformers, DeepSpeed) are shown. Off by default: between steermoe's own lines
+    they say nothing a user can act on."""
+    return os.environ.get("STEERMOE_VERBOSE", "") not in ("", "0")
+
+
+def _transformers_output() -> None:
+    """transformers' load reports and progress bars: hidden, unless ``--verbose`` asked for them."""
+    quiet_transformers()
+    if foreign_output_wanted():
+        import transformers
+
+        transformers.logging.set_verbosity_warning()
+        transformers.utils.logging.enable_progress_bar()
+
+
 def load_llm(cfg: LLMConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, object]:
     """(frozen model, tokenizer). GGUF weights are dequantised into a plain dense module.
 
@@ -22,7 +41,7 @@ def load_llm(cfg: LLMConfig, dtype: torch.dtype, trust_remote_code: bool = False
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    quiet_transformers()
+    _transformers_output()
     parts = split_parts(cfg.path)  # a .gguf published in byte-parts is one GGUF once joined
     if len(parts) > 1 or parts[0].suffix == ".gguf":
         if not parts[0].is_file():

@@ -21,6 +21,7 @@ building DeepSpeed's C++ shared-memory extension.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from pathlib import Path
@@ -41,7 +42,8 @@ def _free_port() -> int:
 
 
 def import_deepspeed(device: torch.device):
-    """deepspeed, set up for ``device``: the CPU accelerator on CPU, no C++ builds at start-up."""
+    """deepspeed, set up for ``device``: the CPU accelerator on CPU (set before the import, so its
+    accelerator probe does not warn that it found no GPU), no C++ builds at start-up."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
@@ -49,6 +51,8 @@ def import_deepspeed(device: torch.device):
     except ImportError:
         raise UsageError(DEEPSPEED_MISSING) from None
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # a ~2 min C++ build, CPU only
+    if os.environ.get("STEERMOE_VERBOSE", "") not in ("", "0"):  # `steermoe --verbose`: DeepSpeed's own info lines too
+        deepspeed.utils.logger.setLevel(logging.INFO)
     return deepspeed
 
 
