@@ -20,11 +20,12 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require 'Authorization: Bearer KEY' on /v1 (default: $STEERMOE_API_KEY)")] = None,
     cors_origin: Annotated[Optional[list[str]], typer.Option(help="Let a web page from this origin call the API (repeatable; '*' for any)")] = None,
     max_upload_mb: Annotated[float, typer.Option(help="Larger uploads are answered 413")] = 25.0,
-    max_batch: Annotated[int, typer.Option(help="Rows (30 s windows or chats) decoded together")] = 8,
+    max_batch: Annotated[int, typer.Option(help="Rows (speech segments or chats) decoded together")] = 8,
     max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits for more requests while they are arriving")] = 10.0,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for the model; more are answered 503 with Retry-After")] = 64,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Token budget per transcribed segment (default: from its length, as `infer`), and a chat's default max_tokens")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    served_model_name: Annotated[Optional[list[str]], typer.Option(help="A model name requests may use, e.g. whisper-1 for code written for OpenAI (repeatable: all are accepted and listed by /v1/models, the first is the one responses report; default: steermoe)")] = None,
 ):
     """Serve a trained model: /v1/audio/transcriptions and /v1/chat/completions in OpenAI's shapes,
     /v1/models, /health, /metrics, and a page at / to upload or record audio.
@@ -50,6 +51,9 @@ def serve(
             raise UsageError(f"{name} must be at least 1")
     if max_upload_mb <= 0 or max_wait_ms < 0 or not 0 < port < 65536:
         raise UsageError("--max-upload-mb must be > 0, --max-wait-ms >= 0 and --port in 1..65535")
+    names = list(dict.fromkeys(served_model_name or ["steermoe"]))  # the first stays first; a repeat is dropped
+    if not all(name.strip() for name in names):
+        raise UsageError("--served-model-name needs a non-empty name")
     model = model or default_model_path()
     if not Path(model).exists():
         raise UsageError(f"{model}: no such checkpoint or exported folder")
@@ -58,7 +62,7 @@ def serve(
     settings = ServeSettings(
         model=Path(model), checkpoint=Path(shown_model), backend=backend_name, device=device, api_key=api_key or os.environ.get("STEERMOE_API_KEY") or None,
         cors_origins=list(cors_origin or []), max_upload_mb=max_upload_mb, max_batch=max_batch, max_wait_ms=max_wait_ms,
-        max_queue=max_queue, max_new_tokens=max_new_tokens,
+        max_queue=max_queue, max_new_tokens=max_new_tokens, served_model_names=names,
     )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     failed: list[str] = []

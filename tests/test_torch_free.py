@@ -118,7 +118,8 @@ def _free_port() -> int:
 
 
 def test_serve_with_onnxruntime_runs_without_torch(export, clip, tmp_path):
-    """Started as a user starts it, healthy, one transcription through the openai client, then SIGTERM: exit 0."""
+    """Started as a user starts it (under two served model names), healthy, one transcription through
+    the openai client by the name code written for OpenAI uses, then SIGTERM: exit 0."""
     import urllib.request
 
     openai = pytest.importorskip("openai")
@@ -127,7 +128,8 @@ def test_serve_with_onnxruntime_runs_without_torch(export, clip, tmp_path):
     log = tmp_path / "server.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, "-c", BLOCK_TORCH, "serve", "--backend", "onnxruntime", "--model", str(export),
-                                 "--port", str(port), "--device", "cpu", "--max-new-tokens", "5"],
+                                 "--port", str(port), "--device", "cpu", "--max-new-tokens", "5",
+                                 "--served-model-name", "whisper-1", "--served-model-name", "steermoe"],
                                 stdout=f, stderr=subprocess.STDOUT, env=_env(tmp_path))
     try:
         t0 = time.time()
@@ -140,8 +142,11 @@ def test_serve_with_onnxruntime_runs_without_torch(export, clip, tmp_path):
                         break
             time.sleep(0.3)
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["whisper-1", "steermoe"]
         with open(clip, "rb") as f:
-            assert client.audio.transcriptions.create(model="steermoe", file=f).text
+            assert client.audio.transcriptions.create(model="whisper-1", file=f).text
+        with urllib.request.urlopen(base + "/health", timeout=10) as resp:
+            assert json.loads(resp.read())["model"] == "whisper-1"  # the first name is the one reported
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     finally:
@@ -149,3 +154,8 @@ def test_serve_with_onnxruntime_runs_without_torch(export, clip, tmp_path):
             proc.kill()
             proc.wait()
     assert "blocked import" not in log.read_text(), log.read_text()[-3000:]
+
+
+def test_an_empty_served_model_name_is_a_usage_error(tmp_path):
+    r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "none"), "--served-model-name", "whisper-1", "--served-model-name", " "])
+    assert r.exit_code == 2 and "--served-model-name needs a non-empty name" in r.stderr, r.output
