@@ -73,8 +73,11 @@ async def chat_completions(request: Request):
         clips = [await asyncio.to_thread(decode_upload, data, name) for name, data in audios]
         del audios
         ask, prompt = audio_prompt(turns)
-        # asked to transcribe (whatever the context): a transcript, decoded directly, never re-asked of the LLM
-        plan = sm.plan(clips, "the audio", prompt, body.strategy, transcribe=is_task_prompt(ask), max_new_tokens=budget)
+        # asked to transcribe (whatever the context): a transcript, decoded directly, never re-asked of the LLM, its
+        # segments under their durations' budgets as the transcription route's (max_tokens, when given, caps each)
+        transcribe = is_task_prompt(ask)
+        cap = (body.max_completion_tokens or body.max_tokens or settings.max_new_tokens) if transcribe else budget
+        plan = sm.plan(clips, "the audio", prompt, body.strategy, transcribe=transcribe, max_new_tokens=cap)
         del clips
         ticket = jobs.start(plan, temperature, body.stream, budget)
     else:
