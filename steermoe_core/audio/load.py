@@ -1,4 +1,4 @@
-"""``load_audio(path)`` -> float32 mono 16 kHz (DESIGN.md section 4).
+"""``load_audio(path)`` -> float32 mono 16 kHz (docs/design.md#audio).
 
 soundfile reads WAV/FLAC/OGG already at 16 kHz directly; everything else (MP3, M4A, video, other
 sample rates) is decoded and resampled by ffmpeg. When no ffmpeg is on PATH, the binary shipped in

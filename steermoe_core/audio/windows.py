@@ -1,4 +1,4 @@
-"""Long audio: cut into windows of at most 30 s at low-energy points (DESIGN.md section 3).
+"""Long audio: cut into windows of at most 30 s at low-energy points (docs/design.md#audio; docs/long_audio.md).
 
 Cutting in the quietest stretch of the last third of each window keeps words whole far more often
 than fixed 30 s slices, at no model cost.

@@ -1,6 +1,6 @@
 """faster-whisper / CTranslate2 Whisper folders (model.bin + config.json) as transformers modules.
 
-model.bin layout (DESIGN.md section 11): u32 version; spec name; u32 revision; u32 variable count,
+model.bin layout (docs/design.md#the-ctranslate2-modelbin-layout): u32 version; spec name; u32 revision; u32 variable count,
 each (name, u8 rank, u32 dims, u8 dtype, u32 bytes, data); u32 alias count, each (alias, target).
 The conversion is done once and cached as an ordinary HF folder, so later loads are plain
 safetensors reads.

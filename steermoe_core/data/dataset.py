@@ -1,4 +1,4 @@
-"""Reading prepared datasets (DESIGN.md section 5): Parquet shards of FLAC bytes + manifest.json.
+"""Reading prepared datasets (docs/design.md#prepared-data): Parquet shards of FLAC bytes + manifest.json.
 
 Shards are read lazily and one at a time per worker, and batches are drawn within a shard, sorted
 by length: memory stays at one shard, padding stays small, and order is still random (shards and

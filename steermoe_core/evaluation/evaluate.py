@@ -1,4 +1,4 @@
-"""`steermoe eval`: decode a prepared set deterministically and score it (DESIGN.md section 9)."""
+"""`steermoe eval`: decode a prepared set deterministically and score it (docs/design.md#evaluation)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scoring (DESIGN.md section 9): WER/CER through jiwer after the normalisation the field reports with."""
+"""Scoring (docs/design.md#evaluation): WER/CER through jiwer after the normalisation the field reports with."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md section 7): a folder with the adapter only, the resolved recipe and meta.
+"""Checkpoints (docs/design.md#checkpoints): a folder with the adapter only, the resolved recipe and meta.
 
     CKPT/adapter.safetensors   trainable weights (megabytes)
     CKPT/recipe.toml           the resolved recipe, enough to rebuild the model

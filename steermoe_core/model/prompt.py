@@ -1,4 +1,4 @@
-"""How an example becomes one LLM sequence (DESIGN.md section 3).
+"""How an example becomes one LLM sequence (docs/design.md#one-llm-sequence-per-example).
 
     [chat prefix ... user turn: ] [audio tokens] [\\n prompt, end of user turn, assistant header] [target <eot>]
 

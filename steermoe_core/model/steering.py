@@ -1,4 +1,4 @@
-"""The trainable part of SteerMoE: steering vectors, router, per-layer scales (DESIGN.md section 1).
+"""The trainable part of SteerMoE: steering vectors, router, per-layer scales (docs/design.md#the-model).
 
     g   = softmax((h @ R.W[l] + R.b[l]) / temperature)     # (B, T, E), layer l's slice only
     x_l = h + s_l * (g @ V[l])

@@ -1,4 +1,4 @@
-"""`steermoe train`: the training loop as small functions (DESIGN.md section 8).
+"""`steermoe train`: the training loop as small functions (docs/design.md#training).
 
 Resumable at any checkpoint: the batch order is a pure function of (seed, epoch), so the data
 position is just (epoch, batches done) and nothing has to be replayed to get back to it. An

@@ -1,4 +1,4 @@
-"""Writing the prepared layout (DESIGN.md section 5): Parquet shards of FLAC bytes + manifest.json.
+"""Writing the prepared layout (docs/design.md#prepared-data): Parquet shards of FLAC bytes + manifest.json.
 
 Shards are written atomically and deterministically (fixed FLAC settings, no timestamps), so a
 re-run produces byte-identical files and ``--resume`` can trust any shard that exists.
@@ -45,7 +45,7 @@ def schema(metadata: dict[bytes, bytes] | None = None):
     return pa.schema([
         ("id", pa.string()), ("audio", pa.binary()), ("duration", pa.float32()),
         ("text", pa.string()), ("prompt", pa.string()), ("language", pa.string()),
-        ("extra", pa.string()),  # JSON or null; beyond DESIGN's columns, ignored by readers that don't know it
+        ("extra", pa.string()),  # JSON or null; beyond the documented columns, ignored by readers that don't know it
     ], metadata=metadata)
 
 
