@@ -52,7 +52,7 @@ def demo(
 
 
 def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start: Optional[Path], log) -> None:
-    from steermoe_core.backbones.weights import cache_root
+    from steermoe_core.paths import cache_root
     from steermoe_core.demo.adapt import AdaptConfig, describe_voices, run_adapt
 
     cfg = AdaptConfig(workdir or cache_root() / "demo-adapt", steps=steps or 0, train_budget_s=60 * minutes)
@@ -87,7 +87,7 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
 
 
 def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, ship: bool, log) -> None:
-    from steermoe_core.backbones.weights import cache_root
+    from steermoe_core.paths import cache_root
     from steermoe_core.config import load_recipe
     from steermoe_core.demo.run import RECIPE, full_config, run_demo, ship_adapter
 
