@@ -51,12 +51,12 @@ def _checked(texts: list[str], reasons: list[str | None]) -> tuple[list[str], li
 
 
 def complete_texts(backend, prompts: list[list[int]], budgets: list[int], temperature: float = 0.0,
-                   streamer=None) -> tuple[list[str], list[str | None]]:
+                   streamer=None, constraints: list | None = None) -> tuple[list[str], list[str | None]]:
     """The frozen LLM alone on token prompts (no audio, no adapter in the way), each row stopped at end
     of turn, at its own budget and at a repetition loop, with its flag: the transcript strategy's and
     `serve`'s text chats, on every backend that has ``complete`` (torch, onnxruntime)."""
     backend = _text_backend(backend)
-    guard = DecodeGuard(budgets, backend.stop_ids)
+    guard = DecodeGuard(budgets, backend.stop_ids, constraints)
     ids = backend.complete(prompts, max(budgets), guard, temperature, streamer)
     return _checked(backend.decode(finish_rows(ids, backend.stop_ids, backend.pad_id)), guard.reasons)
 

@@ -44,11 +44,29 @@ class DecodeGuard:
     reached end of turn is finished and never flagged (the padding after it is no loop).
     Backend-neutral: every backend's ``generate`` and ``complete`` take one."""
 
-    def __init__(self, budgets: list[int], stop_ids: list[int] | None = None):
+    def __init__(self, budgets: list[int], stop_ids: list[int] | None = None, constraints: list | None = None):
         self.budgets = budgets
         self.stop_ids = set(stop_ids or [])
         self.reasons: list[str | None] = [None] * len(budgets)
         self.finished = [False] * len(budgets)
+        self.constraints = constraints if constraints and any(c is not None for c in constraints) else None
+
+    def allowed(self, rows: list[list[int]], vocab: int):
+        """Which token ids each row may take next, as a (rows, ``vocab``) numpy bool mask, or None when
+        no row is constrained (``generation.tools.Constraint``: a tool call under its schema). A
+        backend applies it to the logits before it picks; rows that are done take anything."""
+        if self.constraints is None:
+            return None
+        import numpy as np
+
+        mask = np.ones((len(rows), vocab), dtype=bool)
+        for i, (row, c) in enumerate(zip(rows, self.constraints)):
+            if c is None or self.finished[i] or self.reasons[i] is not None or (row and row[-1] in self.stop_ids):
+                continue
+            ok = c.allowed(row)
+            mask[i] = False
+            mask[i, : min(vocab, len(ok))] = ok[:vocab]
+        return mask
 
     def check(self, rows: list[list[int]]) -> list[bool]:
         out = []
@@ -62,7 +80,7 @@ class DecodeGuard:
                 continue
             if len(row) >= self.budgets[i]:
                 self.reasons[i] = "budget"
-            elif loop_length(row):
+            elif (self.constraints is None or self.constraints[i] is None) and loop_length(row):  # a grammar bounds its own row
                 self.reasons[i] = "loop"
             out.append(self.reasons[i] is not None)
         return out

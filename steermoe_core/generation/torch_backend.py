@@ -91,6 +91,21 @@ def as_stopping_criteria(guard, prompt_length: int = 0):
     return StoppingCriteriaList([_Guard()])
 
 
+def as_logits_processor(guard, prompt_length: int = 0):
+    """A transformers ``LogitsProcessorList`` that masks what ``guard.allowed`` forbids (a tool call
+    decoded under its schema)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Mask(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            allowed = guard.allowed(input_ids[:, prompt_length:].tolist(), scores.shape[-1])
+            if allowed is None:
+                return scores
+            return scores.masked_fill(~torch.from_numpy(allowed).to(scores.device), float("-inf"))
+
+    return LogitsProcessorList([_Mask()])
+
+
 @torch.no_grad()
 def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list[list[int]], max_new_tokens: int,
                  guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
@@ -104,8 +119,9 @@ def complete_ids(model: SteerMoEModel, precision: Precision | str, prompts: list
         ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     stopping = as_stopping_criteria(guard, width) if guard is not None else None
+    masking = as_logits_processor(guard, width) if guard is not None and guard.constraints is not None else None
     with autocast(model.device, precision), base_llm(model):
         out = model.llm.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  generation_config=generation_config(model.layout, max_new_tokens, 1, temperature), streamer=streamer,
-                                 stopping_criteria=stopping)
+                                 stopping_criteria=stopping, logits_processor=masking)
     return out[:, width:].tolist()

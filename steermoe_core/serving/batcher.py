@@ -49,6 +49,7 @@ class Row:
     prompt: str = ""
     ids: list[int] = field(default_factory=list)
     budget: int = 256  # tokens this row may generate
+    constraint: object | None = None  # text rows: a grammar the answer must follow (``generation.tools.Constraint``)
 
 
 @dataclass
@@ -258,7 +259,8 @@ class Batcher:
             self.metrics.observe_batch(len(chunk))
             budgets = [row.budget for row in rows]
             if first.kind == "text":
-                texts, flags = complete_texts(self.backend, [row.ids for row in rows], budgets, first.temperature, streamer)
+                texts, flags = complete_texts(self.backend, [row.ids for row in rows], budgets, first.temperature, streamer,
+                                              [row.constraint for row in rows])
             else:
                 clips = [c for row in rows for c in row.clips]
                 groups = [len(row.clips) for row in rows]

@@ -96,8 +96,11 @@ class Jobs:
             raise ApiError(503, f"the server is busy ({self.max_queue} requests waiting); retry shortly",
                            "server_error", "queue_full", headers={"Retry-After": "1"}) from None
 
-    def start(self, plan: Plan, temperature: float, stream: bool, answer_tokens: int) -> Ticket:
-        """Queue a planned request about audio; the outcome's result is the planner's ``Result``."""
+    def start(self, plan: Plan, temperature: float, stream: bool, answer_tokens: int,
+              then: Callable[[Result], Row] | None = None) -> Ticket:
+        """Queue a planned request about audio; the outcome's result is the planner's ``Result``.
+        ``then(result)``: a text-only row to run once the transcript is in (a chat with tools over
+        what was said); its answer becomes the result's text, the transcript stays in ``transcript``."""
         ticket, on_delta = self._ticket(stream)
         out = Outcome(Result(plan.name, audio_s=plan.audio_s, strategy=plan.strategy))
         if not plan.rows:  # no speech, or refused by the planner: nothing to decode
@@ -107,7 +110,7 @@ class Jobs:
         rows = [Row(clips=r.clips, prompt=r.prompt, budget=r.budget) for r in plan.rows]
         out.text_tokens = sum(self.backend.prompt_tokens(r.prompt) for r in rows)
         out.audio_tokens = sum(sum(self.backend.audio_token_counts([len(c) for c in r.clips])) for r in rows)
-        two_steps = bool(plan.instruction)
+        two_steps = bool(plan.instruction) or then is not None
         job = Job("audio", rows, 0.0 if two_steps else temperature, audio_s=plan.audio_s,
                   on_delta=None if two_steps else on_delta)
 
@@ -118,6 +121,9 @@ class Jobs:
                 out.error = j.error
             else:
                 out.refusal = assemble(plan, j.texts, j.flags, out.result)
+                if then is not None and out.refusal is None:
+                    out.result.transcript = out.result.text
+                    return self._follow(ticket, out, then(out.result), temperature, on_delta)
                 if two_steps and out.refusal is None:
                     task = asyncio.ensure_future(self._answer(ticket, plan, out, temperature, answer_tokens, on_delta))
                     self.running.add(task)  # held, so it is not collected while it runs
@@ -129,10 +135,24 @@ class Jobs:
         self._submit(ticket, job, decoded)
         return ticket
 
-    def start_text(self, ids: list[int], budget: int, temperature: float, stream: bool) -> Ticket:
-        """Queue a text-only chat on the frozen LLM."""
+    def _follow(self, ticket: Ticket, out: Outcome, row: Row, temperature: float, on_delta) -> None:
+        """A text-only row after a transcript, within the same request (it skips the queue cap)."""
+        out.text_tokens += len(row.ids)
+
+        def decoded(j: Job) -> None:
+            out.output_tokens += sum(j.tokens)
+            out.finish_reason = "length" if "budget" in j.flags else "stop"
+            out.error = j.error
+            out.result.text = j.texts[0] if j.texts else ""
+            if not ticket.done.done():
+                ticket.done.set_result(out)
+
+        self._submit(ticket, Job("text", [row], temperature, on_delta=on_delta), decoded, admitted=True)
+
+    def start_text(self, row: Row, temperature: float, stream: bool) -> Ticket:
+        """Queue a text-only chat on the frozen LLM (``row.ids``, its budget, an optional constraint)."""
         ticket, on_delta = self._ticket(stream)
-        out = Outcome(Result("chat"), text_tokens=len(ids))
+        out = Outcome(Result("chat"), text_tokens=len(row.ids))
 
         def decoded(j: Job) -> None:
             out.output_tokens, out.error = sum(j.tokens), j.error
@@ -141,7 +161,7 @@ class Jobs:
             if not ticket.done.done():
                 ticket.done.set_result(out)
 
-        self._submit(ticket, Job("text", [Row(ids=ids, budget=budget)], temperature, on_delta=on_delta), decoded)
+        self._submit(ticket, Job("text", [row], temperature, on_delta=on_delta), decoded)
         return ticket
 
     async def _answer(self, ticket: Ticket, plan: Plan, out: Outcome, temperature: float, answer_tokens: int,
@@ -195,9 +215,9 @@ class Jobs:
             raise asyncio.CancelledError
         return checked(request, ticket.done.result())
 
-    async def events(self, ticket: Ticket, first: Callable[[], list], delta: Callable[[str], dict],
+    async def events(self, ticket: Ticket, first: Callable[[], list], delta: Callable[[str], dict | list[dict]],
                      last: Callable[[Outcome], list]) -> AsyncIterator[str]:
-        """SSE: ``first()`` events, one ``delta(text)`` event per piece of text, ``last(outcome)``
+        """SSE: ``first()`` events, the ``delta(text)`` event(s) of each piece of text, ``last(outcome)``
         events, then ``[DONE]``; an error after the stream began is an ``error`` event."""
         try:
             for ev in first():
@@ -207,12 +227,14 @@ class Jobs:
                 getter = getter or asyncio.ensure_future(ticket.deltas.get())
                 finished, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
                 if getter in finished:
-                    yield _sse(delta(getter.result()))
+                    for ev in _listed(delta(getter.result())):
+                        yield _sse(ev)
                     getter = None
                     continue
                 getter.cancel()
                 while not ticket.deltas.empty():  # what arrived with the end
-                    yield _sse(delta(ticket.deltas.get_nowait()))
+                    for ev in _listed(delta(ticket.deltas.get_nowait())):
+                        yield _sse(ev)
                 break
             try:
                 out = checked(None, ticket.done.result())
@@ -225,6 +247,10 @@ class Jobs:
         finally:
             if not ticket.done.done():
                 ticket.cancel()
+
+
+def _listed(ev: dict | list[dict]) -> list[dict]:
+    return ev if isinstance(ev, list) else [ev]
 
 
 def checked(request, out: Outcome) -> Outcome:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from steermoe_core.inference.longform import STRATEGIES
 
@@ -70,9 +70,42 @@ class AudioPart(BaseModel):
     input_audio: InputAudio
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = "{}"  # a JSON object, as text
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | AudioPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+
+class FunctionSpec(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -88,6 +121,33 @@ class ChatCompletionRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     strategy: Strategy = "auto"
+    tools: list[Tool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _names_a_tool(cls, choice, info):
+        names = [t.function.name for t in info.data.get("tools") or []]
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"names '{choice.function.name}', which is not one of the tools {names}")
+        if choice == "required" and not names:
+            raise ValueError("'required' needs tools")
+        return choice
+
+    def offered(self) -> list[dict]:
+        """The tools the model may call (none with tool_choice 'none'), as OpenAI dicts."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def forced(self) -> list[dict] | None:
+        """The functions the answer must call (a named tool, or any with 'required'); None in auto mode."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t.function.model_dump(exclude_none=True) for t in self.tools if t.function.name == self.tool_choice.function.name]
+        if self.tool_choice == "required":
+            return [t.function.model_dump(exclude_none=True) for t in self.tools]
+        return None
 
     def budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default

@@ -62,12 +62,18 @@ def audio_parts(messages: list[ChatMessage], cap_mb: float) -> list[tuple[str, b
 
 
 def text_turns(messages: list[ChatMessage]) -> list[dict]:
-    """Each message as ``{"role", "content": its text parts joined}`` (developer counts as system)."""
+    """Each message as ``{"role", "content": its text parts joined}`` (developer counts as system), with
+    an assistant's ``tool_calls`` and a tool message's ``tool_call_id`` when it has them."""
     turns = []
     for m in messages:
         if isinstance(m.content, list):
             text = "\n".join(p.text for p in m.content if not isinstance(p, AudioPart) and p.text)
         else:
             text = m.content or ""
-        turns.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        if m.tool_calls:
+            turn["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+        if m.tool_call_id:
+            turn["tool_call_id"] = m.tool_call_id
+        turns.append(turn)
     return turns
