@@ -54,7 +54,7 @@ def default_model_path() -> Path:
     env = os.environ.get("STEERMOE_MODEL")
     if env:
         return Path(env)
-    from steermoe_core.backbones.weights import cache_root
+    from steermoe_core.paths import cache_root
 
     demo_runs = [cache_root() / size / "steermoe" / "model" for size in ("demo", "demo-small")]  # demo.run.sized_config
     for folder in [SHIPPED_MODEL, *demo_runs]:
