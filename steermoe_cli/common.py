@@ -98,7 +98,7 @@ class BackendName(str, Enum):
 def pick_backend(model: Optional[Path], backend: BackendName, device: str, beams: int) -> tuple[Path, str]:
     """What runs the model (`infer`, `serve`): ``auto`` is onnxruntime on a CPU (``export.cache``:
     a checkpoint's export is built once and cached), torch elsewhere."""
-    from steermoe_core.export.cache import backend_for
+    from steermoe_core.inference.choice import backend_for
     from steermoe_core.inference import default_model_path
 
     return backend_for(model or default_model_path(), backend.value, device, beams,

@@ -324,7 +324,8 @@ def test_onnx_runs_the_frozen_llm_on_text_like_torch(backends):
 def test_auto_backend_exports_a_checkpoint_once_and_decodes_as_torch(ckpt, tmp_path, monkeypatch):
     """`infer` with no --backend on a CPU: the checkpoint's export is built once into the cache, keyed
     by the checkpoint's files, and gives torch's text; beam search stays on torch."""
-    from steermoe_core.export.cache import backend_for, cache_folder
+    from steermoe_core.export.cache import cache_folder
+    from steermoe_core.inference.choice import backend_for
 
     monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("STEERMOE_BACKEND", raising=False)
@@ -359,7 +360,8 @@ def test_auto_backend_falls_back_to_torch_when_the_export_fails(ckpt, tmp_path, 
     to loading, which says what is wrong."""
     import steermoe_core.export.onnx_export as onnx_export
     from steermoe_core.errors import StorageError
-    from steermoe_core.export.cache import backend_for, cache_folder
+    from steermoe_core.export.cache import cache_folder
+    from steermoe_core.inference.choice import backend_for
 
     monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
     calls = []

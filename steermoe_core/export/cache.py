@@ -1,17 +1,45 @@
-"""The default backend: on a CPU, a checkpoint runs on onnxruntime from an export built once and cached.
+"""The export cache behind ``--backend auto``: each checkpoint exported once, its frozen LLM once per LLM.
 
-Why: on a CPU the exported graphs decode the same greedy text as PyTorch, faster at every batch size
-(benchmarks/RESULTS.md), because onnxruntime runs the small LLM's per-token work as fused kernels
-that PyTorch dispatches op by op. An export costs about a minute of CPU and under a GB of disk per
-checkpoint of the shipped size, once: ``backend_for`` builds it on first use into
-``$STEERMOE_CACHE/onnx/<checkpoint>-<key>/``, keyed by the checkpoint's own files, so retraining
-into the same folder makes a new export and never reuses a stale one. The newest
-``$STEERMOE_ONNX_CACHE_KEEP`` exports (default 3) are kept.
+Layout, under ``$STEERMOE_CACHE/onnx/``::
 
-``auto`` stays on torch where onnxruntime would not help or cannot follow: a GPU, beam search, a
-Conformer encoder (not exportable), LoRA on the LLM (an export folds it into the weights, and text-only
-prompts must run the LLM without it), a missing ``[onnx]`` extra, or an export that failed before
-(remembered, with its reason, so a failing export is not retried on every call).
+    <checkpoint>-<key>/       one checkpoint's export: the folder `steermoe export --onnx` writes, complete
+    <checkpoint>-<key>.lock   held while that export is checked or built
+    <checkpoint>-<key>.failed why its export failed (``backend_for`` then stays on torch until it is deleted)
+    llm/<llm key>/            the LLM's part of an export, shared: decoder.onnx (+ .data), embeddings.npy, tokenizer/
+    llm/<llm key>.lock        held while that part is exported, linked into an export, or pruned
+
+Why: nearly all of an export's time (about a minute on 2 cores for SmolLM2-135M) and disk (0.6 of
+its 0.7 GB) is the frozen LLM's decoder graph, the same for every adapter trained on that LLM. The
+first export for an LLM writes its part to ``llm/<llm key>/``; every export (that one included)
+hard-links those files into its own folder, so another adapter on the same LLM exports only its
+audio tower (seconds) and the decoder is stored once on disk however many exports use it.
+
+Hard links rather than a manifest naming a path elsewhere: a cached export stays the self-contained
+folder that `steermoe export --onnx --out DIR` writes (same files, same manifest format: the
+onnxruntime backend reads one layout, and a copy of the folder runs anywhere), and removing one
+export or a shared part never takes a file from under another export (the file lives while any
+link does). Where the file system refuses a hard link the file is copied: correct, just not shared
+on disk.
+
+Keys: ``<key>`` hashes the checkpoint's own files and the export format (``export_key``), so
+retraining into the same folder makes a new export and never reuses a stale one. ``<llm key>``
+(``onnx_export.llm_key``) hashes what the LLM part is made of: the export format, opset, dtype and
+quantisation, the LLM's config, the full bytes of its weights as loaded (a GGUF dequantised, LoRA
+folded in) and its tokenizer. A checkpoint with LoRA on the LLM also mixes in its own ``<key>``:
+its folded-in LLM is its own, and it keeps its own decoder.
+
+Concurrency: one checkpoint's export is built under its lock (concurrent callers wait and then find
+it); an LLM part is exported, and linked into an export whose manifest is renamed into place, under
+the LLM's lock, so two adapters on a new LLM exported at once export its decoder once. Every folder
+is written to a temporary name and renamed into place (``atomic.atomic_dir``).
+
+Pruning: the newest ``$STEERMOE_ONNX_CACHE_KEEP`` checkpoint exports (default 3) are kept; an LLM part
+goes when no export left in the cache names it (manifest key ``shared_llm``), checked under its lock.
+A process already running a pruned export keeps its open files (POSIX), and a later call exports it
+again (its LLM part reused when it is still there, exported again cleanly when not).
+
+Importing this module never imports torch: ``inference.choice`` asks it for paths before deciding
+whether anything must be exported.
 """
 
 from __future__ import annotations
@@ -19,26 +47,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
+import json
 import os
 import shutil
-import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from steermoe_core.backbones.weights import cache_root
-from steermoe_core.errors import SteermoeError
-from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST
+from steermoe_core.errors import CheckpointError
+from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST, read_manifest
 
-BACKENDS = ("auto", "torch", "onnxruntime")
 _KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
 CACHE_REVISION = 3  # raised when what an export holds changes within one format version (3: the long-recording policy's inputs)
+LLM_PARTS = "llm"  # the shared LLM parts' folder inside the cache
 
 
-def is_export(path: Path) -> bool:
-    """A folder written by `steermoe export --onnx` (rather than a checkpoint)."""
-    return (Path(path) / MANIFEST).is_file() and not (Path(path) / "recipe.toml").is_file()
+def cache_dir() -> Path:
+    """``$STEERMOE_CACHE/onnx`` (the backbones' cache root, read without importing torch)."""
+    return Path(os.environ.get("STEERMOE_CACHE", Path.home() / ".cache" / "steermoe")) / "onnx"
 
 
 def export_key(checkpoint: Path) -> str:
@@ -56,105 +82,106 @@ def export_key(checkpoint: Path) -> str:
 
 def cache_folder(checkpoint: Path) -> Path:
     checkpoint = Path(checkpoint).resolve()
-    return cache_root() / "onnx" / f"{checkpoint.name}-{export_key(checkpoint)}"
+    return cache_dir() / f"{checkpoint.name}-{export_key(checkpoint)}"
 
 
-def why_torch(checkpoint: Path, device: str, num_beams: int = 1) -> str | None:
-    """Why ``auto`` decodes ``checkpoint`` with torch here, or None when onnxruntime fits."""
-    from steermoe_core.config import load_recipe
-    from steermoe_core.runtime import pick_device
-
-    if pick_device(device).type != "cpu":
-        return "a GPU"
-    if num_beams != 1:
-        return "beam search"
-    missing = [m for m in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
-    if missing:
-        return f"{', '.join(missing)} not installed; pip install 'steermoe[onnx]' for the faster onnxruntime backend"
-    recipe = load_recipe(Path(checkpoint) / "recipe.toml")
-    if recipe.model.encoder.kind != "whisper":
-        return "only Whisper encoders export to ONNX"
-    if recipe.model.llm.lora is not None:
-        return "LoRA on the LLM: an export folds it in, and prompts without audio need the LLM without it"
-    failed = _beside(cache_folder(checkpoint), ".failed")
-    if failed.is_file():
-        return f"its onnxruntime export failed before ({failed.read_text().splitlines()[0]}; delete {failed} to try again)"
-    return None
-
-
-def backend_for(
-    model: Path, backend: str, device: str, num_beams: int = 1, say: Callable[[str], None] = print
-) -> tuple[Path, str]:
-    """(path to load, backend name) for `infer` and `serve`: ``auto`` is onnxruntime on a CPU (an
-    exported folder as given; a checkpoint through its cached export, built here the first time) and
-    torch elsewhere; ``torch`` / ``onnxruntime`` are taken as asked."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend {backend!r} is not one of {BACKENDS}")
-    model = Path(model)
-    if backend != "auto":
-        return model, backend
-    if is_export(model):
-        return model, "onnxruntime"
-    if not (model / "recipe.toml").is_file():
-        return model, "torch"  # not a checkpoint: loading it says what is wrong, in one line
-    reason = why_torch(model, device, num_beams)
-    if reason is not None:
-        say(f"backend: torch ({reason})")
-        return model, "torch"
-    folder = cache_folder(model)
-    try:
-        folder = cached_export(model, say)
-    except KeyboardInterrupt:
-        raise
-    except (SteermoeError, OSError) as e:  # a full disk, an unwritable cache: this run on torch, the next one tries again
-        say(f"backend: torch (no onnxruntime export: {e})")
-        return model, "torch"
-    except Exception as e:  # the exporter's own failure: decode with torch rather than not at all, and remember why
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        with contextlib.suppress(OSError):
-            _beside(folder, ".failed").write_text(f"{type(e).__name__}: {first}\n\n{traceback.format_exc()}")
-        say(f"backend: torch (the onnxruntime export failed: {type(e).__name__}: {first})")
-        return model, "torch"
-    say(f"backend: onnxruntime ({folder}; --backend torch skips it)")
-    return folder, "onnxruntime"
+def failed_marker(checkpoint: Path) -> Path:
+    """Where a failed export of ``checkpoint`` leaves its reason (so it is not retried on every call)."""
+    return beside(cache_folder(checkpoint), ".failed")
 
 
 def cached_export(checkpoint: Path, say: Callable[[str], None] = print) -> Path:
-    """The checkpoint's export in the cache, built under a lock the first time (concurrent callers wait for it)."""
-    from steermoe_core.export.onnx_export import export_onnx
+    """The checkpoint's export in the cache, built under a lock the first time (concurrent callers wait
+    for it); its LLM part comes from ``llm/`` when another export already made it."""
+    from steermoe_core.export import onnx_export  # torch: only when something may have to be exported
 
     folder = cache_folder(checkpoint)
-    with _locked(_beside(folder, ".lock")):
-        if not (folder / MANIFEST).is_file():
-            say(f"exporting {checkpoint} to onnxruntime once (about a minute on 2 cores; cached in {folder.parent})")
+    with locked(beside(folder, ".lock")):
+        if not _complete(folder):
+            say(f"exporting {checkpoint} to onnxruntime once (cached in {folder.parent}; about a minute on 2 cores "
+                "for a new LLM, seconds for another adapter on an LLM exported before)")
             with warnings.catch_warnings():  # the exporter's and transformers' deprecation chatter
                 warnings.simplefilter("ignore")
-                export_onnx(checkpoint, folder, step=lambda msg: say(f"  {msg}"))
+                onnx_export.export_onnx(checkpoint, folder, step=lambda msg: say(f"  {msg}"), llm_cache=folder.parent / LLM_PARTS)
         os.utime(folder)  # most recently used: kept by _prune
     _prune(folder.parent, keep=int(os.environ.get("STEERMOE_ONNX_CACHE_KEEP", "3")), spare=folder)
     return folder
 
 
-def _beside(folder: Path, suffix: str) -> Path:
+def beside(folder: Path, suffix: str) -> Path:
     return folder.with_name(folder.name + suffix)
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if missing); with ``wait=False`` yields False at
+    once when another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
 
+def _complete(folder: Path) -> bool:
+    """An export whose manifest and every file it names are there (a file deleted by hand: export again)."""
+    try:
+        read_manifest(folder)
+    except (CheckpointError, KeyError, TypeError, AttributeError):  # the latter: a damaged manifest
+        return False
+    return True
+
+
 def _prune(root: Path, keep: int, spare: Path) -> None:
-    """Drop all but the ``keep`` most recently used exports (never ``spare``); a process already
-    running one keeps its open files (POSIX), and a later call simply exports it again."""
-    exports = sorted((p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    """Drop all but the ``keep`` most recently used exports (never ``spare``, nor one another process
+    holds the lock of), then every shared LLM part that no export left in the cache names."""
+    exports = sorted(_exports(root), key=lambda p: p.stat().st_mtime, reverse=True)
     for old in exports[max(keep, 1):]:
-        if old != spare:
-            shutil.rmtree(old, ignore_errors=True)
-            _beside(old, ".lock").unlink(missing_ok=True)
+        if old == spare:
+            continue
+        with locked(beside(old, ".lock"), wait=False) as mine:
+            if mine:
+                shutil.rmtree(old, ignore_errors=True)
+        if mine:
+            beside(old, ".lock").unlink(missing_ok=True)
+    parts = root / LLM_PARTS
+    if not parts.is_dir():
+        return
+    for part in [p for p in parts.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+        if part.name in _shared_llms(root):
+            continue
+        with locked(beside(part, ".lock"), wait=False) as mine:
+            # under the lock an export linking this part has renamed its manifest into place: ask again
+            if mine and part.name not in _shared_llms(root):
+                shutil.rmtree(part, ignore_errors=True)
+
+
+def _exports(root: Path) -> list[Path]:
+    return [p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).is_file()] if root.is_dir() else []
+
+
+def _shared_llms(root: Path) -> set[str]:
+    """The LLM parts the exports in the cache name."""
+    keys = set()
+    for folder in _exports(root):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            key = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("shared_llm")
+            if key:
+                keys.add(str(key))
+    return keys
+
+
+def __getattr__(name: str):
+    """The backend choice (``backend_for``, ``why_torch``, ``BACKENDS``, ``is_export``) lives in
+    ``inference.choice``; imports of those names from here still resolve, to that module's."""
+    if name in ("BACKENDS", "backend_for", "why_torch", "is_export"):
+        from steermoe_core.inference import choice
+
+        return getattr(choice, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

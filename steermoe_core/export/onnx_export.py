@@ -15,8 +15,13 @@ converter, keeping float32 inputs and outputs (the backend's numpy side never ch
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
+import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -47,7 +52,7 @@ from steermoe_core.inference.onnx_manifest import (
     cache_names,
     require,
 )
-from steermoe_core.model.lora import merge_lora
+from steermoe_core.model.lora import has_lora, merge_lora
 from steermoe_core.model.steermoe import SteerMoEModel
 
 OPSETS = range(18, 22)  # what the dynamo exporter emits natively and onnxruntime >= 1.17 runs
@@ -59,6 +64,7 @@ FILES = {
     "audio_tower": "audio_tower.onnx", "decoder": "decoder.onnx", "embeddings": "embeddings.npy",
     "mel_filters": "mel_filters.npy", "tokenizer": "tokenizer/tokenizer.json",
 }
+LLM_FILES = {k: FILES[k] for k in ("decoder", "embeddings", "tokenizer")}  # the LLM's alone: shared between adapters
 
 
 def check_options(opset: int, dtype: str, quantize: str | None) -> None:
@@ -80,8 +86,14 @@ def export_onnx(
     quantize: str | None = None,
     trust_remote_code: bool = False,
     step: Callable[[str], None] | None = None,
+    llm_cache: str | Path | None = None,
 ) -> dict:
-    """Export ``checkpoint`` to the folder ``out`` (written atomically). Returns the manifest."""
+    """Export ``checkpoint`` to the folder ``out`` (written atomically). Returns the manifest.
+
+    ``llm_cache``: a folder of LLM parts shared between exports (the export cache's ``llm/``). The
+    LLM's files (``LLM_FILES``: decoder, embeddings, tokenizer) are then exported once per LLM into
+    ``llm_cache/<llm_key>/`` and hard-linked into ``out``, which stays a complete folder; the manifest
+    names the part in ``shared_llm``. Without it the LLM's files are exported into ``out`` directly."""
     check_options(opset, dtype, quantize)
     require("onnx", "onnxscript", "onnxruntime")
     from steermoe_core.model.checkpoint import load_checkpoint
@@ -92,45 +104,36 @@ def export_onnx(
         model, recipe, meta = load_checkpoint(checkpoint, torch.device("cpu"), trust_remote_code=trust_remote_code)
     except BackboneError as e:
         raise BackboneError(f"{checkpoint}: cannot load the backbones it was trained on ({e})") from None
+    lora_on_llm = has_lora(model, "llm")
     model = merge_lora(model.float()).eval()  # LoRA folded into the backbones: plain modules, same function
     if model.encoder.kind != "whisper":
         raise UsageError(f"{checkpoint}: ONNX export supports Whisper encoders only (this one is {model.encoder.kind!r})")
-    seconds = {}
-    with atomic_dir(out) as tmp:
-        (tmp / "tokenizer").mkdir()
+    shared, part_lock = None, contextlib.nullcontext()
+    if llm_cache is not None:
+        from steermoe_core.export.cache import beside, export_key, locked
+
+        key = llm_key(model, opset, dtype, quantize, own=export_key(Path(checkpoint)) if lora_on_llm else None)
+        shared = Path(llm_cache) / key
+        part_lock = locked(beside(shared, ".lock"))
+    # the LLM part's lock is held until ``out`` is in place: pruning never sees the part unnamed while it is linked
+    with part_lock, atomic_dir(out) as tmp:
         t0 = time.perf_counter()
         say("exporting the audio tower")
         args, shapes = audio_tower_shapes(model)
-        _export(AudioTower(model), args, shapes, ["features", "feature_lengths"], ["audio_tokens"], tmp / FILES["audio_tower"], opset)
-        seconds["audio_tower"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        say("exporting the LLM decoder with its KV cache")
-        layers, heads, head_dim = kv_shape(model.llm)
-        args, shapes = decoder_shapes(model.llm, torch.float32)
-        _export(
-            Decoder(model.llm), args, shapes, ["inputs_embeds", "attention_mask", "position_ids", *cache_names(layers, "past")],
-            ["logits", *cache_names(layers, "present")], tmp / FILES["decoder"], opset,
-        )
-        seconds["decoder"] = time.perf_counter() - t0
-        for name in ("audio_tower", "decoder"):
-            if dtype == "fp16":
-                say(f"converting the {name} to float16")
-                _to_fp16(tmp / FILES[name])
-            if quantize == "int8":
-                say(f"quantising the {name} to int8")
-                _to_int8(tmp / FILES[name])
-            _check(tmp / FILES[name])
-        say("comparing the graphs with torch")
-        parity = _parity(model, tmp)
-        if dtype == "fp32" and not quantize and max(parity.values()) > 1e-3:
-            raise RuntimeError(f"the exported graphs disagree with torch (max relative difference {parity}): an exporter bug")
-        say("writing embeddings, tokenizer and manifest")
+        _export_graph(AudioTower(model), args, shapes, ["features", "feature_lengths"], ["audio_tokens"], tmp / FILES["audio_tower"], opset, dtype, quantize, say)
+        seconds = {"audio_tower": time.perf_counter() - t0}
+        parity = _parity(model, tmp, ["audio_tower"], dtype, quantize)
+        if shared is None:
+            llm = _export_llm(model, tmp, opset, dtype, quantize, say, checkpoint)
+        else:
+            llm = _shared_llm(model, shared, opset, dtype, quantize, say, checkpoint)
+            say(f"linking the LLM's decoder, embeddings and tokenizer from {shared}")
+            _link_files(shared, tmp, LLM_FILES)
+        seconds["decoder"], parity["decoder"] = llm["seconds"], llm["parity"]
+        say("writing mel filters and manifest")
         enc = model.encoder
-        np.save(tmp / FILES["embeddings"], model.llm.get_input_embeddings().weight.detach().float().numpy())
+        layers, heads, head_dim = kv_shape(model.llm)
         np.save(tmp / FILES["mel_filters"], mel_filters(enc.n_mels, torch.device("cpu")).numpy())
-        model.tokenizer.save_pretrained(tmp / "tokenizer")
-        if not (tmp / FILES["tokenizer"]).is_file():
-            raise CheckpointError(f"{checkpoint}: the LLM's tokenizer has no fast version (tokenizer.json), which the onnxruntime backend needs")
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -159,8 +162,102 @@ def export_onnx(
             # checkpoint's policy is made of, so the export follows the same rules as the checkpoint
             "longform": policy_inputs(checkpoint),
         }
+        if shared is not None:
+            manifest["shared_llm"] = shared.name  # the cache's LLM part this folder's LLM files are linked from
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return manifest
+
+
+def llm_key(model: SteerMoEModel, opset: int, dtype: str, quantize: str | None, own: str | None = None) -> str:
+    """What the LLM part of an export is made of, hashed: format, options, the LLM's config, every
+    weight's bytes as exported (after ``merge_lora``) and the tokenizer. ``own``: a checkpoint's key,
+    mixed in for LoRA on the LLM (that LLM is the checkpoint's alone). About 1 s per GB of weights."""
+    from steermoe_core.export.cache import CACHE_REVISION
+
+    h = hashlib.sha256(f"steermoe-onnx-llm-v{FORMAT_VERSION}.{CACHE_REVISION}:{opset}:{dtype}:{quantize}:{own}".encode())
+    # where it was loaded from and in which dtype do not change it (the weights' bytes below say what was exported)
+    config = {k: v for k, v in model.llm.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in sorted(model.llm.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    tok = model.tokenizer
+    h.update(tok.backend_tokenizer.to_str().encode() if getattr(tok, "is_fast", False) else repr(tok).encode())
+    h.update(str(getattr(tok, "chat_template", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def _shared_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quantize: str | None, say, checkpoint) -> dict:
+    """The LLM part in ``folder`` (its record: export seconds, parity), exported there first when it is
+    missing or incomplete. The caller holds its lock."""
+    record = folder / "llm.json"
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+        if all((folder / name).exists() for name in LLM_FILES.values()):
+            say(f"the LLM's decoder is already exported ({folder}): reusing it")
+            return info
+    except (OSError, ValueError):
+        pass
+    with atomic_dir(folder) as tmp:
+        info = _export_llm(model, tmp, opset, dtype, quantize, say, checkpoint)
+        (tmp / "llm.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return info
+
+
+def _export_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quantize: str | None, say, checkpoint) -> dict:
+    """The LLM's files (``LLM_FILES``) into ``folder``: the decoder graph, compared with torch, the
+    embedding table and the tokenizer. Returns {"seconds", "parity"} of the decoder."""
+    t0 = time.perf_counter()
+    say("exporting the LLM decoder with its KV cache")
+    layers = kv_shape(model.llm)[0]
+    args, shapes = decoder_shapes(model.llm, torch.float32)
+    _export_graph(
+        Decoder(model.llm), args, shapes, ["inputs_embeds", "attention_mask", "position_ids", *cache_names(layers, "past")],
+        ["logits", *cache_names(layers, "present")], folder / FILES["decoder"], opset, dtype, quantize, say,
+    )
+    seconds = time.perf_counter() - t0
+    parity = _parity(model, folder, ["decoder"], dtype, quantize)["decoder"]
+    say("writing embeddings and tokenizer")
+    np.save(folder / FILES["embeddings"], model.llm.get_input_embeddings().weight.detach().float().numpy())
+    (folder / "tokenizer").mkdir(exist_ok=True)
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    if not (folder / FILES["tokenizer"]).is_file():
+        raise CheckpointError(f"{checkpoint}: the LLM's tokenizer has no fast version (tokenizer.json), which the onnxruntime backend needs")
+    return {"seconds": seconds, "parity": parity}
+
+
+def _link_files(src: Path, dst: Path, files: dict[str, str]) -> None:
+    """Hard-link each of ``files`` (a graph with its ``.data`` side file; a file's whole folder, as the
+    tokenizer's) from ``src`` into ``dst``; a copy where the file system refuses links."""
+    paths = set()
+    for name in files.values():
+        top = Path(name).parts[0]
+        if (src / top).is_dir():
+            paths.update(p.relative_to(src) for p in (src / top).rglob("*") if p.is_file())
+        else:
+            paths.update(p.relative_to(src) for p in src.glob(f"{glob.escape(name)}*") if p.is_file())
+    for rel in sorted(paths):
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(src / rel, dst / rel)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+            shutil.copy2(src / rel, dst / rel)
+
+
+def _export_graph(module, args, shapes, inputs: list[str], outputs: list[str], path: Path, opset: int, dtype: str, quantize: str | None, say) -> None:
+    """One graph: exported, converted as asked, checked."""
+    _export(module, args, shapes, inputs, outputs, path, opset)
+    name = path.stem.replace("_", " ")
+    if dtype == "fp16":
+        say(f"converting the {name} to float16")
+        _to_fp16(path)
+    if quantize == "int8":
+        say(f"quantising the {name} to int8")
+        _to_int8(path)
+    _check(path)
 
 
 def _export(module, args, shapes, inputs: list[str], outputs: list[str], path: Path, opset: int) -> None:
@@ -182,9 +279,10 @@ def _export(module, args, shapes, inputs: list[str], outputs: list[str], path: P
 
 
 @torch.no_grad()
-def _parity(model: SteerMoEModel, folder: Path) -> dict[str, float]:
-    """Each graph in onnxruntime against torch on one random example: the largest difference
-    relative to the largest value (recorded in the manifest; float32 exports must agree to 1e-3)."""
+def _parity(model: SteerMoEModel, folder: Path, names: list[str], dtype: str, quantize: str | None) -> dict[str, float]:
+    """Each graph of ``names`` in onnxruntime against torch on one random example: the largest
+    difference relative to the largest value (recorded in the manifest; float32 exports must agree
+    to 1e-3, checked here, before a shared LLM part is kept)."""
     import onnxruntime as ort
 
     g = torch.Generator().manual_seed(0)
@@ -203,12 +301,15 @@ def _parity(model: SteerMoEModel, folder: Path) -> dict[str, float]:
         }),
     }
     out = {}
-    for name, (module, args, feed) in cases.items():
+    for name in names:
+        module, args, feed = cases[name]
         want = module(*args)
         want = (want if isinstance(want, tuple) else (want,))[0].float()
         sess = ort.InferenceSession(str(folder / FILES[name]), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(sess.run(None, {k: v.numpy() for k, v in feed.items()})[0]).float()
         out[name] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    if dtype == "fp32" and not quantize and max(out.values()) > 1e-3:
+        raise RuntimeError(f"the exported graphs disagree with torch (max relative difference {out}): an exporter bug")
     return out
 
 

@@ -168,7 +168,7 @@ class OnnxBackend:
                 from transformers import AutoTokenizer
             except ImportError:
                 raise MissingDependency("a chat without audio on the onnxruntime backend renders its template with transformers: pip install transformers") from None
-            self._chat_tokenizer = AutoTokenizer.from_pretrained(self.folder / "tokenizer")
+            self._chat_tokenizer = AutoTokenizer.from_pretrained((self.folder / self.manifest["files"]["tokenizer"]).parent)
         return self._chat_tokenizer
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int, guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
