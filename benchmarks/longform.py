@@ -1,6 +1,7 @@
 """Long recordings with the shipped model: transcripts that stay on the audio, and instructions.
 
     nice python benchmarks/longform.py --minutes 1 5 15 --qa-recordings 3 --out /tmp/longform.json
+    nice python benchmarks/longform.py --short 90 --pause 0.6 --qa-recordings 0     # short sentences, short pauses
 
 Builds recordings from held-out sentences (the demo's held-out Brown pool) spoken by held-out voices
 (the demo's HELDOUT_VOICES, never trained on), joined with 0.4-1.0 s pauses, and measures:
@@ -55,15 +56,34 @@ def facts() -> list[tuple[str, str, str]]:
     return out
 
 
-def speak(sentences: list[str], seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The sentences spoken by held-out voices in turn, joined with 0.4-1.0 s pauses; and the clips."""
+def speak(sentences: list[str], seed: int, pause: float = 0.0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The sentences spoken by held-out voices in turn, joined with pauses of ``pause`` s (0: 0.4-1.0 s
+    at random); and the clips."""
     rng = random.Random(seed)
     voices = [parse_voice(v) for v in HELDOUT_VOICES]
     clips = [synthesize(s, *voices[k % len(voices)], 1.0).astype(np.float32) for k, s in enumerate(sentences)]
     parts = [np.zeros(int(0.5 * SAMPLE_RATE), np.float32)]
     for c in clips:
-        parts += [c, np.zeros(int(rng.uniform(0.4, 1.0) * SAMPLE_RATE), np.float32)]
+        parts += [c, np.zeros(int((pause or rng.uniform(0.4, 1.0)) * SAMPLE_RATE), np.float32)]
     return np.concatenate(parts), clips
+
+
+def errors(refs: list[str], hyps: list[str]) -> dict:
+    """Word errors by kind: a segment that holds two sentences and reads one shows up as deletions."""
+    import jiwer
+
+    from steermoe_core.evaluation.metrics import normalize_english
+
+    out = jiwer.process_words([normalize_english(r) for r in refs], [normalize_english(h) for h in hyps])
+    return {"deletions": out.deletions, "insertions": out.insertions, "substitutions": out.substitutions,
+            "words": sum(len(normalize_english(r).split()) for r in refs)}
+
+
+def short_sentences(n: int) -> list[str]:
+    """The ``n`` shortest held-out sentences, in the pool's order: recordings of short utterances with short pauses."""
+    pool = in_domain_sentences(10_000)
+    keep = set(sorted(range(len(pool)), key=lambda i: len(pool[i]))[:n])
+    return [s for i, s in enumerate(pool) if i in keep]
 
 
 def sentences_for(seconds: float, pool: list[str], start: int) -> tuple[list[str], int]:
@@ -87,25 +107,35 @@ def main() -> None:
                     help="auto: what `steermoe infer` runs here (onnxruntime on a CPU, from its cached export)")
     ap.add_argument("--summary-tokens", type=int, default=128, help="budget of each summary")
     ap.add_argument("--max-segment-seconds", type=float, default=0.0, help="override the checkpoint's segment length (0 = its own)")
+    ap.add_argument("--join-seconds", type=float, default=-1.0,
+                    help="join speech regions up to this many seconds (-1 = the checkpoint's rule; 0 = never)")
+    ap.add_argument("--short", type=int, default=0,
+                    help="instead of --minutes: one recording of the N shortest held-out sentences (90 for about 5 minutes)")
+    ap.add_argument("--pause", type=float, default=0.0, help="pause between sentences in seconds (0 = 0.4-1.0 s at random)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     import torch
     import transformers
 
-    from steermoe_core.export.cache import backend_for
+    from steermoe_core.inference.choice import backend_for
     from steermoe_core.inference import default_model_path
 
     path, backend = backend_for(args.model or default_model_path(), args.backend, "cpu")
     sm = SteerMoE.load(path, "cpu", backend=backend)
     if args.max_segment_seconds > 0:
         sm.policy.max_segment_seconds = args.max_segment_seconds
+    if args.join_seconds >= 0:
+        sm.policy.join_seconds = args.join_seconds
     report: dict = {"cpu": platform.processor() or platform.machine(), "backend": backend, "torch": torch.__version__,
                     "transformers": transformers.__version__, "policy": vars(sm.policy), "recordings": [], "qa": {}}
     pool = in_domain_sentences(300)
     start = 0
-    for minutes in args.minutes:
-        sents, start = sentences_for(minutes * 60, pool, start)
-        audio, clips = speak(sents, seed=int(minutes * 10))
+    for minutes in ([0] if args.short else args.minutes):
+        if args.short:
+            sents = short_sentences(args.short)
+        else:
+            sents, start = sentences_for(minutes * 60, pool, start)
+        audio, clips = speak(sents, seed=int(minutes * 10), pause=args.pause)
         t0 = time.perf_counter()
         sep = [r.text for r in sm.transcribe(clips, batch_size=8)]
         t_sep = time.perf_counter() - t0
@@ -129,6 +159,8 @@ def main() -> None:
             "max_segment_s": round(max((s.end - s.start for s in r.segments), default=0), 2),
         }
         rec["wer_ratio"] = round(rec["wer_recording"] / max(rec["wer_separate_joined"], 1e-9), 3)
+        rec["errors_separate"] = errors(sents, sep)
+        rec["errors_recording"] = errors([ref], [r.text])
         print(json.dumps(rec), flush=True)
         report["recordings"].append(rec)
 

@@ -134,10 +134,10 @@ def load(base: str, clips: list[tuple[Path, float]], clients: int, requests: int
 
 def infer_p50(model: str | None, clips: list[Path], repeats: int) -> float:
     """The same clips, one file at a time, through the API `steermoe infer` runs, on the backend it
-    picks (``export.cache.backend_for``, as the server does), model loaded once (what a server saves)."""
+    picks (``inference.choice.backend_for``, as the server does), model loaded once (what a server saves)."""
     code = f"""
 import time, statistics
-from steermoe_core.export.cache import backend_for
+from steermoe_core.inference.choice import backend_for
 from steermoe_core.inference import SteerMoE, default_model_path
 clips = {[str(c) for c in clips]!r}
 path, backend = backend_for({model!r} or default_model_path(), "auto", "cpu", say=lambda line: None)

@@ -20,6 +20,7 @@ class Task(str, Enum):
     transcribe = "transcribe"
     summarize = "summarize"
     qa = "qa"
+    sentiment = "sentiment"
 
 
 class Strategy(str, Enum):
@@ -49,7 +50,7 @@ def infer(
     model: Annotated[Optional[Path], typer.Option(help="Checkpoint, or a folder from `steermoe export --onnx` (default: $STEERMOE_MODEL, else the demo's)")] = None,
     backend: Annotated[BackendName, typer.Option(envvar="STEERMOE_BACKEND", help="auto (onnxruntime on a CPU, from an export built once and cached; torch on a GPU or with --beams) | torch | onnxruntime (a folder from `steermoe export --onnx`; no torch needed)")] = BackendName.auto,
     prompt: Annotated[Optional[str], typer.Option(help="Free-form instruction, e.g. 'Summarize the main points'")] = None,
-    task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question)")] = Task.transcribe,
+    task: Annotated[Task, typer.Option(help="transcribe | summarize | qa (with --question) | sentiment (positive, negative or neutral)")] = Task.transcribe,
     question: Annotated[Optional[str], typer.Option(help="The question, with --task qa")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows decoded together")] = 8,
     fmt: Annotated[Format, typer.Option("--format", help="text | json | jsonl | srt | vtt")] = Format.text,
@@ -66,6 +67,8 @@ def infer(
     trust_remote_code: Annotated[bool, typer.Option(help="Let the LLM's own Python code run (never read from a checkpoint)")] = False,
     gpus: Annotated[int, typer.Option(help="Processes, one GPU each: inputs sharded, parts merged in input order into --out")] = 1,
     workers: Annotated[int, typer.Option(help="CPU processes (with --device cpu), sharded like --gpus")] = 1,
+    tools: Annotated[Optional[Path], typer.Option(help="A JSON file of OpenAI tools: each recording is a spoken request; its calls are printed as JSON lines")] = None,
+    tool_choice: Annotated[str, typer.Option(help="With --tools: auto | none | required | a tool's name (then the call follows its schema)")] = "auto",
 ):
     """Ask a trained model about audio files, folders and long recordings.
 
@@ -92,6 +95,9 @@ def infer(
         raise UsageError("several processes need --out FILE (each writes a part, merged there at the end) and no --stream")
     if nproc > 1 and not launched_by_a_launcher():
         relaunch(nproc)
+        return
+    if tools is not None:
+        _spoken_calls(inputs, from_list, tools, tool_choice, model, backend, device, trust_remote_code, max_new_tokens, out)
         return
     text_prompt = prompt or (question if task == Task.qa else TASK_PROMPTS[task.value])
     transcribe = prompt is None and task == Task.transcribe
@@ -131,6 +137,31 @@ def infer(
         console.print(f"nothing left to do: all inputs are already in {out}")
         return
     _finish(records, fmt, out, len(done))
+
+
+def _spoken_calls(inputs, from_list, tools: Path, tool_choice: str, model, backend, device: str, trust_remote_code: bool,
+                  max_new_tokens: Optional[int], out: Optional[Path]) -> None:
+    """--tools: each recording transcribed, then the frozen LLM asked with the tools; one JSON line per call."""
+    import json
+
+    from steermoe_core.atomic import write_text
+    from steermoe_core.inference import SteerMoE, iter_inputs
+    from steermoe_core.inference.tools import forced_functions, read_tools, spoken_calls
+
+    offered = read_tools(tools)
+    forced_functions(offered, tool_choice)  # a wrong name is an error before the model loads
+    model, backend_name = pick_backend(model, backend, device, 1)
+    sm = SteerMoE.load(model, device, trust_remote_code, backend=backend_name)
+    lines, failed = [], 0
+    for rec in spoken_calls(sm, iter_inputs(inputs or [], from_list), offered, tool_choice, max_new_tokens=max_new_tokens or 256):
+        failed += "error" in rec
+        lines.append(json.dumps(rec, ensure_ascii=False))
+        if out is None:
+            print(lines[-1], flush=True)
+    if out is not None:
+        write_text(out, "".join(line + "\n" for line in lines))
+    if failed:
+        raise typer.Exit(1 if failed < len(lines) else 2)
 
 
 def _instruction_progress(path: str, what: str, done: int, total: int) -> None:

@@ -175,3 +175,28 @@ def test_rendering_parsing_and_the_python_api(sm):
         assert parse_tool_calls(broken, {"lights"}) == (broken, [])  # returned as text, never a broken call
     _, calls, _ = tool_answer(sm.backend, ASK, TOOLS, forced=[TIMER["function"]], many=False, max_new_tokens=BUDGET)
     assert len(calls) == 1 and jsonschema.validate(json.loads(calls[0].arguments), TIMER["function"]["parameters"]) is None
+
+
+def test_infer_tools_prints_each_call_as_a_json_line(backbones, tiny_data, tmp_path):
+    from conftest import train_tiny
+    from typer.testing import CliRunner
+
+    from steermoe_cli.main import app
+
+    ckpt = train_tiny(backbones, tiny_data, tmp_path / "run", 4)
+    clip = tmp_path / "command.wav"
+    sf.write(clip, tone_clip(2, 1.5) * 0.5, 16000, subtype="PCM_16")
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    args = ["infer", str(clip), "--model", str(ckpt), "--backend", "torch", "--device", "cpu", "--tools", str(tools),
+            "--max-new-tokens", str(BUDGET)]
+    r = CliRunner().invoke(app, [*args, "--tool-choice", "set_timer"])
+    assert r.exit_code == 0, r.output
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["path"] == str(clip) and line["name"] == "set_timer" and "transcript" in line
+    jsonschema.validate(line["arguments"], TIMER["function"]["parameters"])
+    r = CliRunner().invoke(app, [*args, "--tool-choice", "launch_rocket"])
+    assert r.exit_code == 2 and "launch_rocket" in r.output
+    (tmp_path / "bad.json").write_text("{not json")
+    r = CliRunner().invoke(app, [*args[:-4], "--tools", str(tmp_path / "bad.json")])
+    assert r.exit_code == 2 and "bad.json" in r.output and "Traceback" not in r.output

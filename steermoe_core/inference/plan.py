@@ -44,6 +44,7 @@ from steermoe_core.inference.result import Result, Segment
 TASK_PROMPTS = {
     "transcribe": "Transcribe the audio.",
     "summarize": "Summarize the main points of the audio.",
+    "sentiment": "What is the speaker's sentiment: positive, negative or neutral? Answer with one word.",
 }
 
 # what each refusal means to an HTTP client (`serve` answers with this status and the code)
