@@ -200,3 +200,14 @@ def test_infer_tools_prints_each_call_as_a_json_line(backbones, tiny_data, tmp_p
     (tmp_path / "bad.json").write_text("{not json")
     r = CliRunner().invoke(app, [*args[:-4], "--tools", str(tmp_path / "bad.json")])
     assert r.exit_code == 2 and "bad.json" in r.output and "Traceback" not in r.output
+    # the onnxruntime backend decodes under the same grammar: the same schema-valid call as torch
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from steermoe_core.export.onnx_export import export_onnx
+    from steermoe_core.generation.torch_backend import TorchBackend
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+
+    export_onnx(ckpt, tmp_path / "export")
+    calls = [tool_answer(b, ASK, TOOLS, forced=[TIMER["function"]], many=False, max_new_tokens=BUDGET)[1]
+             for b in (TorchBackend.load(ckpt, "cpu"), OnnxBackend.load(tmp_path / "export", "cpu"))]
+    assert [c[0].name for c in calls] == ["set_timer", "set_timer"] and calls[0][0].arguments == calls[1][0].arguments

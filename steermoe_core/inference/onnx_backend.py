@@ -178,7 +178,7 @@ class OnnxBackend:
 
     # -- decoding --
     def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, guard=None, temperature: float = 0.0) -> list[str]:
-        """``guard``: a ``longform.DecodeGuard`` asked after every step (per-row budgets, loops);
+        """``guard``: a ``generation.guards.DecodeGuard`` asked after every step (per-row budgets, loops);
         ``temperature`` > 0 samples."""
         if num_beams != 1:
             raise UsageError("the onnxruntime backend decodes greedily: use --beams 1, or the torch backend for beam search")
@@ -209,6 +209,9 @@ class OnnxBackend:
         out: list[list[int]] = [[] for _ in range(b)]  # each row's ids so far, what the guard reads every step
         for step in range(max_new_tokens):
             logits, *present = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past})
+            allowed = guard.allowed(out, logits.shape[-1]) if guard is not None else None
+            if allowed is not None:  # rows decoded under a grammar (a tool call under its schema)
+                logits = np.where(allowed, logits, -np.inf)
             nxt = np.where(done, self.pad_id, self._pick(logits, temperature))
             for row, tok in zip(out, nxt.tolist()):
                 row.append(tok)
