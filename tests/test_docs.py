@@ -135,6 +135,11 @@ def check_steermoe(tokens: list[str], root) -> str | None:
         if not rest or rest[0] in ("--help", "-h"):
             return None
         name = rest.pop(0)
+        if name.startswith("-"):  # an option of the group itself (steermoe --verbose demo)
+            flags = {o for p in cmd.params if p.param_type_name == "option" and p.is_flag for o in (*p.opts, *p.secondary_opts)}
+            if name not in flags:
+                return f"{' '.join(path)}: no option {name} (known: {', '.join(sorted(flags))})"
+            continue
         if name not in cmd.commands:
             return f"{' '.join(path)}: no subcommand {name!r} (known: {', '.join(sorted(cmd.commands))})"
         cmd, path = cmd.commands[name], [*path, name]
@@ -313,6 +318,8 @@ def test_the_checker_catches_stale_commands():
     assert check_steermoe(["steermoe", "prep", "synth", "t.txt", "--out", "d", "--voice", "flite:slt"], root) is None
     assert "no option --no-such-flag" in check_steermoe(["steermoe", "train", "r.toml", "--no-such-flag"], root)
     assert "no subcommand 'fly'" in check_steermoe(["steermoe", "fly"], root)
+    assert check_steermoe(["steermoe", "--verbose", "demo", "--minutes", "3"], root) is None
+    assert "no option --loud" in check_steermoe(["steermoe", "--loud", "demo"], root)
     assert "arguments given" in check_steermoe(["steermoe", "train", "a.toml", "b.toml"], root)
     assert "needs 1" in check_steermoe(["steermoe", "eval", "--data", "d"], root)
     stale = shell_commands("python benchmarks/train_step.py --write-tiny tiny-backbones  # old")
@@ -331,6 +338,101 @@ def test_no_page_cites_an_internal_issue_number():
         if re.search(r"\bissues? #?\d+\b", line, re.I)
     ]
     assert offenders == []
+
+
+# Words that belong to how the project was worked on, not to what a user reads: run names of
+# experiments, the tracker, the working session, the design notes outside the repository.
+BOOKKEEPING = [
+    (r"\bruns? [A-Z][0-9]?\b", "an experiment's run name"),
+    (r"\b[AB][0-9]\b", "an experiment's run name"),
+    (r"(?i)\bthe issue\b", "the tracker's issue"),
+    (r"(?i)\b(this|the|a) session\b", "the working session"),
+    (r"DESIGN\.md|\.\./shared\b", "notes outside the repository"),
+    (r"(?i)\bno --init-from yet\b", "a note about the product's future"),
+]
+USER_PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "benchmarks" / "RESULTS.md"])
+
+
+def bookkeeping(text: str) -> list[str]:
+    """Bookkeeping words in ``text``, outside code (a command or a config key may spell anything)."""
+    found = []
+    for n, line in enumerate(prose(text).splitlines(), 1):
+        for pattern, why in BOOKKEEPING:
+            if m := re.search(pattern, line):
+                found.append(f"line {n}: {m.group(0)!r} ({why})")
+    return found
+
+
+@pytest.mark.parametrize("page", USER_PAGES, ids=_rel)
+def test_no_internal_bookkeeping_words(page):
+    assert bookkeeping(page.read_text(encoding="utf-8")) == []
+
+
+def test_the_bookkeeping_check_catches_them():
+    assert bookkeeping("Run A2 at a quarter of the lr; B2 adds LoRA.")
+    assert bookkeeping("What the issue suspected, checked in this session.")
+    assert bookkeeping("the contract in ../shared/DESIGN.md")
+    assert bookkeeping("`--set train.seed=2` and a 2-core AVX2 CPU, H200, run `steermoe eval`") == []
+
+
+FIGURE = re.compile(r"(?<![\w.])(\d[\d,]*(?:\.\d+)?)(%|x\b)")
+
+
+def figures(text: str) -> list[str]:
+    """Percentages and "N.Nx" ratios in prose: 47.8%, **12.8x**, 1.05x (as number + unit)."""
+    return [num + unit for num, unit in FIGURE.findall(prose(text).replace("**", ""))]
+
+
+def readme_blocks(text: str) -> list[str]:
+    """README's units of meaning: each table row, list item and paragraph (code left out)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    blocks, current = [], []
+    for line in text.splitlines():
+        starts = line.startswith("|") or re.match(r"^\s*[-*] ", line) or not line.strip() or line.startswith("#")
+        if starts and current:
+            blocks.append("\n".join(current))
+            current = []
+        if line.strip() and not line.startswith("#"):
+            current.append(line)
+            if line.startswith("|"):
+                blocks.append(line)
+                current = []
+    if current:
+        blocks.append("\n".join(current))
+    return blocks
+
+
+def unlinked_figures(readme: Path) -> list[str]:
+    """Each figure in a README row, item or paragraph must appear in a page that block links to."""
+    problems = []
+    for block in readme_blocks(readme.read_text(encoding="utf-8")):
+        found = figures(block)
+        if not found:
+            continue
+        links = re.findall(r"\]\(([^)\s#]+\.md)(?:#[^)]*)?\)", block)
+        texts = [(readme.parent / link).read_text(encoding="utf-8").replace("**", "") for link in links
+                 if (readme.parent / link).is_file()]
+        if not texts:
+            problems.append(f"{found} in a block that links to no page: {block[:80]!r}")
+            continue
+        for fig in found:
+            num, unit = fig[:-1], fig[-1]
+            pattern = rf"(?<![\w.]){re.escape(num)}" + (r"%" if unit == "%" else r"(?![\d])")
+            if not any(re.search(pattern, t) for t in texts):
+                problems.append(f"{fig} is in none of {links}: {block[:80]!r}")
+    return problems
+
+
+def test_readme_figures_are_in_the_pages_it_links():
+    """A figure in the README is a summary of a page it links to, where the figure lives with its command."""
+    assert unlinked_figures(ROOT / "README.md") == []
+
+
+def test_the_figure_check_catches_a_stale_figure(tmp_path):
+    (tmp_path / "page.md").write_text("WER 47.8% and 12.8x real time\n")
+    (tmp_path / "README.md").write_text("| WER **47.8%**, 12.8x | [page](page.md) |\n\nNow 49.9% ([page](page.md)).\n\nAlone: 3.1x.\n")
+    problems = unlinked_figures(tmp_path / "README.md")
+    assert len(problems) == 2 and "49.9%" in problems[0] and "links to no page" in problems[1]
 
 
 def test_readme_stays_short():
