@@ -343,8 +343,8 @@ def test_no_page_cites_an_internal_issue_number():
 # Words that belong to how the project was worked on, not to what a user reads: run names of
 # experiments, the tracker, the working session, the design notes outside the repository.
 BOOKKEEPING = [
-    (r"\bruns? [A-Z][0-9]?\b", "an experiment's run name"),
-    (r"\b[AB][0-9]\b", "an experiment's run name"),
+    (r"\b[Rr]uns? [A-C][0-9]?\b(?![-.])", "an experiment's run name"),
+    (r"\b[A-C][0-9]\b(?![-.])", "an experiment's run name"),
     (r"(?i)\bthe issue\b", "the tracker's issue"),
     (r"(?i)\b(this|the|a) session\b", "the working session"),
     (r"DESIGN\.md|\.\./shared\b", "notes outside the repository"),
