@@ -3,9 +3,14 @@
     python benchmarks/train_step.py --whisper large-v3 --llm qwen2.5-7b --layout librispeech
     python benchmarks/train_step.py --whisper large-v3 --llm qwen2.5-7b --layout reference --batch 4
     python benchmarks/train_step.py --smoke            # tiny shapes on CPU (what CI runs)
+    python benchmarks/train_step.py --recipe recipes/demo_tiny.toml --data DATASET --steps 8
 
 Prints step time, samples/s, audio hours per hour, target tokens/s, peak memory, FLOPs per sample,
 model FLOP utilisation against --peak-tflops, and a split of one step into its phases.
+
+``--recipe`` times the product's real step instead: the recipe's own backbones (real weights), its
+batches from a prepared dataset through the training loader (length-bucketed, augmented), and both
+stages of a CTC curriculum, the CTC-only one (no LLM pass) and the joint one, each with its split.
 """
 
 from __future__ import annotations
@@ -78,6 +83,79 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     return times
 
 
+def prefix_ab(model, opt, batches, precision, clip: float) -> dict:
+    """Joint steps with the chat prefix run every step and read from its cache (``reuse_prefix``), the
+    two alternating on the same batches so that a busy machine's drift falls on both alike; and the
+    loss of the first batch both ways, before any of these steps."""
+    with torch.no_grad():
+        loss = {}
+        for flag in (False, True):
+            model.reuse_prefix = flag
+            loss[flag] = float(model(batches[0])["loss"])
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for i, b in enumerate(batches):
+        for flag in ((False, True) if i % 2 == 0 else (True, False)):
+            model.reuse_prefix = flag
+            t = time.perf_counter()
+            train_step(model, opt, [b], precision, clip)
+            times[flag].append(time.perf_counter() - t)
+    model.reuse_prefix = True
+    return {"loss_full": loss[False], "loss_reused": loss[True],
+            "step_s_full": sum(times[False]) / len(batches), "step_s_reused": sum(times[True]) / len(batches),
+            "samples_per_s_full": sum(len(b.lengths) for b in batches) / sum(times[False]),
+            "samples_per_s_reused": sum(len(b.lengths) for b in batches) / sum(times[True])}
+
+
+def recipe_steps(args) -> dict:
+    """The product's own step on a recipe's real backbones and a prepared dataset, per stage."""
+    from steermoe_core.config import load_recipe
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.runtime import pick_device
+    from steermoe_core.training.loop import Position, _model_for_run, micro_batch_stream
+
+    recipe = load_recipe(args.recipe, [f"data.train={args.data}", *args.set])
+    device = pick_device(recipe.train.device)
+    precision = resolve_precision(args.precision if args.precision != "auto" else recipe.train.precision, device)
+    torch.manual_seed(recipe.train.seed)
+    model = _model_for_run(recipe, None, device)
+    model.train()
+    opt = make_optimizer(model, recipe.train, device)
+    ds = ShardedDataset(recipe.data.train, recipe.data.max_duration)
+    stream = micro_batch_stream(ds, recipe, Position(), SingleDevice())
+    res: dict = {"device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device), "torch": torch.__version__,
+                 "recipe": str(args.recipe), "data": str(args.data), "precision": precision.name,
+                 "threads": torch.get_num_threads(), "batch_size": recipe.data.batch_size}
+    stages = {"ctc_only": True, "joint": False}
+    for stage in args.stages.split(","):
+        model.ctc_only = stages[stage]
+        t = time.perf_counter()
+        batches = [next(stream)[0] for _ in range(args.warmup + (args.steps or 6))]
+        data_s = time.perf_counter() - t
+        for b in batches[: args.warmup]:
+            train_step(model, opt, [b], precision, recipe.train.clip_grad)
+        timed = batches[args.warmup :]
+        t0 = time.perf_counter()
+        for b in timed:
+            train_step(model, opt, [b], precision, recipe.train.clip_grad)
+        wall = time.perf_counter() - t0
+        samples = sum(len(b.lengths) for b in timed)
+        audio_s = sum(float(b.lengths.sum()) / 16000 for b in timed)
+        split = phase_split(model, opt, timed[0], device, precision)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step(model, opt, [timed[-1]], precision, recipe.train.clip_grad)
+            print(f"-- {stage}: one step, operators by self CPU time")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        if args.ab_prefix and stage == "joint":
+            res["reuse_prefix_ab"] = prefix_ab(model, opt, timed, precision, recipe.train.clip_grad)
+        res[stage] = {"steps": len(timed), "step_s": wall / len(timed), "samples_per_s": samples / wall,
+                      "audio_s_per_s": audio_s / wall, "mean_clip_s": audio_s / samples,
+                      "data_s_per_batch": data_s / len(batches), "split_s": split}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--whisper", default="large-v3")
@@ -97,7 +175,21 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=778.0, help="measured bf16 matmul ceiling of the card")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, 3 steps")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--recipe", type=Path, help="time this recipe's real step (its backbones, --data's batches)")
+    ap.add_argument("--data", type=Path, help="--recipe: a prepared dataset folder to draw batches from")
+    ap.add_argument("--set", action="append", default=[], help="--recipe: a recipe override, KEY=VALUE (repeatable)")
+    ap.add_argument("--stages", default="ctc_only,joint", help="--recipe: which stages to time (ctc_only, joint)")
+    ap.add_argument("--ab-prefix", action="store_true", help="--recipe: also time joint steps with the chat prefix run every step against it reused from its cache, alternating")
+    ap.add_argument("--profile", type=int, default=0, help="--recipe: also print the N costliest operators of one step (torch.profiler)")
     args = ap.parse_args()
+    if args.recipe is not None:
+        if args.data is None:
+            ap.error("--recipe needs --data (a prepared dataset folder)")
+        res = recipe_steps(args)
+        if args.json:
+            args.json.write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return
     if args.smoke:
         args.whisper, args.llm, args.device, args.utterances, args.steps, args.warmup = "tiny", "smoke", "cpu", 12, 2, 1
         args.batch_seconds, args.batch = 60.0, 2

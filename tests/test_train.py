@@ -224,3 +224,34 @@ def test_cli_train_then_eval(backbones, tiny_data, tmp_path):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["examples"] == 4 and summary["wer"] <= 0.25
     assert len(preds.read_text().splitlines()) == 4
+
+
+def test_the_reused_chat_prefix_gives_the_same_loss_and_gradients(backbones, tiny_data):
+    """The loss reads the keys and values of the chat prefix before the audio (the same in every
+    example, and gradient-free with a frozen LLM) from a cache instead of running them every step:
+    loss and every adapter gradient equal the full sequence's."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.data.dataset import ShardedDataset, collate
+    from steermoe_core.training.loop import _model_for_run
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["train"]["ctc_weight"] = 0.5
+    model = _model_for_run(recipe_from_dict(d), None, torch.device("cpu")).train()
+    ds = ShardedDataset(tiny_data)
+    batch = collate([ds[i] for i in range(len(ds))], "Transcribe the audio.")
+    results = {}
+    for reuse in (False, True, True):  # the second True reads the prefix computed by the first
+        model.reuse_prefix = reuse
+        model.zero_grad(set_to_none=True)
+        out = model(batch)
+        out["loss"].backward()
+        results.setdefault(reuse, []).append((out["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert len(model._prefix) == 1
+    (loss, grads), = results[False]
+    for loss2, grads2 in results[True]:
+        torch.testing.assert_close(loss2, loss, atol=1e-5, rtol=1e-5)
+        assert grads2.keys() == grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads2[n], grads[n], atol=1e-5, rtol=1e-4)

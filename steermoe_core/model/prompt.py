@@ -28,6 +28,7 @@ class LLMBatch:
     target_index: torch.Tensor  # flat positions whose hidden state predicts a target token
     target_labels: torch.Tensor  # the token each of those positions must predict
     labels: torch.Tensor  # (B, S) -100 except target and end-of-turn tokens (for HF-style losses)
+    prefix_len: int = 0  # leading tokens identical in every row (the chat prefix before the audio); 0 = none shared
 
 
 class PromptLayout:
@@ -126,12 +127,16 @@ class PromptLayout:
                 labels[i, off + t0 : off + t0 + nt] = torch.tensor(r[t0 : t0 + nt])
                 target_index.extend(range(i * width + off + t0 - 1, i * width + off + t0 + nt - 1))
                 target_labels.extend(r[t0 : t0 + nt])
+        prefix = 0
+        if targets is not None:  # right-padded: every row's prefix starts at position 0
+            pres = [self.around_audio(p)[0] for p in prompts]
+            prefix = len(pres[0]) if all(x == pres[0] for x in pres) else 0
         return LLMBatch(
             input_ids=ids, attention_mask=mask,
             audio_index=torch.tensor(audio_index, dtype=torch.long),
             target_index=torch.tensor(target_index, dtype=torch.long),
             target_labels=torch.tensor(target_labels, dtype=torch.long),
-            labels=labels,
+            labels=labels, prefix_len=prefix,
         )
 
 

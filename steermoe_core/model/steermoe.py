@@ -49,6 +49,8 @@ class SteerMoEModel(nn.Module):
         self.ctc_blank_id = space[0] if len(space) == 1 else self.layout.pad_id
         self.grad_checkpointing = False
         self.lora: dict[str, nn.Module] = {}  # part -> peft tuner (a plain dict: not a submodule)
+        self.reuse_prefix = True  # the loss reads the chat prefix's keys/values from a cache (see _prefix_kv)
+        self._prefix: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def pad_to_repeated_shapes(self, seconds: float) -> None:
         """Pad (masked) each batch's audio to a multiple of ``seconds`` and its LLM sequence to a
@@ -148,6 +150,52 @@ class SteerMoEModel(nn.Module):
         return flat.view(b, s, h), lb, audio, per_clip
 
     # -- training loss --
+    def _prefix_kv(self, ids: list[int], dev: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Each LLM layer's keys and values for the chat prefix every sequence starts with (system
+        message, user header: the tokens before the audio), computed once without gradients and kept.
+
+        In a causal LLM those positions see nothing after them, so they are the same for every
+        example, and with a frozen LLM no gradient flows into them: running them in every step's
+        forward and backward (about a tenth of a demo sequence) is pure waste. None where it cannot be
+        reused: LoRA on the LLM (the keys depend on trained weights), gradient checkpointing, or an LLM
+        whose forward takes no cache."""
+        if not self.reuse_prefix or "llm" in self.lora or self.grad_checkpointing or not ids:
+            return None
+        key = (tuple(ids), str(dev), torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type))
+        if key not in self._prefix:
+            try:
+                with torch.no_grad():
+                    emb = self.llm.get_input_embeddings()(torch.tensor([ids], device=dev))
+                    out = self.llm.base_model(inputs_embeds=emb, use_cache=True)
+                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                self._prefix[key] = [(layer.keys, layer.values) for layer in cache.layers]
+            except (AttributeError, TypeError):
+                self.reuse_prefix = False
+                return None
+        return self._prefix[key]
+
+    def _llm_hidden(self, embeds: torch.Tensor, lb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's last hidden states and the flat indices of the target positions in them. Where every
+        row starts with the same chat prefix its keys and values come from ``_prefix_kv`` and only the
+        positions after it run (same loss and gradients: a test compares them)."""
+        dev = embeds.device
+        mask = to_device(lb.attention_mask, dev)
+        target_index = to_device(lb.target_index, dev)
+        n = lb.prefix_len
+        kv = self._prefix_kv(lb.input_ids[0, :n].tolist(), dev) if n else None
+        if kv is None:
+            out = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+            return out.last_hidden_state, target_index
+        import inspect
+
+        from transformers import DynamicCache
+
+        b, s, _ = embeds.shape
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in kv])
+        name = "cache" if "cache" in inspect.signature(self.llm.base_model.forward).parameters else "past_key_values"
+        out = self.llm.base_model(inputs_embeds=embeds[:, n:], attention_mask=mask, use_cache=False, **{name: cache})
+        return out.last_hidden_state, (target_index // s) * (s - n) + target_index % s - n
+
     def forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
         """Cross-entropy on target tokens only: logits are never formed for prompt or audio positions."""
         if batch.targets is None:
@@ -157,8 +205,8 @@ class SteerMoEModel(nn.Module):
             return self._ctc_only_forward(batch)
         embeds, lb, audio, audio_lengths = self._embed(batch, batch.targets)
         dev = embeds.device
-        out = self.llm.base_model(inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, dev), use_cache=False)
-        hidden = out.last_hidden_state.reshape(-1, embeds.shape[-1]).index_select(0, to_device(lb.target_index, dev))
+        last, target_index = self._llm_hidden(embeds, lb)
+        hidden = last.reshape(-1, embeds.shape[-1]).index_select(0, target_index)
         logits = self.llm.get_output_embeddings()(hidden).float()
         ce = F.cross_entropy(logits, to_device(lb.target_labels, dev))
         aux = self.adapter.aux_loss
