@@ -3,6 +3,7 @@ in OpenAI's shape; the routes live one family per module, as vLLM's OpenAI serve
 
     transcriptions.py   POST /v1/audio/transcriptions
     chat.py             POST /v1/chat/completions
+    realtime.py         WS /v1/realtime?intent=transcription (live; the session logic: realtime_session.py)
     system.py           GET /health, /metrics, /v1/models, / (the page)
     protocol.py         request models and the error shape;   uploads.py  audio in requests
     state.py            settings, the loaded model, the checks every route makes first
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steermoe_core.errors import SteermoeError
 from steermoe_core.serving import chat, system, transcriptions
+from steermoe_core.serving import realtime
 from steermoe_core.serving.batcher import Batcher
 from steermoe_core.serving.jobs import Jobs
 from steermoe_core.serving.metrics import Metrics
@@ -34,7 +36,7 @@ from steermoe_core.serving.state import ServerState, ServeSettings
 
 log = logging.getLogger("steermoe.serve")
 
-ROUTERS = (transcriptions.router, chat.router, system.router)
+ROUTERS = (transcriptions.router, chat.router, realtime.router, system.router)
 
 __all__ = ["ServeSettings", "create_app"]
 

@@ -1,0 +1,189 @@
+"""``WS /v1/realtime?intent=transcription``: live transcription in OpenAI's Realtime events.
+
+The session logic (events, audio buffer, server VAD) is ``realtime_session.Session``; this module is
+the connection: the API key (``Authorization: Bearer KEY``, as the official Python client sends it,
+or the ``openai-insecure-api-key.KEY`` subprotocol browsers use), one writer task per connection so
+events go out whole and in order, and one task per committed utterance, planned as a transcript by
+the request planner and run through the jobs, so it batches with the HTTP requests. Each utterance
+gets ``conversation.item.input_audio_transcription.delta`` events as its tokens come and one
+``.completed`` (with ``usage``); the deltas joined are the completed transcript. A transcription that
+fails gets ``.failed``. /metrics times each utterance from its commit (a client's, or the moment
+server VAD heard the silence that ended it) to its first delta and to its completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import traceback
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+
+from steermoe_core.inference.plan import TASK_PROMPTS
+from steermoe_core.serving.jobs import Outcome, Ticket
+from steermoe_core.serving.protocol import ApiError, internal_error
+from steermoe_core.serving.realtime_session import Commit, Session
+from steermoe_core.serving.state import ServerState
+
+log = logging.getLogger("steermoe.serve")
+router = APIRouter()
+
+KEY_PROTOCOL = "openai-insecure-api-key."
+
+
+def _protocols(ws: WebSocket) -> list[str]:
+    return [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+
+
+def _refusal(ws: WebSocket, state: ServerState) -> ApiError | None:
+    """Why the connection is refused (the same checks, codes and messages as the HTTP routes), or None."""
+    key = state.settings.api_key
+    if key:
+        header = ws.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else header
+        if not token:
+            token = next((p[len(KEY_PROTOCOL):] for p in _protocols(ws) if p.startswith(KEY_PROTOCOL)), "")
+        if not token:
+            return ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY' (or, from a browser, the "
+                                 f"subprotocol '{KEY_PROTOCOL}KEY')", code="invalid_api_key")
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            return ApiError(401, "incorrect API key", code="invalid_api_key")
+    intent = ws.query_params.get("intent")
+    if intent not in (None, "transcription"):
+        return ApiError(400, f"intent '{intent}' is not supported: this server runs transcription sessions "
+                             "(connect to /v1/realtime?intent=transcription)", code="unsupported_intent")
+    if state.jobs is None:
+        return ApiError(503, state.error or "the model is still loading; try again shortly", "server_error",
+                        "model_not_ready", headers={"Retry-After": "2"})
+    return None
+
+
+async def _deny(ws: WebSocket, e: ApiError) -> None:
+    """Refuse the handshake with an HTTP answer in OpenAI's error shape (a close code where the server
+    cannot send one)."""
+    try:
+        await ws.send_denial_response(JSONResponse(e.body(), e.status, headers=e.headers))
+    except RuntimeError:
+        await ws.close(code=1008, reason=e.message[:120])
+
+
+def _usage(out: Outcome) -> dict:
+    prompt = out.text_tokens + out.audio_tokens
+    return {"type": "tokens", "input_tokens": prompt, "output_tokens": out.output_tokens,
+            "total_tokens": prompt + out.output_tokens,
+            "input_token_details": {"text_tokens": out.text_tokens, "audio_tokens": out.audio_tokens}}
+
+
+@router.websocket("/v1/realtime")
+async def realtime(ws: WebSocket):
+    state: ServerState = ws.app.state.steermoe
+    refused = _refusal(ws, state)
+    if refused is not None:
+        return await _deny(ws, refused)
+    offered = _protocols(ws)
+    chosen = "realtime" if "realtime" in offered else next((p for p in offered if not p.startswith(KEY_PROTOCOL)), None)
+    await ws.accept(subprotocol=chosen or (offered[0] if offered else None))
+    settings, metrics = state.settings, state.metrics
+    max_buffer_s = settings.max_upload_mb * 2**20 / (16_000 * 2)  # the upload cap, as PCM16 at 16 kHz
+    session = Session(settings.model_name, state.model_ids, state.sm.policy.vad, max_buffer_s)
+    outbox: asyncio.Queue = asyncio.Queue()
+    tickets: dict[str, Ticket] = {}  # item id -> its transcription in flight
+    running: set[asyncio.Task] = set()
+
+    async def write() -> None:
+        while (ev := await outbox.get()) is not None:
+            await ws.send_text(json.dumps(ev, ensure_ascii=False))
+
+    async def transcribe(c: Commit, t0: float) -> None:
+        plan = state.sm.plan([c.utterance.audio], c.item_id, TASK_PROMPTS["transcribe"], transcribe=True,
+                             max_new_tokens=settings.max_new_tokens)
+        try:
+            ticket = state.jobs.start(plan, 0.0, True, settings.max_new_tokens or state.sm.policy.answer_tokens)
+        except ApiError as e:
+            return outbox.put_nowait(_failed(session, c, e))
+        tickets[c.item_id] = ticket
+        first = True
+
+        def emit(text: str) -> None:
+            nonlocal first
+            if first:
+                metrics.observe_realtime_first(time.monotonic() - t0)
+                first = False
+            outbox.put_nowait(session.event("conversation.item.input_audio_transcription.delta", item_id=c.item_id,
+                                            content_index=0, delta=text))
+
+        try:
+            getter = None
+            while True:
+                getter = getter or asyncio.ensure_future(ticket.deltas.get())
+                done, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    emit(getter.result())
+                    getter = None
+                    continue
+                getter.cancel()
+                while not ticket.deltas.empty():  # what arrived with the end
+                    emit(ticket.deltas.get_nowait())
+                break
+            out = ticket.done.result()
+            if out.error is not None or out.refusal is not None:
+                log.error("a live utterance (%s) failed: %s", c.item_id, out.refusal.message if out.refusal else out.error)
+                outbox.put_nowait(_failed(session, c, ApiError(500, out.refusal.message if out.refusal else
+                                                               "internal error: the server log has the traceback",
+                                                               "server_error", out.refusal.code if out.refusal else "internal_error")))
+                return
+            metrics.observe_realtime_completed(time.monotonic() - t0)
+            outbox.put_nowait(session.event("conversation.item.input_audio_transcription.completed", item_id=c.item_id,
+                                            content_index=0, transcript=out.result.text, usage=_usage(out)))
+        finally:
+            tickets.pop(c.item_id, None)
+
+    async def guarded(c: Commit, t0: float) -> None:
+        try:
+            await transcribe(c, t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("a live utterance (%s) failed:\n%s", c.item_id, traceback.format_exc())
+            outbox.put_nowait(_failed(session, c, internal_error()))
+
+    writer = asyncio.ensure_future(write())
+    metrics.realtime_sessions += 1
+    outbox.put_nowait(session.created())
+    try:
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            text = message.get("text")
+            events, commits = session.handle(text if text is not None else message.get("bytes") or b"")
+            for ev in events:
+                outbox.put_nowait(ev)
+            t0 = time.monotonic()
+            for c in commits:
+                metrics.realtime_utterances += 1
+                task = asyncio.ensure_future(guarded(c, t0))
+                running.add(task)
+                task.add_done_callback(running.discard)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        metrics.realtime_sessions -= 1
+        for ticket in list(tickets.values()):
+            ticket.cancel()
+        for task in list(running):
+            task.cancel()
+        outbox.put_nowait(None)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer, 1.0)
+        writer.cancel()
+
+
+def _failed(session: Session, c: Commit, e: ApiError) -> dict:
+    return session.event("conversation.item.input_audio_transcription.failed", item_id=c.item_id, content_index=0,
+                         error={"type": e.type, "code": e.code, "message": e.message, "param": None})
