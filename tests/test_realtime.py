@@ -319,3 +319,40 @@ def test_the_key_is_checked_as_on_the_http_routes(server):
                                                        additional_headers={"Authorization": f"Bearer {KEY}"}):
         pass
     assert info.value.response.status_code == 400
+
+
+# -- the page's live mode, in Debian's chromium with a fake microphone --
+@pytest.mark.slow
+def test_the_pages_live_mode_shows_each_utterance_as_it_completes(server, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (make system-deps installs it)")
+    mic = tmp_path / "mic.wav"
+    gap = np.zeros(16_000, np.float32)
+    sf.write(mic, np.concatenate([gap, tone_clip(1, 1.1), gap, gap]), 16_000, subtype="PCM_16")  # played in a loop
+    args = ["--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required"]
+    completed: list[str] = []
+
+    def watch(ws) -> None:
+        def frame(payload) -> None:
+            ev = json.loads(payload)
+            if ev["type"] == "conversation.item.input_audio_transcription.completed":
+                completed.append(ev["transcript"])
+        ws.on("framereceived", frame)
+
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            page = b.new_page()
+            page.on("websocket", watch)
+            page.goto(server["base"] + "/")
+            page.fill("#key", KEY)  # sent as the openai-insecure-api-key subprotocol
+            page.click("#live-start")
+            page.wait_for_function("document.querySelectorAll('#live span[data-done]').length >= 2", timeout=60_000)
+            page.click("#live-stop")
+            page.wait_for_function("document.getElementById('live-status').textContent === 'stopped'", timeout=20_000)
+            shown = [s.strip() for s in page.locator("#live span[data-done]").all_inner_texts()]
+        finally:
+            b.close()
+    assert len(shown) >= 2 and shown == [t.strip() for t in completed[: len(shown)]] and all(shown)
