@@ -171,6 +171,10 @@ def test_rendering_parsing_and_the_python_api(sm):
     text = 'Sure. <tool_call>\n{"name": "lights", "arguments": {"on": false}}\n</tool_call>'
     content, calls = parse_tool_calls(text, {"lights"})
     assert content == "Sure." and calls[0].name == "lights" and json.loads(calls[0].arguments) == {"on": False}
+    fenced = '```json\n{"name": "set_timer", "arguments": {"minutes": 10}}\n```'  # Qwen2.5-Coder's way
+    content, calls = parse_tool_calls(fenced, {"set_timer"})
+    assert content == "" and calls[0].name == "set_timer" and json.loads(calls[0].arguments) == {"minutes": 10}
+    assert parse_tool_calls('It is {"name": "set_timer", "arguments": {}}', {"set_timer"})[1] == []  # prose around it: text
     for broken in ('<tool_call>{"name": "lights", "arguments": {"on": </tool_call>', '<tool_call>{"name": "fly"}</tool_call>'):
         assert parse_tool_calls(broken, {"lights"}) == (broken, [])  # returned as text, never a broken call
     _, calls, _ = tool_answer(sm.backend, ASK, TOOLS, forced=[TIMER["function"]], many=False, max_new_tokens=BUDGET)

@@ -145,11 +145,34 @@ def _closed(text: str) -> str:
     return f"{text[:last]}{OPEN}{tail}{CLOSE}"
 
 
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
+def _bare_calls(text: str, known: set[str] | None) -> list[ToolCall]:
+    """Calls written without the tags, as some models write them (Qwen2.5-Coder answers a fenced
+    ```json {"name": ..., "arguments": ...}```): only when the whole answer is such JSON (an object
+    or a list of them), every call to an offered function; anything else is text."""
+    body = text.strip()
+    fenced = _FENCE.match(body)
+    body = fenced.group(1) if fenced else body
+    if not body.startswith(("{", "[")):
+        return []
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return []
+    calls = [_call(json.dumps(o)) for o in (obj if isinstance(obj, list) else [obj])]
+    if not calls or any(c is None or (known is not None and c.name not in known) for c in calls):
+        return []
+    return calls
+
+
 def parse_tool_calls(text: str, known: set[str] | None = None) -> tuple[str, list[ToolCall]]:
     """(the text outside the calls, the calls) of a model's answer. Any malformed block, or a call
     to a function not offered, makes the answer plain text with no calls."""
     if OPEN not in text:
-        return text, []
+        bare = _bare_calls(text, known)
+        return ("", bare) if bare else (text, [])
     raw, text = text, _closed(text)
     last = text.rfind(OPEN)
     if text is not raw and text[:last].count(OPEN) and _call(text[last + len(OPEN):-len(CLOSE)].strip()) is None:
