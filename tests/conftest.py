@@ -86,6 +86,20 @@ def train_tiny(backbones: dict[str, Path], data: Path, out: Path, steps: int) ->
     return train(recipe_from_dict(d), out).model_dir
 
 
+def random_sm(backbones: dict[str, Path], **policy):
+    """A ``SteerMoE`` over the tiny backbones with an untrained adapter on torch in fp32: deterministic
+    text for planner, server and tool tests that need no trained model. ``policy``: its LongformPolicy."""
+    import torch
+
+    from steermoe_core.generation.torch_backend import TorchBackend
+    from steermoe_core.inference import SteerMoE
+    from steermoe_core.inference.longform import LongformPolicy
+    from steermoe_core.model.build import build_model
+
+    model = build_model(recipe_from_dict(tiny_recipe_dict(backbones)).model, torch.device("cpu"))
+    return SteerMoE(TorchBackend(model, "fp32"), LongformPolicy(**policy))
+
+
 @pytest.fixture()
 def tiny_recipe(backbones, tiny_data):
     return recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))

@@ -10,15 +10,10 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from conftest import tiny_recipe_dict, tone_clip
+from conftest import random_sm, tone_clip
 
-from steermoe_core.config import recipe_from_dict
 from steermoe_core.generation.chat import complete_texts
 from steermoe_core.generation.guards import check_text, loop_length
-from steermoe_core.generation.torch_backend import TorchBackend
-from steermoe_core.inference import SteerMoE
-from steermoe_core.inference.longform import LongformPolicy
 from steermoe_core.inference.plan import TASK_PROMPTS, is_task_prompt, plan_request
 
 pytest.importorskip("fastapi")
@@ -27,13 +22,8 @@ SR = 16_000
 
 @pytest.fixture(scope="module")
 def sm(backbones):
-    from steermoe_core.model.build import build_model
-
-    model = build_model(recipe_from_dict(tiny_recipe_dict(backbones)).model, torch.device("cpu"))
-    backend = TorchBackend(model)
-    backend.precision = "fp32"
     # segments of at most 2 s, cut by loudness (tones are no speech to Silero), 3-token budgets: cuts to warn about
-    return SteerMoE(backend, LongformPolicy(max_segment_seconds=2.0, vad="energy", tokens_per_second=0.5))
+    return random_sm(backbones, max_segment_seconds=2.0, vad="energy", tokens_per_second=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,8 @@ import urllib.request
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
-from conftest import tiny_recipe_dict, tone_clip
+from conftest import random_sm, tone_clip
 
-from steermoe_core.config import recipe_from_dict
 from steermoe_core.generation.tools import (
     hermes_system,
     knows_tools,
@@ -50,15 +48,7 @@ BUDGET = 160
 
 @pytest.fixture(scope="module")
 def sm(backbones):
-    from steermoe_core.generation.torch_backend import TorchBackend
-    from steermoe_core.inference import SteerMoE
-    from steermoe_core.inference.longform import LongformPolicy
-    from steermoe_core.model.build import build_model
-
-    model = build_model(recipe_from_dict(tiny_recipe_dict(backbones)).model, torch.device("cpu"))
-    backend = TorchBackend(model)
-    backend.precision = "fp32"
-    return SteerMoE(backend, LongformPolicy(max_segment_seconds=4.0, vad="energy", tokens_per_second=2.0))
+    return random_sm(backbones, max_segment_seconds=4.0, vad="energy", tokens_per_second=2.0)
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from steermoe_core.atomic import atomic_dir
-from steermoe_core.backbones.weights import cache_root, file_key
+from steermoe_core.backbones.weights import cache_root, file_key, foreign_output_wanted
 from steermoe_core.errors import BackboneError
 
 
@@ -100,7 +100,6 @@ def _quiet_conversion() -> Iterator[None]:
     transformers' progress-bar switch does not reach), and ``save_pretrained`` imports DeepSpeed
     through accelerate when it is installed, whose accelerator probe warns "Setting accelerator to
     CPU" on a machine without a GPU. Both are hidden unless ``--verbose``."""
-    from steermoe_core.backbones.llm import foreign_output_wanted
 
     if foreign_output_wanted():
         yield

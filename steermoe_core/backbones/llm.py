@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from steermoe_core.backbones.weights import (
+    foreign_output_wanted,
     quiet_transformers,
     resolve_model_dir,
     split_parts,
 )
 from steermoe_core.config import LLMConfig
 from steermoe_core.errors import BackboneError
-
-
-def foreign_output_wanted() -> bool:
-    """`steermoe --verbose` (``STEERMOE_VERBOSE=1``): the progress bars and warnings of the libraries
-    steermoe loads (transformers, DeepSpeed) are shown. Off by default: between steermoe's own lines
-    they say nothing a user can act on."""
-    return os.environ.get("STEERMOE_VERBOSE", "") not in ("", "0")
 
 
 def _transformers_output() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -118,8 +119,18 @@ def load_prefixed_state(folder: Path, prefixes: tuple[str, ...]) -> dict[str, to
     return state
 
 
+def foreign_output_wanted() -> bool:
+    """`steermoe --verbose` (``STEERMOE_VERBOSE=1``): the progress bars and warnings of the libraries
+    steermoe loads (transformers, DeepSpeed) are shown. Off by default: between steermoe's own lines
+    they say nothing a user can act on."""
+    return os.environ.get("STEERMOE_VERBOSE", "") not in ("", "0")
+
+
 def quiet_transformers() -> None:
-    """Transformers' load reports and progress bars drown our own output; errors still show."""
+    """Transformers' load reports and progress bars drown our own output; errors still show (all of
+    it with ``--verbose``)."""
+    if foreign_output_wanted():
+        return
     import transformers
 
     transformers.logging.set_verbosity_error()
