@@ -7,6 +7,10 @@
     DIR/mel_filters.npy      Whisper's mel filter bank (the front end runs in numpy)
     DIR/tokenizer/           the LLM's tokenizer (tokenizer.json is what the backend reads)
 
+An export in ``--backend auto``'s cache (``export.cache``) is the same folder; its decoder, embeddings
+and tokenizer are hard links to one copy per frozen LLM, which its manifest names in ``shared_llm``
+(readers need not look at it: every file is in the folder).
+
 Nothing here imports torch or onnx: reading a folder must work with onnxruntime + numpy alone.
 ``FORMAT_VERSION`` changes whenever a graph's inputs/outputs or a manifest key change meaning; a
 runtime refuses any other version rather than guess.
