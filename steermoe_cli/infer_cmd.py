@@ -69,6 +69,8 @@ def infer(
     workers: Annotated[int, typer.Option(help="CPU processes (with --device cpu), sharded like --gpus")] = 1,
     tools: Annotated[Optional[Path], typer.Option(help="A JSON file of OpenAI tools: each recording is a spoken request; its calls are printed as JSON lines")] = None,
     tool_choice: Annotated[str, typer.Option(help="With --tools: auto | none | required | a tool's name (then the call follows its schema)")] = "auto",
+    live: Annotated[bool, typer.Option(help="Live: raw PCM16 mono from standard input (the input '-'), each utterance printed as it ends (cut at voice activity, as the server's realtime route cuts)")] = False,
+    live_rate: Annotated[int, typer.Option(help="With --live: the input's sample rate")] = 16000,
 ):
     """Ask a trained model about audio files, folders and long recordings.
 
@@ -82,6 +84,9 @@ def infer(
         raise UsageError("--prompt replaces --task/--question: give one or the other")
     if task == Task.qa and not question:
         raise UsageError("--task qa needs --question TEXT")
+    if live:
+        _live(inputs, live_rate, model, backend, device, trust_remote_code, vad, max_new_tokens, fmt)
+        return
     if resume and (fmt != Format.jsonl or out is None):
         raise UsageError("--resume needs --format jsonl --out FILE (the records it continues)")
     if not inputs and from_list is None:
@@ -162,6 +167,29 @@ def _spoken_calls(inputs, from_list, tools: Path, tool_choice: str, model, backe
         write_text(out, "".join(line + "\n" for line in lines))
     if failed:
         raise typer.Exit(1 if failed < len(lines) else 2)
+
+
+def _live(inputs, rate: int, model, backend, device: str, trust_remote_code: bool, vad, max_new_tokens, fmt: Format) -> None:
+    """--live: utterances of raw PCM16 on standard input, each printed as it ends (``inference.live``)."""
+    import json
+
+    from steermoe_core.errors import UsageError
+    from steermoe_core.inference import SteerMoE
+    from steermoe_core.inference.live import transcribe_live
+
+    if inputs != ["-"]:
+        raise UsageError("--live reads raw PCM16 from standard input: give '-' as the only input")
+    if fmt not in (Format.text, Format.jsonl):
+        raise UsageError("--live prints --format text or jsonl")
+    if not 8000 <= rate <= 192000:
+        raise UsageError(f"--live-rate {rate}: give the input's sample rate in Hz (8000-192000)")
+    model, backend_name = pick_backend(model, backend, device, 1)
+    sm = SteerMoE.load(model, device, trust_remote_code, backend=backend_name)
+    for utt, r in transcribe_live(sys.stdin.buffer, sm, rate, vad.value if vad else None, max_new_tokens=max_new_tokens):
+        if fmt == Format.jsonl:
+            print(json.dumps({"start": utt.start_ms / 1000, "end": utt.end_ms / 1000, "text": r.text}, ensure_ascii=False), flush=True)
+        elif r.text:
+            print(r.text, flush=True)
 
 
 def _instruction_progress(path: str, what: str, done: int, total: int) -> None:

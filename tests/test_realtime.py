@@ -356,3 +356,23 @@ def test_the_pages_live_mode_shows_each_utterance_as_it_completes(server, tmp_pa
         finally:
             b.close()
     assert len(shown) >= 2 and shown == [t.strip() for t in completed[: len(shown)]] and all(shown)
+
+
+# -- the CLI --
+def test_infer_live_prints_each_utterance_of_piped_pcm(ckpt, sm):
+    import subprocess
+    import sys
+
+    gap = np.zeros(16_000, np.float32)
+    audio = pcm(np.concatenate([gap, tone_clip(1, 1.1), gap, tone_clip(2, 1.4), gap[:4000]]))  # the last one ends with the input
+    cuts = list(live_utterances([float_to_pcm16(audio)], 16_000, method="energy"))
+    expected = [sm.transcribe([u.audio], batch_size=1, max_new_tokens=TOKENS)[0].text for u in cuts]
+    cmd = [sys.executable, "-m", "steermoe_cli", "infer", "--live", "-", "--model", str(ckpt), "--backend", "torch",
+           "--device", "cpu", "--vad", "energy", "--max-new-tokens", str(TOKENS), "--format", "jsonl"]
+    run = subprocess.run(cmd, input=float_to_pcm16(audio), capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    lines = [json.loads(ln) for ln in run.stdout.decode().splitlines()]
+    assert [ln["text"] for ln in lines] == expected and len(lines) == 2
+    assert [(ln["start"], ln["end"]) for ln in lines] == [(u.start_ms / 1000, u.end_ms / 1000) for u in cuts]
+    wrong = subprocess.run([*cmd[:5], "clip.wav", *cmd[6:]], capture_output=True, timeout=120)
+    assert wrong.returncode == 2 and b"standard input" in wrong.stderr + wrong.stdout

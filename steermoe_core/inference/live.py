@@ -319,3 +319,36 @@ def live_utterances(chunks, rate: int = SAMPLE_RATE, turn: TurnDetection | None 
     last = det.finish()
     if last is not None:
         yield last
+
+
+def read_chunks(stream, size: int = 3200):
+    """Raw bytes from a binary stream (standard input), read on a thread so a microphone piped in is
+    drained while an utterance decodes; ends at EOF."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        try:
+            while True:
+                data = stream.read1(size) if hasattr(stream, "read1") else stream.read(size)
+                if not data:
+                    break
+                q.put(data)
+        finally:
+            q.put(None)
+
+    threading.Thread(target=pump, name="steermoe-live-read", daemon=True).start()
+    while (data := q.get()) is not None:
+        yield data
+
+
+def transcribe_live(stream, sm, rate: int = SAMPLE_RATE, method: str | None = None, turn: TurnDetection | None = None,
+                    max_new_tokens: int | None = None):
+    """(utterance, ``Result``) for each utterance of raw PCM16 mono at ``rate`` read from ``stream``, as
+    each ends: cut by ``UtteranceDetector`` (the server's realtime route cuts the same way), each
+    planned as a transcript by the request planner (``sm.transcribe``). ``method``: the voice-activity
+    detector, for the cuts and for the planner's (default: the model's policy)."""
+    for utt in live_utterances(read_chunks(stream), rate, turn, method or sm.policy.vad):
+        yield utt, sm.transcribe([utt.audio], batch_size=1, max_new_tokens=max_new_tokens, vad=method)[0]
