@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -143,6 +144,28 @@ def test_a_pruned_shared_part_leaves_the_exports_that_link_it_whole(adapters, tm
     assert len(llm_exports) == 2 and (b / "decoder.onnx").is_file()
     (b / "decoder.onnx").unlink()  # an export missing a file is built again, not loaded half
     assert cached_export(second, say=lambda s: None) == b and (b / "decoder.onnx").is_file()
+
+
+def test_two_adapters_on_a_new_llm_exported_at_once_export_its_decoder_once(adapters, tmp_path):
+    """Two processes, one per adapter, both first users of an LLM: the LLM part's lock makes one export
+    the decoder while the other waits and links it."""
+    code = textwrap.dedent("""
+        import sys
+        from steermoe_core.export.cache import cached_export
+        cached_export(sys.argv[1], say=lambda line: print(line, flush=True))
+    """)
+    env = {**os.environ, "STEERMOE_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(ckpt)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for ckpt in adapters]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(o.count("exporting the LLM decoder") for o in outs) == 1, outs
+    from steermoe_core.export.cache import cache_folder
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STEERMOE_CACHE", str(tmp_path / "cache"))
+        a, b = (cache_folder(c) for c in adapters)
+    assert os.stat(a / "decoder.onnx").st_ino == os.stat(b / "decoder.onnx").st_ino
 
 
 def test_choosing_the_backend_imports_no_torch():
