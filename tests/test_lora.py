@@ -134,9 +134,9 @@ def test_prompts_without_audio_run_the_llm_as_released_when_it_has_lora(lora_run
     the LoRA stays on for audio; `infer`'s default backend then stays on torch."""
     from conftest import tiny_recipe_dict
 
-    from steermoe_core.export.cache import why_torch
     from steermoe_core.generation.chat import chat_text
     from steermoe_core.generation.torch_backend import TorchBackend
+    from steermoe_core.inference.choice import why_torch
     from steermoe_core.model.lora import base_llm
 
     with_lora = TorchBackend.load(lora_run["ckpt"], "cpu")

@@ -397,6 +397,7 @@ def test_an_export_reads_long_recordings_as_its_checkpoint_does(ckpt, exported, 
     shutil.copytree(exported, folder)
     m = json.loads((folder / "manifest.json").read_text())
     m["longform"]["training_audio"] = {"p50_seconds": 4.0, "p95_seconds": 7.5, "max_seconds": 10.5, "tokens_per_second": 4.0}
+    m["longform"]["joined_seconds"] = 6.0  # its checkpoint trained on utterances joined up to 6 s
     (folder / "manifest.json").write_text(json.dumps(m))
     pol = policy_from_checkpoint(folder)
-    assert (pol.max_segment_seconds, pol.join_seconds, pol.tokens_per_second) == (10.5, 7.5, 4.0)
+    assert (pol.max_segment_seconds, pol.join_seconds, pol.tokens_per_second) == (10.5, 6.0, 4.0)

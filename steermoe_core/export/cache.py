@@ -45,39 +45,24 @@ whether anything must be exported.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from steermoe_core.errors import CheckpointError
-from steermoe_core.inference.onnx_manifest import FORMAT_VERSION, MANIFEST, read_manifest
+from steermoe_core.export.keys import beside, export_key, locked
+from steermoe_core.inference.onnx_manifest import MANIFEST, read_manifest
+from steermoe_core.paths import cache_root
 
-_KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
-CACHE_REVISION = 3  # raised when what an export holds changes within one format version (3: the long-recording policy's inputs)
 LLM_PARTS = "llm"  # the shared LLM parts' folder inside the cache
 
 
 def cache_dir() -> Path:
-    """``$STEERMOE_CACHE/onnx`` (the backbones' cache root, read without importing torch)."""
-    return Path(os.environ.get("STEERMOE_CACHE", Path.home() / ".cache" / "steermoe")) / "onnx"
-
-
-def export_key(checkpoint: Path) -> str:
-    """A hash of the checkpoint's own files and the export format: what the cached export depends on."""
-    h = hashlib.sha256(f"steermoe-onnx-v{FORMAT_VERSION}.{CACHE_REVISION}".encode())
-    for name in _KEY_FILES:
-        path = Path(checkpoint) / name
-        if path.is_file():
-            h.update(name.encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()[:16]
+    """``$STEERMOE_CACHE/onnx``."""
+    return cache_root() / "onnx"
 
 
 def cache_folder(checkpoint: Path) -> Path:
@@ -106,27 +91,6 @@ def cached_export(checkpoint: Path, say: Callable[[str], None] = print) -> Path:
         os.utime(folder)  # most recently used: kept by _prune
     _prune(folder.parent, keep=int(os.environ.get("STEERMOE_ONNX_CACHE_KEEP", "3")), spare=folder)
     return folder
-
-
-def beside(folder: Path, suffix: str) -> Path:
-    return folder.with_name(folder.name + suffix)
-
-
-@contextlib.contextmanager
-def locked(path: Path, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path`` (created if missing); with ``wait=False`` yields False at
-    once when another process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
 
 
 def _complete(folder: Path) -> bool:
@@ -175,13 +139,3 @@ def _shared_llms(root: Path) -> set[str]:
             if key:
                 keys.add(str(key))
     return keys
-
-
-def __getattr__(name: str):
-    """The backend choice (``backend_for``, ``why_torch``, ``BACKENDS``, ``is_export``) lives in
-    ``inference.choice``; imports of those names from here still resolve, to that module's."""
-    if name in ("BACKENDS", "backend_for", "why_torch", "is_export"):
-        from steermoe_core.inference import choice
-
-        return getattr(choice, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -43,6 +43,7 @@ from steermoe_core.export.graphs import (
     frame_multiple,
     kv_shape,
 )
+from steermoe_core.export.keys import CACHE_REVISION, beside, export_key, locked
 from steermoe_core.inference.longform import policy_inputs
 from steermoe_core.inference.onnx_manifest import (
     FORMAT,
@@ -110,8 +111,6 @@ def export_onnx(
         raise UsageError(f"{checkpoint}: ONNX export supports Whisper encoders only (this one is {model.encoder.kind!r})")
     shared, part_lock = None, contextlib.nullcontext()
     if llm_cache is not None:
-        from steermoe_core.export.cache import beside, export_key, locked
-
         key = llm_key(model, opset, dtype, quantize, own=export_key(Path(checkpoint)) if lora_on_llm else None)
         shared = Path(llm_cache) / key
         part_lock = locked(beside(shared, ".lock"))
@@ -172,8 +171,6 @@ def llm_key(model: SteerMoEModel, opset: int, dtype: str, quantize: str | None, 
     """What the LLM part of an export is made of, hashed: format, options, the LLM's config, every
     weight's bytes as exported (after ``merge_lora``) and the tokenizer. ``own``: a checkpoint's key,
     mixed in for LoRA on the LLM (that LLM is the checkpoint's alone). About 1 s per GB of weights."""
-    from steermoe_core.export.cache import CACHE_REVISION
-
     h = hashlib.sha256(f"steermoe-onnx-llm-v{FORMAT_VERSION}.{CACHE_REVISION}:{opset}:{dtype}:{quantize}:{own}".encode())
     # where it was loaded from and in which dtype do not change it (the weights' bytes below say what was exported)
     config = {k: v for k, v in model.llm.config.to_dict().items() if k not in ("_name_or_path", "transformers_version", "torch_dtype", "dtype")}
@@ -365,7 +362,7 @@ def _prompt_pieces(model: SteerMoEModel) -> dict:
     marker where the prompt goes (the backend tokenises it with ``tokenizers``). The task prompts'
     ids are stored as the torch layout makes them; for any other prompt the marker rendering is
     used, after checking here that it reproduces the template exactly for the task prompts."""
-    from steermoe_core.inference.api import TASK_PROMPTS
+    from steermoe_core.inference.plan import TASK_PROMPTS
 
     layout = model.layout
     pre, post = layout.pieces(PROMPT_MARK)
