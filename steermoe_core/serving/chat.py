@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from steermoe_core.errors import SteermoeError
 from steermoe_core.generation.chat import chat_ids
-from steermoe_core.inference.plan import TASK_PROMPTS, is_task_prompt
+from steermoe_core.inference.plan import TASK_PROMPTS, Refusal, is_task_prompt
 from steermoe_core.serving.batcher import Row
 from steermoe_core.serving.jobs import Jobs, Outcome, Ticket
 from steermoe_core.serving.protocol import ApiError, AudioPart, ChatCompletionRequest, invalid
@@ -88,6 +88,8 @@ async def _start(state, body: ChatCompletionRequest, jobs: Jobs) -> Ticket:
     ask, prompt = audio_prompt(turns)
     if tools:  # a spoken request: what was said, as text in its turn, then the chat with the tools
         plan = sm.plan(clips, "the audio", TASK_PROMPTS["transcribe"], transcribe=True, max_new_tokens=settings.max_new_tokens)
+        if not plan.rows:  # nothing was said: nothing to call a tool for
+            plan.refusal = Refusal("no_speech", "the audio: no speech found, nothing to answer about")
         heard = [i for i, m in enumerate(body.messages) if isinstance(m.content, list) and any(isinstance(p, AudioPart) for p in m.content)]
 
         def then(result) -> Row:

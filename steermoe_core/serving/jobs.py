@@ -123,7 +123,10 @@ class Jobs:
                 out.refusal = assemble(plan, j.texts, j.flags, out.result)
                 if then is not None and out.refusal is None:
                     out.result.transcript = out.result.text
-                    return self._follow(ticket, out, then(out.result), temperature, on_delta)
+                    try:
+                        return self._follow(ticket, out, then(out.result), temperature, on_delta)
+                    except ApiError as e:  # the follow-up's own refusal (a bad tool schema, a full disk...)
+                        out.refusal = Refusal(e.code or "invalid_request", e.message)
                 if two_steps and out.refusal is None:
                     task = asyncio.ensure_future(self._answer(ticket, plan, out, temperature, answer_tokens, on_delta))
                     self.running.add(task)  # held, so it is not collected while it runs
