@@ -255,3 +255,26 @@ def test_the_reused_chat_prefix_gives_the_same_loss_and_gradients(backbones, tin
         assert grads2.keys() == grads.keys()
         for n in grads:
             torch.testing.assert_close(grads2[n], grads[n], atol=1e-5, rtol=1e-4)
+
+
+def test_the_ctc_read_out_merges_repeats_and_reads_blanks_as_word_breaks(backbones, tiny_data):
+    """ctc_transcribe: each audio token's nearest embedding, repeats merged, the blank (space) a word break."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.data.dataset import ShardedDataset, collate
+
+    recipe = recipe_from_dict(tiny_recipe_dict(backbones, tiny_data))
+    model = build_model(recipe.model, torch.device("cpu")).eval()
+    tok = model.tokenizer
+    words = [tok(w, add_special_tokens=False)["input_ids"] for w in ("hello", " world")]
+    blank = model.ctc_blank_id
+    frames = [t for t in words[0] for _ in range(2)] + [blank, blank] + words[1] + [blank]  # each piece held 2 frames
+    ds = ShardedDataset(tiny_data)
+    batch = collate([ds[0]], "")
+    n = model.audio_token_counts(batch.lengths)[0]
+    assert n >= len(frames)
+    emb = model.llm.get_input_embeddings().weight.detach()
+    tokens = emb[torch.tensor(frames + [blank] * (n - len(frames)))][None]
+    model.audio_tokens = lambda waves, lengths: tokens
+    assert model.ctc_transcribe(batch) == [" ".join(tok.decode(words[0] + [blank] + words[1]).split())]

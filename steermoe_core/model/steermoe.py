@@ -248,6 +248,22 @@ class SteerMoEModel(nn.Module):
             blank=self.ctc_blank_id, zero_infinity=True,
         )
 
+    @torch.no_grad()
+    def ctc_transcribe(self, batch: AudioBatch) -> list[str]:
+        """The CTC read-out: each audio token's nearest word piece in the LLM's input embedding table
+        (argmax of the CTC logits), repeats merged, no LLM at all. What the CTC loss trains, and the
+        floor an LLM reading the same tokens has to beat. The blank is the space token
+        (``ctc_blank_id``), so blanks read as the word breaks they are and runs of spaces collapse."""
+        audio = self.audio_tokens(batch.waves.to(self.device), batch.lengths)
+        emb = self.llm.get_input_embeddings().weight
+        ids = (audio @ emb.T.to(audio.dtype)).argmax(-1).cpu()
+        texts = []
+        for row, n in zip(ids.tolist(), self.audio_token_counts(batch.lengths)):
+            seq = row[:n]
+            keep = [t for i, t in enumerate(seq) if i == 0 or t != seq[i - 1]]
+            texts.append(" ".join(self.tokenizer.decode(keep, skip_special_tokens=True).split()))
+        return texts
+
     # -- inference --
     @torch.no_grad()
     def generate(
