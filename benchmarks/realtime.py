@@ -53,7 +53,10 @@ def make_clips(folder: Path, groups: int, sizes: tuple = (1, 2, 3, 4), first: in
             p = folder / f"h{first}_{size}_{g}.wav"
             subprocess.run(["flite", "-voice", "awb", "-t", text, "-o", str(p)], check=True)
             audio, sr = sf.read(str(p), dtype="float32")
-            out.append({"path": p, "size": size, "seconds": len(audio) / sr, "pcm24": float_to_pcm16(resample(audio, sr, RATE))})
+            pcm24 = float_to_pcm16(resample(audio, sr, RATE))
+            p24 = folder / f"h{first}_{size}_{g}_24k.wav"  # the samples streamed live, as the HTTP route's upload
+            sf.write(str(p24), np.frombuffer(pcm24, "<i2"), RATE, subtype="PCM_16")
+            out.append({"path": p24, "size": size, "seconds": len(audio) / sr, "pcm24": pcm24, "text": text})
     return out
 
 
@@ -104,7 +107,7 @@ def latency(base: str, clips: list[dict], repeats: int) -> list[dict]:
     rows = []
     for size in (1, 2, 3, 4):
         group = [c for c in clips if c["size"] == size]
-        h, live, same, total = [], [], 0, 0
+        h, live, same, total, differ = [], [], 0, 0, []
         for _ in range(repeats):
             for c in group:  # alternate, so both routes see the same load
                 th, text_h = http_once(client, c)
@@ -113,9 +116,12 @@ def latency(base: str, clips: list[dict], repeats: int) -> list[dict]:
                 live.append(tl)
                 same += text_h == text_l
                 total += 1
+                if text_h != text_l and len(differ) < 2:
+                    differ.append((text_h, text_l))
         rows.append({"sentences": size, "seconds": statistics.mean(c["seconds"] for c in group), "n": total,
                      "http_p50": pct(h, 50), "http_p95": pct(h, 95), "live_p50": pct(live, 50), "live_p95": pct(live, 95),
-                     "ratio_p50": pct(live, 50) / pct(h, 50), "same_text": f"{same}/{total}"})
+                     "ratio_p50": pct(live, 50) / pct(h, 50), "same_text": f"{same}/{total}",
+                     "differ": differ})
     return rows
 
 
@@ -151,7 +157,7 @@ def hold(base: str, clips: list[dict], sessions: int, seconds: float) -> dict:
                                 if ev["item_id"] in stopped_at:
                                     lat.append(time.perf_counter() - stopped_at[ev["item_id"]])
                             elif ev["type"] in ("error", "conversation.item.input_audio_transcription.failed"):
-                                results[k]["errors"] = results[k].get("errors", 0) + 1
+                                results[k].setdefault("errors", []).append(ev["error"].get("code"))
                 except Exception:  # the socket closed
                     return
 
@@ -184,7 +190,7 @@ def hold(base: str, clips: list[dict], sessions: int, seconds: float) -> dict:
     lat = [x for r in results for x in r["latency"]]
     return {"sessions": sessions, "seconds": seconds, "sent": sum(r["sent"] for r in results),
             "committed": sum(r["committed"] for r in results), "completed": sum(r["completed"] for r in results),
-            "empty": sum(r["empty"] for r in results), "errors": sum(r.get("errors", 0) for r in results),
+            "empty": sum(r["empty"] for r in results), "errors": [c for r in results for c in r.get("errors", [])],
             "lost_sessions": [k for k, r in enumerate(results) if r["completed"] != r["sent"] or r["committed"] != r["sent"]],
             "stop_to_completed_p50": pct(lat, 50) if lat else None, "stop_to_completed_p95": pct(lat, 95) if lat else None}
 
@@ -219,6 +225,8 @@ def main() -> None:
             print(f"{r['sentences']} sentence(s), {r['seconds']:.1f} s, n={r['n']}: HTTP p50 {r['http_p50']:.2f} s p95 "
                   f"{r['http_p95']:.2f} s | live commit->completed p50 {r['live_p50']:.2f} s p95 {r['live_p95']:.2f} s | "
                   f"ratio {r['ratio_p50']:.2f} | same text {r['same_text']}", flush=True)
+            for text_h, text_l in r["differ"]:
+                print(f"    HTTP: {text_h!r}\n    live: {text_l!r}", flush=True)
         before = server_means(base)
         h = hold(base, make_clips(folder, args.sessions, (1,), first=20), args.sessions, args.hold)
         print(json.dumps({**h, "server_means_before_hold": before, "server_means_all": server_means(base)}), flush=True)

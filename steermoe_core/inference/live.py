@@ -16,15 +16,19 @@ under ``threshold - 0.15`` (the hysteresis Silero's own timestamps use); the utt
 rest of the silence is not read: the model trained on clips without long tails). An utterance is
 cut at ``max_utterance_s`` even mid-speech; the planner then reads it as any long recording.
 
-The utterance audio is resampled to 16 kHz whole, as a file would be (``resample``: a Kaiser-
-windowed sinc polyphase filter, numpy only; neither soxr nor scipy is a dependency).
+Voice activity reads the stream resampled to 16 kHz as it comes (``StreamResampler``: a Kaiser-
+windowed sinc polyphase filter in numpy; neither soxr nor scipy is a dependency). An utterance is
+resampled whole by ffmpeg, as ``audio.load`` reads a file (``Utterance.audio``), so a live utterance
+and an upload of the same samples are the same 16 kHz audio and get the same transcript.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -161,15 +165,36 @@ class TurnDetection:
 
 @dataclass
 class Utterance:
-    """A stretch of speech cut from the stream: its 16 kHz audio and where it lies (ms from the start)."""
+    """A stretch of speech cut from the stream: its samples at the stream's rate and where it lies (ms
+    from the start); ``audio`` is it at 16 kHz."""
 
-    audio: np.ndarray
+    raw: np.ndarray
+    rate: int
     start_ms: int
     end_ms: int
 
     @property
     def seconds(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
+        return len(self.raw) / self.rate
+
+    @cached_property
+    def audio(self) -> np.ndarray:
+        """16 kHz float32, resampled by ffmpeg exactly as ``audio.load`` reads a file of these samples
+        (an upload of the same clip then gets the same transcript); a subprocess, so a server calls
+        it off its event loop."""
+        if self.rate == SAMPLE_RATE or len(self.raw) == 0:
+            return np.asarray(self.raw, np.float32)
+        return ffmpeg_to_16k(self.raw, self.rate)
+
+
+def ffmpeg_to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    """PCM16-valued float samples at ``rate`` -> 16 kHz float32 through ffmpeg (``audio.load``'s settings)."""
+    from steermoe_core.audio.load import ffmpeg_binary
+
+    cmd = [ffmpeg_binary(), "-nostdin", "-v", "error", "-threads", "0", "-f", "s16le", "-ar", str(rate), "-ac", "1", "-i", "-",
+           "-f", "f32le", "-ac", "1", "-ar", str(SAMPLE_RATE), "-"]
+    proc = subprocess.run(cmd, input=float_to_pcm16(audio), capture_output=True, check=True)
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
 
 
 @dataclass
@@ -264,7 +289,7 @@ class UtteranceDetector:
 
     def _cut(self, start: int, end: int, drop_to: int) -> Utterance:
         a, b = start - self.pending_start, max(start, end) - self.pending_start
-        utt = Utterance(resample(self.pending[a:b], self.rate), self.ms(start), self.ms(max(start, end)))
+        utt = Utterance(self.pending[a:b].copy(), self.rate, self.ms(start), self.ms(max(start, end)))
         k = max(0, drop_to - self.pending_start)
         self.pending, self.pending_start = self.pending[k:], self.pending_start + k
         self.speech_from, self.quiet = None, 0

@@ -7,7 +7,7 @@ events go out whole and in order, and one task per committed utterance, planned 
 the request planner and run through the jobs, so it batches with the HTTP requests. Each utterance
 gets ``conversation.item.input_audio_transcription.delta`` events as its tokens come and one
 ``.completed`` (with ``usage``); the deltas joined are the completed transcript. A transcription that
-fails gets ``.failed``. /metrics times each utterance from its commit (a client's, or the moment
+fails gets ``.failed``; a full queue only delays an utterance. /metrics times each utterance from its commit (a client's, or the moment
 server VAD heard the silence that ended it) to its first delta and to its completion.
 """
 
@@ -34,6 +34,7 @@ log = logging.getLogger("steermoe.serve")
 router = APIRouter()
 
 KEY_PROTOCOL = "openai-insecure-api-key."
+QUEUE_RETRY_S = 0.2  # how often a live utterance retries a full queue
 
 
 def _protocols(ws: WebSocket) -> list[str]:
@@ -100,12 +101,19 @@ async def realtime(ws: WebSocket):
             await ws.send_text(json.dumps(ev, ensure_ascii=False))
 
     async def transcribe(c: Commit, t0: float) -> None:
-        plan = state.sm.plan([c.utterance.audio], c.item_id, TASK_PROMPTS["transcribe"], transcribe=True,
+        audio = await asyncio.to_thread(lambda: c.utterance.audio)  # 24 -> 16 kHz as an upload is read (ffmpeg)
+        plan = state.sm.plan([audio], c.item_id, TASK_PROMPTS["transcribe"], transcribe=True,
                              max_new_tokens=settings.max_new_tokens)
-        try:
-            ticket = state.jobs.start(plan, 0.0, True, settings.max_new_tokens or state.sm.policy.answer_tokens)
-        except ApiError as e:
-            return outbox.put_nowait(_failed(session, c, e))
+        del audio
+        while True:  # a full queue holds a live utterance back (its audio cannot be sent again), never drops it
+            try:
+                ticket = state.jobs.start(plan, 0.0, True, settings.max_new_tokens or state.sm.policy.answer_tokens)
+                break
+            except ApiError as e:
+                if e.code != "queue_full":
+                    log.warning("a live utterance (%s) failed: %s", c.item_id, e.message)
+                    return outbox.put_nowait(_failed(session, c, e))
+                await asyncio.sleep(QUEUE_RETRY_S)
         tickets[c.item_id] = ticket
         first = True
 
