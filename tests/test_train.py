@@ -278,3 +278,27 @@ def test_the_ctc_read_out_merges_repeats_and_reads_blanks_as_word_breaks(backbon
     tokens = emb[torch.tensor(frames + [blank] * (n - len(frames)))][None]
     model.audio_tokens = lambda waves, lengths: tokens
     assert model.ctc_transcribe(batch) == [" ".join(tok.decode(words[0] + [blank] + words[1]).split())]
+
+
+def test_the_large_training_set_draws_many_voices_and_never_a_held_out_one():
+    """data/prep/corpus.py: each sentence's voice comes from (seed, n) alone; 400 Kokoro blends (never the
+    held-out jf_tebukuro) with pitch shifts, and about a fifth in flite / espeak-ng voices, none of them
+    or their dialects a voice any set scores on."""
+    from steermoe_core.data.prep.corpus import ROBOTIC_TRAIN_VOICES, voice_for
+    from steermoe_core.data.prep.synth import EVAL_ONLY_VOICES, split_pitch
+    from steermoe_core.demo.text import HELDOUT_VOICES
+    from steermoe_core.evaluation.voice_sets import NEURAL, ROBOTIC
+
+    draws = [voice_for(n, 0, 400, 0.2) for n in range(4000)]
+    assert draws[:50] == [voice_for(n, 0, 400, 0.2) for n in range(50)]
+    bases = [split_pitch(v)[0] for v, _ in draws]
+    robotic = [b for b in bases if not b.startswith("kokoro:")]
+    assert 0.17 < len(robotic) / len(draws) < 0.23
+    assert set(robotic) <= set(ROBOTIC_TRAIN_VOICES)
+    assert all(b.startswith("kokoro:mix-") for b in bases if b.startswith("kokoro:"))
+    assert len({b for b in bases if b.startswith("kokoro:")}) > 350 and len(set(v for v, _ in draws)) > 1000
+    reserved = set(EVAL_ONLY_VOICES) | set(HELDOUT_VOICES) | set(ROBOTIC) | set(NEURAL)
+    dialects = {v.split(":")[1].split("+")[0] for v in reserved if v.startswith("espeak:")}
+    assert not set(bases) & reserved
+    assert not {b.split(":")[1].split("+")[0] for b in robotic if b.startswith("espeak:")} & dialects
+    assert {s for _, s in draws} <= {0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2}
