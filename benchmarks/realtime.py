@@ -195,16 +195,23 @@ def hold(base: str, clips: list[dict], sessions: int, seconds: float) -> dict:
             "stop_to_completed_p50": pct(lat, 50) if lat else None, "stop_to_completed_p95": pct(lat, 95) if lat else None}
 
 
-def server_means(base: str) -> dict:
+def server_sums(base: str) -> dict:
+    """The server's realtime histograms' (sum, count), from /metrics."""
     import urllib.request
 
     with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
         text = r.read().decode()
     vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("steermoe_realtime_")}
+    return {name: (vals.get(f"steermoe_realtime_{name}_seconds_sum", 0.0), vals.get(f"steermoe_realtime_{name}_seconds_count", 0.0))
+            for name in ("first_delta", "completed")}
+
+
+def means_between(before: dict, after: dict) -> dict:
+    """Mean seconds of the utterances observed between two ``server_sums``."""
     out = {}
-    for name in ("first_delta", "completed"):
-        n = vals.get(f"steermoe_realtime_{name}_seconds_count", 0)
-        out[name] = vals.get(f"steermoe_realtime_{name}_seconds_sum", 0) / n if n else None
+    for name, (s1, n1) in after.items():
+        s0, n0 = before[name]
+        out[name] = round((s1 - s0) / (n1 - n0), 3) if n1 > n0 else None
     return out
 
 
@@ -212,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint or exported folder (default: the shipped adapter)")
     ap.add_argument("--groups", type=int, default=2, help="clips per size (1-4 sentences)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the clips for the latency table (0: skip it)")
     ap.add_argument("--sessions", type=int, default=8)
     ap.add_argument("--hold", type=float, default=60.0, help="seconds each live session streams")
     args = ap.parse_args()
@@ -221,15 +228,16 @@ def main() -> None:
     print("clips:", ", ".join(f"{c['seconds']:.1f}s" for c in clips), flush=True)
     proc, base = start_server(args.model, 8, folder / "server.log")
     try:
-        for r in latency(base, clips, args.repeats):
+        for r in latency(base, clips, args.repeats) if args.repeats > 0 else []:
             print(f"{r['sentences']} sentence(s), {r['seconds']:.1f} s, n={r['n']}: HTTP p50 {r['http_p50']:.2f} s p95 "
                   f"{r['http_p95']:.2f} s | live commit->completed p50 {r['live_p50']:.2f} s p95 {r['live_p95']:.2f} s | "
                   f"ratio {r['ratio_p50']:.2f} | same text {r['same_text']}", flush=True)
             for text_h, text_l in r["differ"]:
                 print(f"    HTTP: {text_h!r}\n    live: {text_l!r}", flush=True)
-        before = server_means(base)
-        h = hold(base, make_clips(folder, args.sessions, (1,), first=20), args.sessions, args.hold)
-        print(json.dumps({**h, "server_means_before_hold": before, "server_means_all": server_means(base)}), flush=True)
+        hold_clips = make_clips(folder, args.sessions, (1,), first=20)
+        before = server_sums(base)
+        h = hold(base, hold_clips, args.sessions, args.hold)
+        print(json.dumps({**h, "server_means_during_hold": means_between(before, server_sums(base))}), flush=True)
     finally:
         code = stop(proc)
     log = (folder / "server.log").read_text()
