@@ -26,8 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steermoe_core.errors import SteermoeError
-from steermoe_core.serving import chat, system, transcriptions
-from steermoe_core.serving import realtime
+from steermoe_core.serving import chat, realtime, system, transcriptions
 from steermoe_core.serving.batcher import Batcher
 from steermoe_core.serving.jobs import Jobs
 from steermoe_core.serving.metrics import Metrics

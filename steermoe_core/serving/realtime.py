@@ -25,7 +25,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from steermoe_core.inference.plan import TASK_PROMPTS
-from steermoe_core.serving.jobs import Outcome, Ticket
+from steermoe_core.serving.jobs import Outcome, Ticket, refusal_error
 from steermoe_core.serving.protocol import ApiError, internal_error
 from steermoe_core.serving.realtime_session import Commit, Session
 from steermoe_core.serving.state import ServerState
@@ -89,107 +89,126 @@ async def realtime(ws: WebSocket):
     offered = _protocols(ws)
     chosen = "realtime" if "realtime" in offered else next((p for p in offered if not p.startswith(KEY_PROTOCOL)), None)
     await ws.accept(subprotocol=chosen or (offered[0] if offered else None))
-    settings, metrics = state.settings, state.metrics
-    max_buffer_s = settings.max_upload_mb * 2**20 / (16_000 * 2)  # the upload cap, as PCM16 at 16 kHz
-    session = Session(settings.model_name, state.model_ids, state.sm.policy.vad, max_buffer_s)
-    outbox: asyncio.Queue = asyncio.Queue()
-    tickets: dict[str, Ticket] = {}  # item id -> its transcription in flight
-    running: set[asyncio.Task] = set()
+    await _Connection(ws, state).run()
 
-    async def write() -> None:
-        while (ev := await outbox.get()) is not None:
-            await ws.send_text(json.dumps(ev, ensure_ascii=False))
 
-    async def transcribe(c: Commit, t0: float) -> None:
+class _Connection:
+    """One live session: its events in, its writer task out, one task per committed utterance."""
+
+    def __init__(self, ws: WebSocket, state: ServerState):
+        self.ws, self.state = ws, state
+        settings = state.settings
+        max_buffer_s = settings.max_upload_mb * 2**20 / (16_000 * 2)  # the upload cap, as PCM16 at 16 kHz
+        self.session = Session(settings.model_name, state.model_ids, state.sm.policy.vad, max_buffer_s)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.tickets: dict[str, Ticket] = {}  # item id -> its transcription in flight
+        self.running: set[asyncio.Task] = set()
+
+    async def run(self) -> None:
+        metrics = self.state.metrics
+        writer = asyncio.ensure_future(self._write())
+        metrics.realtime_sessions += 1
+        self.outbox.put_nowait(self.session.created())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                events, commits = self.session.handle(text if text is not None else message.get("bytes") or b"")
+                for ev in events:
+                    self.outbox.put_nowait(ev)
+                t0 = time.monotonic()
+                for c in commits:
+                    metrics.realtime_utterances += 1
+                    task = asyncio.ensure_future(self._guarded(c, t0))
+                    self.running.add(task)
+                    task.add_done_callback(self.running.discard)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            metrics.realtime_sessions -= 1
+            for ticket in list(self.tickets.values()):
+                ticket.cancel()
+            for task in list(self.running):
+                task.cancel()
+            self.outbox.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer, 1.0)
+            writer.cancel()
+
+    async def _write(self) -> None:
+        """The one writer: events go out whole and in order."""
+        while (ev := await self.outbox.get()) is not None:
+            await self.ws.send_text(json.dumps(ev, ensure_ascii=False))
+
+    async def _guarded(self, c: Commit, t0: float) -> None:
+        try:
+            await self._transcribe(c, t0)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.error("a live utterance (%s) failed:\n%s", c.item_id, traceback.format_exc())
+            self.outbox.put_nowait(_failed(self.session, c, internal_error()))
+
+    async def _start(self, c: Commit) -> Ticket | None:
+        """The utterance planned as a transcript and queued; a full queue holds a live utterance back (its
+        audio cannot be sent again), never drops it. None (and a ``.failed`` event) when it cannot run."""
+        sm, settings = self.state.sm, self.state.settings
         audio = await asyncio.to_thread(lambda: c.utterance.audio)  # 24 -> 16 kHz as an upload is read (ffmpeg)
-        plan = state.sm.plan([audio], c.item_id, TASK_PROMPTS["transcribe"], transcribe=True,
-                             max_new_tokens=settings.max_new_tokens)
+        plan = sm.plan([audio], c.item_id, TASK_PROMPTS["transcribe"], transcribe=True, max_new_tokens=settings.max_new_tokens)
         del audio
-        while True:  # a full queue holds a live utterance back (its audio cannot be sent again), never drops it
+        while True:
             try:
-                ticket = state.jobs.start(plan, 0.0, True, settings.max_new_tokens or state.sm.policy.answer_tokens)
-                break
+                return self.state.jobs.start(plan, 0.0, True, settings.max_new_tokens or sm.policy.answer_tokens)
             except ApiError as e:
                 if e.code != "queue_full":
                     log.warning("a live utterance (%s) failed: %s", c.item_id, e.message)
-                    return outbox.put_nowait(_failed(session, c, e))
+                    self.outbox.put_nowait(_failed(self.session, c, e))
+                    return None
                 await asyncio.sleep(QUEUE_RETRY_S)
-        tickets[c.item_id] = ticket
-        first = True
+
+    async def _transcribe(self, c: Commit, t0: float) -> None:
+        """``.delta`` events as the tokens come, then one ``.completed`` (or ``.failed``)."""
+        ticket = await self._start(c)
+        if ticket is None:
+            return
+        self.tickets[c.item_id] = ticket
+        metrics, first = self.state.metrics, True
 
         def emit(text: str) -> None:
             nonlocal first
             if first:
                 metrics.observe_realtime_first(time.monotonic() - t0)
                 first = False
-            outbox.put_nowait(session.event("conversation.item.input_audio_transcription.delta", item_id=c.item_id,
-                                            content_index=0, delta=text))
+            self.outbox.put_nowait(self.session.event("conversation.item.input_audio_transcription.delta",
+                                                      item_id=c.item_id, content_index=0, delta=text))
 
         try:
             getter = None
             while True:
                 getter = getter or asyncio.ensure_future(ticket.deltas.get())
                 done, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    emit(getter.result())
-                    getter = None
-                    continue
-                getter.cancel()
-                while not ticket.deltas.empty():  # what arrived with the end
-                    emit(ticket.deltas.get_nowait())
-                break
-            out = ticket.done.result()
-            if out.error is not None or out.refusal is not None:
-                log.error("a live utterance (%s) failed: %s", c.item_id, out.refusal.message if out.refusal else out.error)
-                outbox.put_nowait(_failed(session, c, ApiError(500, out.refusal.message if out.refusal else
-                                                               "internal error: the server log has the traceback",
-                                                               "server_error", out.refusal.code if out.refusal else "internal_error")))
-                return
-            metrics.observe_realtime_completed(time.monotonic() - t0)
-            outbox.put_nowait(session.event("conversation.item.input_audio_transcription.completed", item_id=c.item_id,
-                                            content_index=0, transcript=out.result.text, usage=_usage(out)))
+                if getter not in done:
+                    getter.cancel()
+                    while not ticket.deltas.empty():  # what arrived with the end
+                        emit(ticket.deltas.get_nowait())
+                    break
+                emit(getter.result())
+                getter = None
+            self._finish(c, ticket.done.result(), t0)
         finally:
-            tickets.pop(c.item_id, None)
+            self.tickets.pop(c.item_id, None)
 
-    async def guarded(c: Commit, t0: float) -> None:
-        try:
-            await transcribe(c, t0)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.error("a live utterance (%s) failed:\n%s", c.item_id, traceback.format_exc())
-            outbox.put_nowait(_failed(session, c, internal_error()))
-
-    writer = asyncio.ensure_future(write())
-    metrics.realtime_sessions += 1
-    outbox.put_nowait(session.created())
-    try:
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            text = message.get("text")
-            events, commits = session.handle(text if text is not None else message.get("bytes") or b"")
-            for ev in events:
-                outbox.put_nowait(ev)
-            t0 = time.monotonic()
-            for c in commits:
-                metrics.realtime_utterances += 1
-                task = asyncio.ensure_future(guarded(c, t0))
-                running.add(task)
-                task.add_done_callback(running.discard)
-    except WebSocketDisconnect:
-        pass
-    finally:
-        metrics.realtime_sessions -= 1
-        for ticket in list(tickets.values()):
-            ticket.cancel()
-        for task in list(running):
-            task.cancel()
-        outbox.put_nowait(None)
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(writer, 1.0)
-        writer.cancel()
+    def _finish(self, c: Commit, out: Outcome, t0: float) -> None:
+        if out.error is not None or out.refusal is not None:
+            log.error("a live utterance (%s) failed: %s", c.item_id, out.refusal.message if out.refusal else out.error)
+            e = refusal_error(out.refusal) if out.refusal else internal_error()
+            self.outbox.put_nowait(_failed(self.session, c, e))
+            return
+        self.state.metrics.observe_realtime_completed(time.monotonic() - t0)
+        self.outbox.put_nowait(self.session.event("conversation.item.input_audio_transcription.completed", item_id=c.item_id,
+                                                  content_index=0, transcript=out.result.text, usage=_usage(out)))
 
 
 def _failed(session: Session, c: Commit, e: ApiError) -> dict:
