@@ -59,7 +59,8 @@ def start_server(model: str | None, max_batch: int, log: Path) -> tuple[subproce
     f = open(log, "w")
     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    deadline = time.monotonic() + 1800  # a first use exports the checkpoint: minutes on a busy CPU
+    while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited:\n{log.read_text()}")
         try:
@@ -69,7 +70,8 @@ def start_server(model: str | None, max_batch: int, log: Path) -> tuple[subproce
         except OSError:
             pass
         time.sleep(0.5)
-    raise SystemExit("server never became healthy")
+    stop(proc)  # never left running
+    raise SystemExit(f"server never became healthy in 30 minutes:\n{log.read_text()[-2000:]}")
 
 
 def stop(proc: subprocess.Popen) -> int:
