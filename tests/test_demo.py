@@ -283,13 +283,14 @@ def test_the_shipped_adapter_transcribes_held_out_speech(tmp_path):
         FULL_STEPS,
         PRETRAINED,
         SHIPPED_FILES,
+        SHIPPED_MOMENTS,
         check_full_run,
     )
     from steermoe_core.demo.text import HELDOUT_VOICES, out_of_domain_sentences
     from steermoe_core.evaluation.metrics import word_error_rate
     from steermoe_core.inference import SteerMoE
 
-    assert sorted(p.name for p in PRETRAINED.iterdir()) == sorted(SHIPPED_FILES)
+    assert sorted(p.name for p in PRETRAINED.iterdir() if p.name != SHIPPED_MOMENTS) == sorted(SHIPPED_FILES)  # moments optional
     assert check_full_run(PRETRAINED)["step"] == FULL_STEPS
     texts = out_of_domain_sentences(8)
     clips = []

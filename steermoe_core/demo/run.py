@@ -130,14 +130,13 @@ def _ship_moments(model_dir: Path, last: Path, dest: Path) -> None:
     """The final checkpoint's Adam moments, by weight name, beside the shipped adapter (the weights
     must be the ones the moments belong to: the checkpoint's and model/'s adapters are compared)."""
     from steermoe_core.errors import CheckpointError
-    from steermoe_core.model.checkpoint import load_checkpoint
+    from steermoe_core.model.checkpoint import load_checkpoint, read_train_state
     from steermoe_core.training.init_from import moments_from_state_dict, save_moments
-    from steermoe_core.training.loop import _load_train_state
 
     if (last / "adapter.safetensors").read_bytes() != (model_dir / "adapter.safetensors").read_bytes():
         raise CheckpointError(f"{last}: its adapter is not {model_dir}'s, so its optimizer state does not belong to it")
     model = load_checkpoint(model_dir, torch.device("cpu"))[0]
-    opt_state = _load_train_state(last).get("optimizer")
+    opt_state = read_train_state(last).get("optimizer")
     if opt_state is not None:
         save_moments(moments_from_state_dict(opt_state, model), dest)
 
@@ -226,8 +225,8 @@ def _infer_clips(model, precision, workdir: Path, max_new_tokens: int, log: Log)
 
     from steermoe_core.backbones.weights import resolve_path
     from steermoe_core.data.prep.synth import synthesize
-    from steermoe_core.inference import SteerMoE
     from steermoe_core.generation.torch_backend import TorchBackend
+    from steermoe_core.inference import SteerMoE
 
     clip = workdir / "synth_clip.wav"
     if not clip.exists():

@@ -116,3 +116,25 @@ def load_checkpoint(
 
 def load_train_state(path: Path) -> dict:
     return torch.load(path / "train_state.pt", map_location="cpu", weights_only=True)
+
+
+def read_train_state(start: Path) -> dict:
+    """The checkpoint's train state, loaded with torch's weights-only unpickler: a file that needs
+    anything more (code to run) is refused as foreign, never loaded with ``weights_only=False``."""
+    import pickle
+
+    path = start / "train_state.pt"
+    try:
+        st = load_train_state(start)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: not a steermoe train state; refusing to unpickle it") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: damaged train state ({first})") from None
+    need = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng")
+    if not isinstance(st, dict) or any(k not in st for k in need):
+        raise CheckpointError(f"{path}: not a steermoe train state; refusing to use it")
+    meta_step = json.loads((start / "meta.json").read_text()).get("step")
+    if int(st["step"]) != meta_step:
+        raise CheckpointError(f"{path}: step {st['step']} does not match meta.json's step {meta_step}")
+    return st

@@ -104,9 +104,9 @@ def read_moments(folder: Path, model: SteerMoEModel) -> tuple[dict[str, torch.Te
         except Exception as e:
             raise CheckpointError(f"{folder / MOMENTS_FILE}: damaged optimizer state ({type(e).__name__}: {e})") from None
     if (folder / "train_state.pt").is_file():
-        from steermoe_core.training.loop import _load_train_state
+        from steermoe_core.model.checkpoint import read_train_state
 
-        opt_state = _load_train_state(folder).get("optimizer")
+        opt_state = read_train_state(folder).get("optimizer")
         if opt_state is None:  # a DeepSpeed run keeps its own partitions
             return {}, "train_state.pt (optimizer kept by the deepspeed engine: not read)"
         return moments_from_state_dict(opt_state, model), "train_state.pt"

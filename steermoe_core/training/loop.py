@@ -24,12 +24,12 @@ from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.concat import training_audio_stats
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
-from steermoe_core.errors import CheckpointError, DataError, TrainingError, UsageError, storage_error
+from steermoe_core.errors import DataError, TrainingError, UsageError, storage_error
 from steermoe_core.evaluation.evaluate import evaluate
 from steermoe_core.model.checkpoint import (
     load_checkpoint,
-    load_train_state,
     model_identity,
+    read_train_state,
     save_checkpoint,
 )
 from steermoe_core.model.steermoe import SteerMoEModel
@@ -177,34 +177,12 @@ def _train_state(opt, sched, step: int, pos: Position, device: torch.device, str
 def _restore(start: Path, sched, device: torch.device) -> tuple[dict, int, Position]:
     """(the saved train state, step, position). The optimizer state is the strategy's to restore,
     after ``prepare`` (``Strategy.load_engine``): ZeRO must see it after flattening its partitions."""
-    st = _load_train_state(start)
+    st = read_train_state(start)
     sched.load_state_dict(st["scheduler"])
     torch.set_rng_state(st["rng"])
     if device.type == "cuda" and st.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(st["cuda_rng"], device)
     return st, int(st["step"]), Position(int(st["epoch"]), int(st["batch_in_epoch"]))
-
-
-def _load_train_state(start: Path) -> dict:
-    """The checkpoint's train state, loaded with torch's weights-only unpickler: a file that needs
-    anything more (code to run) is refused as foreign, never loaded with ``weights_only=False``."""
-    import pickle
-
-    path = start / "train_state.pt"
-    try:
-        st = load_train_state(start)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: not a steermoe train state; refusing to unpickle it") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: damaged train state ({first})") from None
-    need = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "rng")
-    if not isinstance(st, dict) or any(k not in st for k in need):
-        raise CheckpointError(f"{path}: not a steermoe train state; refusing to use it")
-    meta_step = json.loads((start / "meta.json").read_text()).get("step")
-    if int(st["step"]) != meta_step:
-        raise CheckpointError(f"{path}: step {st['step']} does not match meta.json's step {meta_step}")
-    return st
 
 
 def _model_for_run(recipe: Recipe, start: Path | None, device: torch.device) -> SteerMoEModel:
