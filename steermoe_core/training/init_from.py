@@ -19,12 +19,15 @@ not fit the recipe, is refused with one line.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
+from steermoe_core.atomic import write_text
 from steermoe_core.errors import CheckpointError
 from steermoe_core.model.steermoe import SteerMoEModel
+from steermoe_core.training.strategy import Strategy
 
 MOMENTS_FILE = "optimizer.safetensors"
 SLOTS = ("exp_avg", "exp_avg_sq", "step")
@@ -161,4 +164,23 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
         n = restore_moments(opt, model, moments) if moments else 0
         total = sum(len(g["params"]) for g in opt.param_groups)
         info["optimizer"] = f"{n} of {total} parameters from {source}" if moments else source
+    return info
+
+
+def initialise(model: SteerMoEModel, opt, out: Path, start: Path | None, init_from_path: Path | None, strategy: Strategy) -> dict | None:
+    """Where a run's weights came from (kept in ``init_from.json`` so checkpoints after a resume still say it):
+    a new run with ``init_from`` loads that checkpoint's adapter and Adam moments (not under DeepSpeed,
+    whose optimizer keeps its own partitions)."""
+    record = out / "init_from.json"
+    if start is not None:
+        return json.loads(record.read_text()) if record.is_file() else None
+    if init_from_path is None:
+        if strategy.is_main:
+            record.unlink(missing_ok=True)
+        return None
+    info = init_from(model, None if strategy.name == "deepspeed" else opt, init_from_path)
+    if strategy.name == "deepspeed":
+        info["optimizer"] = "not restored (distributed.engine = deepspeed keeps its own optimizer state)"
+    if strategy.is_main:
+        write_text(record, json.dumps(info, indent=2))
     return info

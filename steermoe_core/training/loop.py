@@ -35,6 +35,7 @@ from steermoe_core.model.checkpoint import (
 from steermoe_core.model.steermoe import SteerMoEModel
 from steermoe_core.runtime import Precision, autocast, pick_device, resolve_precision
 from steermoe_core.training.engines import make_strategy
+from steermoe_core.training.init_from import initialise
 from steermoe_core.training.optim import make_optimizer, make_scheduler
 from steermoe_core.training.run_folder import (
     ResumePoint,
@@ -308,27 +309,6 @@ def _train(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbac
         return _train_locked(recipe, out, resume, overwrite, cb, strategy, device, init_from)
 
 
-def _initialise(model: SteerMoEModel, opt, out: Path, start: Path | None, init_from: Path | None, strategy: Strategy) -> dict | None:
-    """Where a run's weights came from (kept in ``init_from.json`` so checkpoints after a resume still say it):
-    a new run with ``init_from`` loads that checkpoint's adapter and Adam moments (not under DeepSpeed,
-    whose optimizer keeps its own partitions)."""
-    from steermoe_core.training.init_from import init_from as load_init
-
-    record = out / "init_from.json"
-    if start is not None:
-        return json.loads(record.read_text()) if record.is_file() else None
-    if init_from is None:
-        if strategy.is_main:
-            record.unlink(missing_ok=True)
-        return None
-    info = load_init(model, None if strategy.name == "deepspeed" else opt, init_from)
-    if strategy.name == "deepspeed":
-        info["optimizer"] = "not restored (distributed.engine = deepspeed keeps its own optimizer state)"
-    if strategy.is_main:
-        write_text(record, json.dumps(info, indent=2))
-    return info
-
-
 def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: Callbacks, strategy: Strategy,
                   device: torch.device, init_from: Path | None = None) -> TrainResult:
     cfg = recipe.train
@@ -350,7 +330,7 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
 
     opt = make_optimizer(model, cfg, device)
     sched = make_scheduler(opt, cfg)
-    init = _initialise(model, opt, out, start, init_from, strategy)
+    init = initialise(model, opt, out, start, init_from, strategy)
     saved, step, pos = _restore(start, sched, device) if start is not None else ({}, 0, Position())
     bad_steps = int(saved.get("bad_steps", 0))
     log_path = out / "metrics.jsonl"
