@@ -225,20 +225,9 @@ class Jobs:
         try:
             for ev in first():
                 yield _sse(ev)
-            getter = None
-            while True:
-                getter = getter or asyncio.ensure_future(ticket.deltas.get())
-                finished, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in finished:
-                    for ev in _listed(delta(getter.result())):
-                        yield _sse(ev)
-                    getter = None
-                    continue
-                getter.cancel()
-                while not ticket.deltas.empty():  # what arrived with the end
-                    for ev in _listed(delta(ticket.deltas.get_nowait())):
-                        yield _sse(ev)
-                break
+            async for text in streamed(ticket):
+                for ev in _listed(delta(text)):
+                    yield _sse(ev)
             try:
                 out = checked(None, ticket.done.result())
             except ApiError as e:
@@ -250,6 +239,27 @@ class Jobs:
         finally:
             if not ticket.done.done():
                 ticket.cancel()
+
+
+async def streamed(ticket: Ticket) -> AsyncIterator[str]:
+    """Each piece of a streamed ticket's text as it comes, until the ticket is done (what arrived
+    with the end included): what the SSE routes and the realtime route send."""
+    getter = None
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(ticket.deltas.get())
+            finished, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in finished:
+                getter.cancel()  # before draining: a pending get must not take an item
+                getter = None
+                break
+            yield getter.result()
+            getter = None
+        while not ticket.deltas.empty():
+            yield ticket.deltas.get_nowait()
+    finally:
+        if getter is not None:
+            getter.cancel()
 
 
 def _listed(ev: dict | list[dict]) -> list[dict]:

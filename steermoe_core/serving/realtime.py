@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import time
@@ -25,10 +24,10 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from steermoe_core.inference.plan import TASK_PROMPTS
-from steermoe_core.serving.jobs import Outcome, Ticket, refusal_error
+from steermoe_core.serving.jobs import Outcome, Ticket, refusal_error, streamed
 from steermoe_core.serving.protocol import ApiError, internal_error
 from steermoe_core.serving.realtime_session import Commit, Session
-from steermoe_core.serving.state import ServerState
+from steermoe_core.serving.state import ServerState, bearer, check_key, ready
 
 log = logging.getLogger("steermoe.serve")
 router = APIRouter()
@@ -43,24 +42,18 @@ def _protocols(ws: WebSocket) -> list[str]:
 
 def _refusal(ws: WebSocket, state: ServerState) -> ApiError | None:
     """Why the connection is refused (the same checks, codes and messages as the HTTP routes), or None."""
-    key = state.settings.api_key
-    if key:
-        header = ws.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else header
-        if not token:
-            token = next((p[len(KEY_PROTOCOL):] for p in _protocols(ws) if p.startswith(KEY_PROTOCOL)), "")
-        if not token:
-            return ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY' (or, from a browser, the "
-                                 f"subprotocol '{KEY_PROTOCOL}KEY')", code="invalid_api_key")
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            return ApiError(401, "incorrect API key", code="invalid_api_key")
+    token = bearer(ws.headers.get("authorization", ""))
+    token = token or next((p[len(KEY_PROTOCOL):] for p in _protocols(ws) if p.startswith(KEY_PROTOCOL)), "")
     intent = ws.query_params.get("intent")
-    if intent not in (None, "transcription"):
-        return ApiError(400, f"intent '{intent}' is not supported: this server runs transcription sessions "
-                             "(connect to /v1/realtime?intent=transcription)", code="unsupported_intent")
-    if state.jobs is None:
-        return ApiError(503, state.error or "the model is still loading; try again shortly", "server_error",
-                        "model_not_ready", headers={"Retry-After": "2"})
+    try:
+        check_key(state.settings.api_key, token,
+                  f"send the header 'Authorization: Bearer KEY' (or, from a browser, the subprotocol '{KEY_PROTOCOL}KEY')")
+        if intent not in (None, "transcription"):
+            raise ApiError(400, f"intent '{intent}' is not supported: this server runs transcription sessions "
+                                "(connect to /v1/realtime?intent=transcription)", code="unsupported_intent")
+        ready(state)
+    except ApiError as e:
+        return e
     return None
 
 
@@ -185,17 +178,8 @@ class _Connection:
                                                       item_id=c.item_id, content_index=0, delta=text))
 
         try:
-            getter = None
-            while True:
-                getter = getter or asyncio.ensure_future(ticket.deltas.get())
-                done, _ = await asyncio.wait({getter, ticket.done}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    while not ticket.deltas.empty():  # what arrived with the end
-                        emit(ticket.deltas.get_nowait())
-                    break
-                emit(getter.result())
-                getter = None
+            async for text in streamed(ticket):
+                emit(text)
             self._finish(c, ticket.done.result(), t0)
         finally:
             self.tickets.pop(c.item_id, None)

@@ -54,17 +54,25 @@ def state_of(request: Request) -> ServerState:
     return request.app.state.steermoe
 
 
+def bearer(header: str) -> str:
+    """The token of an ``Authorization`` header (``Bearer KEY``, or the bare key)."""
+    return header[7:] if header.lower().startswith("bearer ") else header
+
+
+def check_key(key: str | None, token: str, how: str = "send the header 'Authorization: Bearer KEY'") -> None:
+    """401 unless ``token`` is the server's API key (any token when it has none)."""
+    if not key:
+        return
+    if not token:
+        raise ApiError(401, f"missing API key: {how}", code="invalid_api_key")
+    if not hmac.compare_digest(token.encode(), key.encode()):
+        raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+
 def authorize(request: Request) -> ServerState:
     """The server's state, once the request's API key is right (when the server has one)."""
     state = state_of(request)
-    key = state.settings.api_key
-    if key:
-        header = request.headers.get("authorization", "")
-        if not header:
-            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer KEY'", code="invalid_api_key")
-        token = header[7:] if header.lower().startswith("bearer ") else header
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+    check_key(state.settings.api_key, bearer(request.headers.get("authorization", "")))
     return state
 
 
