@@ -77,6 +77,7 @@ class ProjectorConfig:
     pooling: Literal["avg", "max", "stack"] = doc("avg", "How k encoder frames become one audio token; stack concatenates (D*k -> H).")
     stride: int = doc(4, "Frames per audio token (4: Whisper's 50 Hz -> 12.5 Hz).", min=1)
     vocab_posterior: bool = doc(False, "The LLM reads each audio token as a mixture of its own input embeddings, weighted by the softmax of the token's dot products with them (the posterior train.ctc_weight trains; LegoSLM): in-distribution inputs close to the spoken words' embeddings, meant to let a frozen LLM follow the audio after fewer steps (on the demo it did not: docs/demo.md, What limits it). Costs two (tokens x vocabulary) matmuls per clip.")
+    drop_blank: bool = doc(False, "The LLM reads only the audio tokens the CTC read-out keeps: tokens whose nearest word piece is the blank (the space token) are dropped, and of a run of tokens with the same nearest word piece only the first is kept (LegoSLM, TASU). A clip then costs the LLM about as many positions as its transcript has tokens instead of 12.5 a second, and, with vocab_posterior, reads like text. Needs train.ctc_weight > 0 to mean anything; costs one (tokens x vocabulary) matmul per clip.")
 
 
 @dataclass
@@ -273,6 +274,8 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"model.encoder.trim_padding: Whisper's fixed 30 s layout only; kind {r.model.encoder.kind!r} always encodes only the real frames")
     if r.train.ctc_only_steps and not r.train.ctc_weight:
         raise RecipeError("train.ctc_only_steps: needs train.ctc_weight > 0 (the CTC loss it trains on)")
+    if r.model.projector.drop_blank and not r.train.ctc_weight:
+        raise RecipeError("model.projector.drop_blank: needs train.ctc_weight > 0 (the CTC loss decides which audio tokens are blank)")
     d = r.data
     if d.noise_snr_db and (len(d.noise_snr_db) != 2 or d.noise_snr_db[0] > d.noise_snr_db[1]):
         raise RecipeError(f"data.noise_snr_db: expected [low, high] in dB, got {d.noise_snr_db}")

@@ -45,7 +45,8 @@ def test_generation_layout_is_left_padded_and_audio_lands_in_place(backbones):
     first = b.audio_index[0].item()
     off = width - int(b.attention_mask[0].sum())
     assert first == off + len(pre)
-    assert source_index([2, 6], 7).tolist() == [0, 1, 7, 8, 9, 10, 11, 12]
+    assert source_index([[0, 1], [0, 1, 2, 3, 4, 5]], 7).tolist() == [0, 1, 7, 8, 9, 10, 11, 12]
+    assert source_index([[1], [0, 4]], 7).tolist() == [1, 7, 11]
 
 
 def test_system_prompt_replaces_the_templates_default(backbones):

@@ -302,3 +302,46 @@ def test_the_large_training_set_draws_many_voices_and_never_a_held_out_one():
     assert not set(bases) & reserved
     assert not {b.split(":")[1].split("+")[0] for b in robotic if b.startswith("espeak:")} & dialects
     assert {s for _, s in draws} <= {0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2}
+
+
+def test_drop_blank_hands_the_llm_one_token_per_word_piece_heard(backbones, tiny_data):
+    """projector.drop_blank: of a clip's audio tokens the LLM reads only those the CTC read-out keeps
+    (blanks dropped, runs collapsed to their first token), so audio tokens that are a word's own
+    embeddings, held two frames each and padded with blanks, reach the LLM as exactly that word's
+    pieces; the CTC loss still reads every token, and training and decoding run on the shorter rows."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import RecipeError, recipe_from_dict
+    from steermoe_core.data.dataset import ShardedDataset, collate
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["model"]["projector"] = {"drop_blank": True}
+    d["train"]["ctc_weight"] = 0.5
+    recipe = recipe_from_dict(d)
+    model = build_model(recipe.model, torch.device("cpu")).eval()
+    model.ctc_weight = 0.5
+    tok = model.tokenizer
+    pieces = tok("hello world", add_special_tokens=False)["input_ids"]
+    blank = model.ctc_blank_id
+    frames = [blank] + [t for t in pieces for _ in range(2)] + [blank, blank]
+    ds = ShardedDataset(tiny_data)
+    batch = collate([ds[0], ds[1]], "")
+    counts = model.audio_token_counts(batch.lengths)
+    emb = model.llm.get_input_embeddings().weight.detach()
+    rows = [frames + [blank] * (max(counts) - len(frames)), [blank] * max(counts)]  # the second clip: silence
+    tokens = emb[torch.tensor(rows)]
+    model.audio_tokens = lambda waves, lengths: tokens
+    embeds, lb, audio, per_clip = model._embed(batch, None)
+    assert per_clip == counts and audio.shape[1] == max(counts)  # the CTC loss's view is untouched
+    n_first = len(pieces)
+    got = embeds.reshape(-1, emb.shape[1])[lb.audio_index[:n_first]]
+    torch.testing.assert_close(got, emb[torch.tensor(pieces)])
+    assert len(lb.audio_index) == n_first + 1  # a clip of nothing but blanks keeps one token
+    batch.targets = ["hello world", "x"]
+    out = model(batch)
+    assert torch.isfinite(out["loss"]) and "ctc" in out
+    assert len(model.generate(batch, max_new_tokens=3)) == 2
+
+    d["train"]["ctc_weight"] = 0.0
+    with pytest.raises(RecipeError, match="drop_blank"):
+        recipe_from_dict(d)

@@ -21,17 +21,25 @@ from steermoe_core.model.steermoe import SteerMoEModel
 
 
 class AudioTower(nn.Module):
+    """Under ``drop_blank`` a second output, ``keep`` (B, T') bool, says which audio tokens the LLM
+    reads (``Adapter.kept``); the backend drops the others, as ``SteerMoEModel.read_positions`` does."""
+
     def __init__(self, model: SteerMoEModel):
         super().__init__()
         self.encoder, self.adapter = model.encoder, model.adapter
-        # the LLM's embedding table enters the graph only when the adapter mixes it (``vocab_posterior``)
-        self.vocab = model.llm.get_input_embeddings().weight if model.cfg.projector.vocab_posterior else None
+        self.blank = model.ctc_blank_id
+        # the LLM's embedding table enters the graph only where the adapter reads it (``vocab_posterior``, ``drop_blank``)
+        p = model.cfg.projector
+        self.vocab = model.llm.get_input_embeddings().weight if p.vocab_posterior or p.drop_blank else None
 
-    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x, mask = self.encoder.forward_layers(features, feature_lengths, hook=self.adapter.layer_hook)
         x = self.adapter.after_encoder(x, mask)
         tokens = self.adapter.project(self.encoder.final_norm(x), mask)
-        return tokens if self.vocab is None else self.adapter.llm_inputs(tokens, self.vocab)
+        if self.vocab is None:
+            return tokens
+        inputs = self.adapter.llm_inputs(tokens, self.vocab)
+        return (inputs, self.adapter.kept(tokens, self.vocab, self.blank)) if self.adapter.drop_blank else inputs
 
 
 def frame_multiple(stride: int) -> int:

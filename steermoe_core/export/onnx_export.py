@@ -119,7 +119,9 @@ def export_onnx(
         t0 = time.perf_counter()
         say("exporting the audio tower")
         args, shapes = audio_tower_shapes(model)
-        _export_graph(AudioTower(model), args, shapes, ["features", "feature_lengths"], ["audio_tokens"], tmp / FILES["audio_tower"], opset, dtype, quantize, say)
+        drop_blank = model.cfg.projector.drop_blank
+        outputs = ["audio_tokens", "keep"] if drop_blank else ["audio_tokens"]
+        _export_graph(AudioTower(model), args, shapes, ["features", "feature_lengths"], outputs, tmp / FILES["audio_tower"], opset, dtype, quantize, say)
         seconds = {"audio_tower": time.perf_counter() - t0}
         parity = _parity(model, tmp, ["audio_tower"], dtype, quantize)
         if shared is None:
@@ -148,7 +150,7 @@ def export_onnx(
             "audio": {
                 "kind": enc.kind, "n_mels": enc.n_mels, "sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop": HOP,
                 "max_frames": enc.max_frames, "trim_padding": enc.trim_padding, "stride": model.cfg.projector.stride,
-                "frame_multiple": frame_multiple(model.cfg.projector.stride),
+                "frame_multiple": frame_multiple(model.cfg.projector.stride), "drop_blank": drop_blank,
             },
             "llm": {
                 "layers": layers, "kv_heads": heads, "head_dim": head_dim, "hidden": model.llm.config.hidden_size,

@@ -152,11 +152,16 @@ class OnnxBackend:
         return out, lengths
 
     def encode_audio(self, clips: list[np.ndarray]) -> list[np.ndarray]:
-        """One (tokens, H) array of audio embeddings per clip."""
+        """One (tokens, H) array of audio embeddings per clip: all of its tokens, or, for a ``drop_blank``
+        export, those the graph's ``keep`` output marks (a clip with none keeps its first, as in torch)."""
         feats, lengths = self.features(clips)
-        tokens = self.tower.run(None, {"features": feats, "feature_lengths": lengths})[0]
+        out = self.tower.run(None, {"features": feats, "feature_lengths": lengths})
         counts = self.audio_token_counts([len(c) for c in clips])
-        return [tokens[i, :n].astype(np.float32) for i, n in enumerate(counts)]
+        rows = [out[0][i, :n].astype(np.float32) for i, n in enumerate(counts)]
+        if not self.audio.get("drop_blank"):
+            return rows
+        keep = [out[1][i, :n] for i, n in enumerate(counts)]
+        return [r[k] if k.any() else r[:1] for r, k in zip(rows, keep)]
 
     # -- text only: the frozen LLM --
     @property

@@ -25,7 +25,7 @@ from pathlib import Path
 from steermoe_core.errors import CheckpointError, MissingDependency
 
 FORMAT = "steermoe-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the audio tower may output `keep` (manifest audio.drop_blank)
 MANIFEST = "manifest.json"
 PROMPT_MARK = "STEERMOEPROMPTMARK"  # where the prompt goes in the rendered text after the audio
 INSTALL_HINT = 'pip install "steermoe[onnx]"'

@@ -24,7 +24,7 @@ class Adapter(nn.Module):
     def __init__(self, num_layers: int, dim: int, hidden: int, cfg: ModelConfig):
         super().__init__()
         self.placement, self.pooling, self.stride = cfg.steering.placement, cfg.projector.pooling, cfg.projector.stride
-        self.vocab_posterior = cfg.projector.vocab_posterior
+        self.vocab_posterior, self.drop_blank = cfg.projector.vocab_posterior, cfg.projector.drop_blank
         n = num_layers if self.placement == "layer_wise" else 1
         self.steering = None if self.placement == "none" else SteeringMoE(n, dim, cfg.steering)
         self.projector = nn.Linear(dim * self.stride if self.pooling == "stack" else dim, hidden)
@@ -56,6 +56,19 @@ class Adapter(nn.Module):
             return tokens
         vocab = vocab.to(tokens.dtype)
         return (tokens @ vocab.T).float().softmax(-1).to(tokens.dtype) @ vocab
+
+    @torch.no_grad()
+    def kept(self, tokens: torch.Tensor, vocab: torch.Tensor, blank: int) -> torch.Tensor:
+        """(B, T', H) audio tokens -> (B, T') bool: which ones the LLM reads under ``drop_blank``
+        (all of them otherwise). A token is dropped where its nearest word piece (the CTC read-out's
+        argmax) is ``blank``, or is the same as the previous token's: the CTC collapse, so a clip
+        costs the LLM one position per word piece heard. Padding rows are the caller's to ignore."""
+        if not self.drop_blank:
+            return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        ids = (tokens @ vocab.T.to(tokens.dtype)).argmax(-1)
+        new = torch.ones_like(ids, dtype=torch.bool)
+        new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        return new & (ids != blank)
 
     @torch.no_grad()
     def init_projector(self, target_rms: float) -> None:

@@ -140,6 +140,7 @@ class PromptLayout:
         )
 
 
-def source_index(n_audio: list[int], stride: int) -> torch.Tensor:
-    """Flat indices of the real audio tokens inside a (B, stride, H) pooled tensor, example-major."""
-    return torch.tensor([i * stride + j for i, n in enumerate(n_audio) for j in range(n)], dtype=torch.long)
+def source_index(positions: list[list[int]], stride: int) -> torch.Tensor:
+    """Flat indices of the audio tokens the LLM reads inside a (B, stride, H) pooled tensor, example-major:
+    ``positions[i]`` are clip i's (all its real tokens, or those ``projector.drop_blank`` keeps)."""
+    return torch.tensor([i * stride + j for i, pos in enumerate(positions) for j in pos], dtype=torch.long)

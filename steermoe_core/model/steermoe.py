@@ -135,19 +135,33 @@ class SteerMoEModel(nn.Module):
     def _embed(self, batch: AudioBatch, targets: list[str] | None):
         audio = self.audio_tokens(batch.waves, batch.lengths)
         per_clip = self.audio_token_counts(batch.lengths)
-        src_index = source_index(per_clip, audio.shape[1])  # clip-major, so windows stay in order
+        emb_layer = self.llm.get_input_embeddings()
+        read = self.read_positions(audio, per_clip, emb_layer.weight)
+        src_index = source_index(read, audio.shape[1])  # clip-major, so windows stay in order
         groups = batch.clips_per_example or [1] * len(per_clip)
         bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
-        n_audio = [sum(per_clip[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
+        n_audio = [sum(len(p) for p in read[bounds[i] : bounds[i + 1]]) for i in range(len(groups))]
         lb = self.layout.build(n_audio, batch.prompts, targets, self.max_target_tokens, self.pad_multiple_tokens)
         dev = audio.device
-        emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(to_device(lb.input_ids, dev))
         b, s, h = embeds.shape
         src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))  # real tokens only: padding is never mixed
         src = self.adapter.llm_inputs(src, emb_layer.weight)
         flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
         return flat.view(b, s, h), lb, audio, per_clip
+
+    def read_positions(self, audio: torch.Tensor, per_clip: list[int], vocab: torch.Tensor) -> list[list[int]]:
+        """Which of each clip's audio tokens the LLM reads: all ``per_clip[i]`` of them, or under
+        ``projector.drop_blank`` those the CTC read-out keeps (``Adapter.kept``); a clip heard as
+        nothing but blanks keeps its first token, so every clip still has a place in the prompt."""
+        if not self.adapter.drop_blank:
+            return [list(range(n)) for n in per_clip]
+        keep = self.adapter.kept(audio, vocab, self.ctc_blank_id).cpu().tolist()
+        out = []
+        for row, n in zip(keep, per_clip):
+            pos = [j for j in range(n) if row[j]]
+            out.append(pos or [0])
+        return out
 
     # -- training loss --
     def _prefix_kv(self, ids: list[int], dev: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
