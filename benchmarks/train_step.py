@@ -83,27 +83,38 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     return times
 
 
-def prefix_ab(model, opt, batches, precision, clip: float) -> dict:
-    """Joint steps with the chat prefix run every step and read from its cache (``reuse_prefix``), the
-    two alternating on the same batches so that a busy machine's drift falls on both alike; and the
-    loss of the first batch both ways, before any of these steps."""
+AB_SWITCHES = {
+    # name -> (what it turns on, a function setting it on the model)
+    "prefix": ("the chat prefix's keys and values reused from their cache (off: run every step)",
+               lambda model, on: setattr(model, "reuse_prefix", on)),
+    "drop_blank": ("the LLM reading only the audio tokens the CTC read-out keeps (model.projector.drop_blank)",
+                   lambda model, on: setattr(model.adapter, "drop_blank", on)),
+}
+
+
+def alternate(model, opt, batches, precision, clip: float, switch: str) -> dict:
+    """Joint steps with ``switch`` off and on, the two alternating on the same batches so that a busy
+    machine's drift falls on both alike; and the loss of the first batch both ways, before any of these
+    steps. The model is left as the recipe set it."""
+    flip = AB_SWITCHES[switch][1]
+    was = model.reuse_prefix if switch == "prefix" else model.adapter.drop_blank
     with torch.no_grad():
         loss = {}
         for flag in (False, True):
-            model.reuse_prefix = flag
+            flip(model, flag)
             loss[flag] = float(model(batches[0])["loss"])
     times: dict[bool, list[float]] = {False: [], True: []}
     for i, b in enumerate(batches):
         for flag in ((False, True) if i % 2 == 0 else (True, False)):
-            model.reuse_prefix = flag
+            flip(model, flag)
             t = time.perf_counter()
             train_step(model, opt, [b], precision, clip)
             times[flag].append(time.perf_counter() - t)
-    model.reuse_prefix = True
-    return {"loss_full": loss[False], "loss_reused": loss[True],
-            "step_s_full": sum(times[False]) / len(batches), "step_s_reused": sum(times[True]) / len(batches),
-            "samples_per_s_full": sum(len(b.lengths) for b in batches) / sum(times[False]),
-            "samples_per_s_reused": sum(len(b.lengths) for b in batches) / sum(times[True])}
+    flip(model, was)
+    n = sum(len(b.lengths) for b in batches)
+    return {"switch": AB_SWITCHES[switch][0], "loss_off": loss[False], "loss_on": loss[True],
+            "step_s_off": sum(times[False]) / len(batches), "step_s_on": sum(times[True]) / len(batches),
+            "samples_per_s_off": n / sum(times[False]), "samples_per_s_on": n / sum(times[True])}
 
 
 def recipe_steps(args) -> dict:
@@ -120,6 +131,10 @@ def recipe_steps(args) -> dict:
     model = _model_for_run(recipe, None, device)
     model.train()
     opt = make_optimizer(model, recipe.train, device)
+    if args.init_from is not None:  # a trained adapter: what drop_blank keeps depends on it
+        from steermoe_core.training.init_from import init_from
+
+        init_from(model, opt, args.init_from)
     ds = ShardedDataset(recipe.data.train, recipe.data.max_duration)
     stream = micro_batch_stream(ds, recipe, Position(), SingleDevice())
     res: dict = {"device": "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device), "torch": torch.__version__,
@@ -148,8 +163,8 @@ def recipe_steps(args) -> dict:
                 train_step(model, opt, [timed[-1]], precision, recipe.train.clip_grad)
             print(f"-- {stage}: one step, operators by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
-        if args.ab_prefix and stage == "joint":
-            res["reuse_prefix_ab"] = prefix_ab(model, opt, timed, precision, recipe.train.clip_grad)
+        if args.ab and stage == "joint":
+            res[f"ab_{args.ab}"] = alternate(model, opt, timed, precision, recipe.train.clip_grad, args.ab)
         res[stage] = {"steps": len(timed), "step_s": wall / len(timed), "samples_per_s": samples / wall,
                       "audio_s_per_s": audio_s / wall, "mean_clip_s": audio_s / samples,
                       "data_s_per_batch": data_s / len(batches), "split_s": split}
@@ -179,7 +194,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="--recipe: a prepared dataset folder to draw batches from")
     ap.add_argument("--set", action="append", default=[], help="--recipe: a recipe override, KEY=VALUE (repeatable)")
     ap.add_argument("--stages", default="ctc_only,joint", help="--recipe: which stages to time (ctc_only, joint)")
-    ap.add_argument("--ab-prefix", action="store_true", help="--recipe: also time joint steps with the chat prefix run every step against it reused from its cache, alternating")
+    ap.add_argument("--ab", choices=sorted(AB_SWITCHES), help="--recipe: also time joint steps with this switch off and on, alternating "
+                    "on the same batches (prefix: the chat prefix's cache; drop_blank: the LLM reads only the tokens the CTC read-out keeps)")
+    ap.add_argument("--init-from", type=Path, help="--recipe: start from this checkpoint's adapter (and LoRA) weights")
     ap.add_argument("--profile", type=int, default=0, help="--recipe: also print the N costliest operators of one step (torch.profiler)")
     args = ap.parse_args()
     if args.recipe is not None:
