@@ -230,3 +230,19 @@ def test_folder_where_every_input_is_bad_fails_and_names_them(tmp_path):
     (src / "b.txt").write_text("b\n")
     r = prep("folder", src, "--out", tmp_path / "out")
     assert r.exit_code == 2 and "a.wav" in r.output and "b.wav" in r.output and "no usable input" in r.output
+
+
+def test_the_large_set_can_start_at_a_later_shard_and_fill_in_earlier_ones_later(tmp_path):
+    """tools/synth_corpus.py --first-shard: a machine that lost the set synthesises sentences it never
+    trained on first; a later run from shard 0 keeps that shard and makes the ones before it."""
+    from steermoe_core.data.prep.corpus import plan, synthesise_chunks
+
+    items = plan([f"Sentence number {w} is here." for w in ("one", "two", "three", "four")], robotic_fraction=1.0)
+    m = synthesise_chunks(items, tmp_path, chunk=2, first=1, log=lambda line: None)
+    assert list(m["shards"]) == ["shard-00001.parquet"] and m["examples"] == 2
+    made = (tmp_path / "shard-00001.parquet").stat().st_mtime_ns
+    lines = []
+    m = synthesise_chunks(items, tmp_path, chunk=2, log=lines.append)
+    assert list(m["shards"]) == ["shard-00000.parquet", "shard-00001.parquet"] and m["examples"] == 4
+    assert [json.loads(ln)["shard"] for ln in lines] == ["shard-00000.parquet"]  # shard 1 was kept, not redone
+    assert (tmp_path / "shard-00001.parquet").stat().st_mtime_ns == made

@@ -83,10 +83,11 @@ def cpu_seconds() -> float:
 
 
 def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Callable[[str], None] = print,
-                      stop_after: int = 0) -> dict:
+                      stop_after: int = 0, first: int = 0) -> dict:
     """Write ``items`` as shards of ``chunk`` items under ``out``, skipping shards already finished from the
     same items; ``manifest.json`` is rewritten after every shard. ``stop_after`` > 0 stops after that many
-    new shards. Returns the manifest."""
+    new shards; ``first`` > 0 synthesises no shard before that one (a machine that lost the set starts on
+    sentences it has not trained on; finished earlier shards are still listed). Returns the manifest."""
     from steermoe_core.data.prep.pipeline import (
         _chunk_hash,
         _finished_shard,
@@ -104,6 +105,8 @@ def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Calla
         name = f"shard-{k:05d}.parquet"
         digest = _chunk_hash([_item_record(it) for it in part])
         info = _finished_shard(out / name, digest)
+        if info is None and k < first:
+            continue
         if info is None:
             if stop_after and done_now >= stop_after:
                 break
