@@ -26,24 +26,24 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from steermoe_core.data.dataset import ShardedDataset, collate
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.evaluation.evaluate import predict_dataset
     from steermoe_core.evaluation.metrics import word_error_rate
     from steermoe_core.model.checkpoint import load_checkpoint
 
     res: dict = {}
     for spec in args.checkpoint:
         name, _, folder = spec.partition("=")
-        model = load_checkpoint(folder, torch.device("cpu"))[0]
+        model, recipe, _ = load_checkpoint(folder, torch.device("cpu"))
+        recipe.eval.batch_size = args.batch
         res[name] = {}
         for dspec in args.data:
             dname, _, dfolder = dspec.partition("=")
             ds = ShardedDataset(dfolder)
             n = min(len(ds), args.max_examples or len(ds))
-            refs, hyps, t = [], [], time.perf_counter()
-            for i in range(0, n, args.batch):
-                ex = [ds[j] for j in range(i, min(n, i + args.batch))]
-                hyps += model.ctc_transcribe(collate(ex, ""))
-                refs += [e.text for e in ex]
+            t = time.perf_counter()
+            preds = predict_dataset(model, ds, recipe, shard=lambda chosen: [i for i in chosen if i < n], read="ctc")
+            refs, hyps = [p["reference"] for p in preds], [p["prediction"] for p in preds]
             res[name][dname] = {"ctc_wer": word_error_rate(refs, hyps), "clips": n, "seconds": time.perf_counter() - t,
                                 "example": {"ref": refs[0], "ctc": hyps[0]}}
             print(json.dumps({"checkpoint": name, "data": dname, **res[name][dname]}), flush=True)

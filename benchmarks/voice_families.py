@@ -7,7 +7,8 @@
 The sets (steermoe_core.evaluation.voice_sets) are held-out Harvard sentences read by voices no training
 set uses; they are prepared once into ``--sets`` (default $STEERMOE_CACHE/voice_sets/SPLIT-N) and reused.
 The neural family needs the optional voices (`pip install -e '.[voices]'`). Prints one markdown table
-(WER per family and per voice, and the Whisper/checkpoint ratio) and writes every transcript to ``--json``.
+(WER per family and per voice, with each checkpoint's CTC read-out beside it: the same audio tokens read
+without the LLM) and writes every transcript to ``--json``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--families", default="robotic,neural,real")
     ap.add_argument("--sets", type=Path, default=None, help="where the prepared sets live")
     ap.add_argument("--no-whisper", action="store_true", help="skip Whisper tiny.en's own decoder")
+    ap.add_argument("--no-ctc", action="store_true", help="skip each checkpoint's CTC read-out (its audio tokens read without the LLM)")
     ap.add_argument("--json", type=Path, default=None, help="write scores and transcripts here")
     ap.add_argument("--workers", type=int, default=0, help="synthesis processes when a set is built")
     args = ap.parse_args()
@@ -85,6 +87,14 @@ def main() -> None:
         results[name]["_step"] = meta.get("step")
         print(f"{name} (step {meta.get('step')}): scored in {time.perf_counter() - t:.0f} s: "
               + ", ".join(f"{f} {100 * results[name][f]['all']:.1f}%" for f in data))
+        if not args.no_ctc:  # the floor: the same audio tokens read without the LLM
+            ctc = f"{name}, CTC read-out"
+            results[ctc], transcripts[ctc] = {}, {}
+            for fam, ds in data.items():
+                preds = predict_dataset(model, ds, recipe, read="ctc")
+                results[ctc][fam] = _score([p["reference"] for p in preds], [p["prediction"] for p in preds], [p["id"] for p in preds])
+                transcripts[ctc][fam] = [{"id": p["id"], "reference": p["reference"], "prediction": p["prediction"]} for p in preds]
+            results[ctc]["_step"] = meta.get("step")
     if not args.no_whisper:
         from steermoe_core.evaluation.whisper_decoder import WhisperDecoderBaseline
 

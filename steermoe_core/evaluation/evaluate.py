@@ -35,10 +35,15 @@ def predict_dataset(
     progress: Callable[[int], None] | None = None,
     seed: int = 0,
     shard: Callable[[list[int]], list[int]] | None = None,
+    read: str = "llm",
 ) -> list[dict]:
     """Predictions in dataset order, one dict per example (index, id, reference, prediction, prompt).
 
-    ``shard`` picks this process's share of the chosen examples (multi-process validation)."""
+    ``shard`` picks this process's share of the chosen examples (multi-process validation). ``read``:
+    ``llm`` decodes as ``infer`` does; ``ctc`` is the CTC read-out (``SteerMoEModel.ctc_transcribe``, no
+    LLM), the floor a reader of the same audio tokens has to beat."""
+    if read not in ("llm", "ctc"):
+        raise ValueError(f"read: 'llm' or 'ctc', not {read!r}")
     precision = precision or resolve_precision(recipe.train.precision, model.device, "decode")
     chosen = pick_examples(len(ds), max_examples, seed) or list(range(len(ds)))
     if shard is not None:
@@ -49,7 +54,7 @@ def predict_dataset(
     for bidx, (batch, examples) in enumerate(make_loader(ds, batches, recipe.data.prompt, 0)):
         batch.waves = batch.waves.to(model.device)
         with autocast(model.device, precision):
-            hyps = model.generate(batch, recipe.eval.max_new_tokens, recipe.eval.num_beams)
+            hyps = model.ctc_transcribe(batch) if read == "ctc" else model.generate(batch, recipe.eval.max_new_tokens, recipe.eval.num_beams)
         for i, e, h, p in zip(batches[bidx], examples, hyps, batch.prompts):
             out[i] = {"index": i, "id": e.id, "reference": e.text, "prediction": h, "prompt": p, "language": e.language}
         if progress:
