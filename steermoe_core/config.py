@@ -77,6 +77,7 @@ class ProjectorConfig:
     pooling: Literal["avg", "max", "stack"] = doc("avg", "How k encoder frames become one audio token; stack concatenates (D*k -> H).")
     stride: int = doc(4, "Frames per audio token (4: Whisper's 50 Hz -> 12.5 Hz).", min=1)
     vocab_posterior: bool = doc(False, "The LLM reads each audio token as a mixture of its own input embeddings, weighted by the softmax of the token's dot products with them (the posterior train.ctc_weight trains; LegoSLM): in-distribution inputs close to the spoken words' embeddings, meant to let a frozen LLM follow the audio after fewer steps (on the demo it did not: docs/demo.md, What limits it). Costs two (tokens x vocabulary) matmuls per clip.")
+    argmax_embeddings: bool = doc(False, "The LLM reads each audio token as the input embedding of its nearest word piece (the CTC read-out's choice): its input is then text, exactly what a reader trained on text alone reads (train.text_steps), and no gradient reaches the adapter through the LLM (the CTC loss trains it). Excludes vocab_posterior; usually with drop_blank.")
     drop_blank: bool = doc(False, "The LLM reads only the audio tokens the CTC read-out keeps: tokens whose nearest word piece is the blank (the space token) are dropped, and of a run of tokens with the same nearest word piece only the first is kept (LegoSLM, TASU). A clip then costs the LLM about as many positions as its transcript has tokens instead of 12.5 a second, and, with vocab_posterior, reads like text. Needs train.ctc_weight > 0 to mean anything; costs one (tokens x vocabulary) matmul per clip.")
 
 
@@ -274,6 +275,8 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"model.encoder.trim_padding: Whisper's fixed 30 s layout only; kind {r.model.encoder.kind!r} always encodes only the real frames")
     if r.train.ctc_only_steps and not r.train.ctc_weight:
         raise RecipeError("train.ctc_only_steps: needs train.ctc_weight > 0 (the CTC loss it trains on)")
+    if r.model.projector.argmax_embeddings and r.model.projector.vocab_posterior:
+        raise RecipeError("model.projector.argmax_embeddings and vocab_posterior: choose one way for the LLM to read audio tokens")
     if r.model.projector.drop_blank and not r.train.ctc_weight:
         raise RecipeError("model.projector.drop_blank: needs train.ctc_weight > 0 (the CTC loss decides which audio tokens are blank)")
     d = r.data

@@ -345,3 +345,65 @@ def test_drop_blank_hands_the_llm_one_token_per_word_piece_heard(backbones, tiny
     d["train"]["ctc_weight"] = 0.0
     with pytest.raises(RecipeError, match="drop_blank"):
         recipe_from_dict(d)
+
+
+def test_a_reader_trained_on_text_sees_exactly_what_argmax_embeddings_hands_it(backbones, tiny_data):
+    """projector.argmax_embeddings + drop_blank: the LLM reads the CTC read-out's word pieces as their own
+    embeddings, so the loss on a clip equals text_forward's loss on those word pieces as text: a reader
+    trained on (CTC-noised) text alone is trained on the very input audio gives it."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import RecipeError, recipe_from_dict
+    from steermoe_core.data.dataset import ShardedDataset, collate
+
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["model"]["projector"] = {"drop_blank": True, "argmax_embeddings": True}
+    d["train"]["ctc_weight"] = 0.5
+    model = build_model(recipe_from_dict(d).model, torch.device("cpu")).eval()
+    tok = model.tokenizer
+    pieces = tok("hello world", add_special_tokens=False)["input_ids"]
+    blank = model.ctc_blank_id
+    batch = collate([ShardedDataset(tiny_data)[0]], "")
+    n = model.audio_token_counts(batch.lengths)[0]
+    frames = [blank] + [t for t in pieces for _ in range(2)] + [blank] * (n - 1 - 2 * len(pieces))
+    emb = model.llm.get_input_embeddings().weight.detach()
+    g = torch.Generator().manual_seed(0)
+    tokens = (emb[torch.tensor(frames)] * 1.5 + 1e-3 * torch.randn(n, emb.shape[1], generator=g))[None]  # near, not equal
+    assert (tokens @ emb.T).argmax(-1)[0].tolist() == frames
+    model.audio_tokens = lambda waves, lengths: tokens
+    batch.targets = ["hello world"]
+    with torch.no_grad():
+        from_audio = model(batch)["ce"]
+        from_text = model.text_forward(["hello world"], [pieces], batch.prompts[0])["ce"]
+    torch.testing.assert_close(from_audio, from_text)
+
+    d["model"]["projector"]["vocab_posterior"] = True
+    with pytest.raises(RecipeError, match="argmax_embeddings"):
+        recipe_from_dict(d)
+
+
+def test_ctc_noise_loses_swaps_and_strays_pieces_and_leaves_some_rows_clean():
+    """data/ctc_noise.py: what a text-only reader step reads instead of a CTC read-out."""
+    import numpy as np
+
+    from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
+
+    pieces = ["Ġcoast", "Ġcost", "Ġcoat", "Ġleaves", "Ġlearn", "Ġa", "Ġto", "ing", "Ġ7"]
+    neigh, strays = spelling_neighbours(pieces), short_pieces(pieces)
+    assert sorted(neigh[0].tolist()) == [0, 1, 2] and sorted(neigh[3].tolist()) == [3, 4] and len(neigh[8]) == 0
+    assert sorted(strays.tolist()) == [5, 6]
+    ids = [0, 3, 0, 3, 0, 3] * 20
+    rng = np.random.default_rng(0)
+    rows = [corrupt(ids, rng, neigh, strays) for _ in range(400)]
+    again = np.random.default_rng(0)
+    assert [corrupt(ids, again, neigh, strays) for _ in range(400)] == rows  # seeded: the same rows again
+    clean = sum(r == ids for r in rows) / len(rows)
+    assert 0.2 < clean < 0.4  # NoiseConfig.clean = 0.3
+    noisy = [r for r in rows if r != ids]
+    assert all(r for r in rows)
+    allowed = {0, 1, 2, 3, 4, 5, 6}
+    assert all(set(r) <= allowed for r in noisy)
+    swapped = sum(t in (1, 2, 4) for r in noisy for t in r) / sum(len(r) for r in noisy)
+    assert 0.04 < swapped < 0.12  # 12% swapped, a third of them back to the piece itself
+    assert 0.85 < sum(len(r) for r in noisy) / (len(ids) * len(noisy)) < 1.0  # 8% lost, 3% strays added
+    assert corrupt([0], np.random.default_rng(1), neigh, strays, NoiseConfig(clean=0.0, drop=1.0, swap=0.0, insert=0.0)) == [0]

@@ -30,7 +30,7 @@ class AudioTower(nn.Module):
         self.blank = model.ctc_blank_id
         # the LLM's embedding table enters the graph only where the adapter reads it (``vocab_posterior``, ``drop_blank``)
         p = model.cfg.projector
-        self.vocab = model.llm.get_input_embeddings().weight if p.vocab_posterior or p.drop_blank else None
+        self.vocab = model.llm.get_input_embeddings().weight if p.vocab_posterior or p.argmax_embeddings or p.drop_blank else None
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x, mask = self.encoder.forward_layers(features, feature_lengths, hook=self.adapter.layer_hook)

@@ -25,6 +25,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.placement, self.pooling, self.stride = cfg.steering.placement, cfg.projector.pooling, cfg.projector.stride
         self.vocab_posterior, self.drop_blank = cfg.projector.vocab_posterior, cfg.projector.drop_blank
+        self.argmax_embeddings = cfg.projector.argmax_embeddings
         n = num_layers if self.placement == "layer_wise" else 1
         self.steering = None if self.placement == "none" else SteeringMoE(n, dim, cfg.steering)
         self.projector = nn.Linear(dim * self.stride if self.pooling == "stack" else dim, hidden)
@@ -45,13 +46,16 @@ class Adapter(nn.Module):
 
     def llm_inputs(self, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
         """What the LLM reads for each audio token: the token itself, or (``vocab_posterior``) the
-        mixture of the LLM's (V, H) input embeddings ``vocab`` under softmax(token . vocab).
+        mixture of the LLM's (V, H) input embeddings ``vocab`` under softmax(token . vocab), or
+        (``argmax_embeddings``) the embedding of the word piece that mixture peaks on.
 
         The idea (LegoSLM): a frozen LLM has only ever read its own embeddings, and a mixture of them
         peaked on the word the CTC loss found reads like text, where a raw projected vector is an input
         it must first learn to read. Measured on the demo it learned no faster (README: *The offline
         demo*), so it is an option, off by default. The softmax runs in fp32.
         """
+        if self.argmax_embeddings:  # the nearest word piece's own embedding: text, as a text-trained reader knows it
+            return vocab[(tokens @ vocab.T.to(tokens.dtype)).argmax(-1)].to(tokens.dtype)
         if not self.vocab_posterior:
             return tokens
         vocab = vocab.to(tokens.dtype)

@@ -218,11 +218,7 @@ class SteerMoEModel(nn.Module):
         if self.ctc_only:
             return self._ctc_only_forward(batch)
         embeds, lb, audio, audio_lengths = self._embed(batch, batch.targets)
-        dev = embeds.device
-        last, target_index = self._llm_hidden(embeds, lb)
-        hidden = last.reshape(-1, embeds.shape[-1]).index_select(0, target_index)
-        logits = self.llm.get_output_embeddings()(hidden).float()
-        ce = F.cross_entropy(logits, to_device(lb.target_labels, dev))
+        ce = self._target_loss(embeds, lb)
         aux = self.adapter.aux_loss
         loss = ce if aux is None else ce + aux
         out = {"ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
@@ -231,6 +227,28 @@ class SteerMoEModel(nn.Module):
             loss = loss + self.ctc_weight * ctc
             out["ctc"] = ctc.detach()
         return {"loss": loss, **out}
+
+    def _target_loss(self, embeds: torch.Tensor, lb) -> torch.Tensor:
+        """Cross-entropy of the LLM's next-token logits at the target positions only."""
+        last, target_index = self._llm_hidden(embeds, lb)
+        hidden = last.reshape(-1, embeds.shape[-1]).index_select(0, target_index)
+        logits = self.llm.get_output_embeddings()(hidden).float()
+        return F.cross_entropy(logits, to_device(lb.target_labels, embeds.device))
+
+    def text_forward(self, targets: list[str], read: list[list[int]], prompt: str) -> dict[str, torch.Tensor]:
+        """The reader's loss on text alone: the LLM reads the embeddings of ``read[i]``'s word pieces
+        where clip i's audio tokens would be (what ``argmax_embeddings`` hands it: a transcript as a CTC
+        read-out heard it, ``data.ctc_noise``) and must write ``targets[i]``. No audio, no encoder: only
+        LoRA on the LLM learns from it."""
+        lb = self.layout.build([len(r) for r in read], [prompt] * len(read), targets, self.max_target_tokens, self.pad_multiple_tokens)
+        emb_layer = self.llm.get_input_embeddings()
+        dev = emb_layer.weight.device
+        embeds = emb_layer(to_device(lb.input_ids, dev))
+        b, s, h = embeds.shape
+        src = emb_layer(torch.tensor([t for r in read for t in r], dtype=torch.long, device=dev))
+        flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
+        ce = self._target_loss(flat.view(b, s, h), lb)
+        return {"loss": ce, "ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
 
     def _ctc_only_forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
         """Stage one of a CTC curriculum: the audio side and the embedding table only, no LLM pass."""

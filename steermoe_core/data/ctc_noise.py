@@ -1,0 +1,66 @@
+"""Transcripts corrupted the way a CTC read-out errs, for training the LLM's reader on text alone.
+
+With ``model.projector.argmax_embeddings`` (and ``drop_blank``) the LLM reads the CTC read-out's word
+pieces as text; a reader trained only on clips sees a few hundred sentences and learns to paraphrase.
+Text costs no audio: each step's transcripts, corrupted here, stand in for what the CTC head would
+have heard (TASU trains the LLM side on CTC outputs simulated from text the same way). The errors
+modelled are the read-out's own: word pieces lost, pieces replaced by ones spelled alike (it hears
+"coast" as "cost"), and stray short pieces; a share of rows stays clean, so faithful copying is
+learned too. Only numpy: no torch, no tokenizer calls in the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    clean: float = 0.3  # rows left as they are
+    drop: float = 0.08  # per piece: lost
+    swap: float = 0.12  # per piece: replaced by a piece spelled alike
+    insert: float = 0.03  # per piece: a short stray piece after it
+
+
+def spelling_neighbours(pieces: list[str]) -> list[np.ndarray]:
+    """For each vocabulary entry, the ids of entries spelled alike: the same word-start mark and the
+    same first two letters, case-blind (the tokenizer's own piece strings, e.g. ``Ġcoast``)."""
+    keys: dict[tuple[bool, str], list[int]] = {}
+    key_of = []
+    for i, p in enumerate(pieces):
+        start = p.startswith(("Ġ", "▁", " "))
+        letters = p.lstrip("Ġ▁ ").lower()
+        k = (start, letters[:2]) if len(letters) >= 2 and letters[:2].isalpha() else None
+        key_of.append(k)
+        if k is not None:
+            keys.setdefault(k, []).append(i)
+    groups = {k: np.asarray(v, dtype=np.int64) for k, v in keys.items()}
+    empty = np.zeros(0, dtype=np.int64)
+    return [groups[k] if k is not None else empty for k in key_of]
+
+
+def short_pieces(pieces: list[str]) -> np.ndarray:
+    """Ids of one- and two-letter pieces: what a CTC read-out strews between words."""
+    return np.asarray([i for i, p in enumerate(pieces) if 1 <= len(p.lstrip("Ġ▁ ")) <= 2 and p.lstrip("Ġ▁ ").isalpha()],
+                      dtype=np.int64)
+
+
+def corrupt(ids: list[int], rng: np.random.Generator, neighbours: list[np.ndarray], strays: np.ndarray,
+            cfg: NoiseConfig = NoiseConfig()) -> list[int]:
+    """``ids`` as a CTC read-out might have heard them; never empty."""
+    if rng.random() < cfg.clean:
+        return list(ids)
+    out: list[int] = []
+    for t in ids:
+        u = rng.random()
+        if u < cfg.drop:
+            pass
+        elif u < cfg.drop + cfg.swap and len(neighbours[t]) > 1:
+            out.append(int(neighbours[t][rng.integers(len(neighbours[t]))]))
+        else:
+            out.append(int(t))
+        if len(strays) and rng.random() < cfg.insert:
+            out.append(int(strays[rng.integers(len(strays))]))
+    return out or list(ids[:1])
