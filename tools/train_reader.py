@@ -1,0 +1,103 @@
+"""Train the LLM's reader on text alone: LoRA on the frozen LLM learns to read a CTC read-out and stop.
+
+    python tools/train_reader.py steermoe_core/demo/pretrained/recipe.toml --init-from steermoe_core/demo/pretrained \
+        --set model.projector.argmax_embeddings=true --set model.projector.drop_blank=true \
+        --set model.llm.lora.rank=8 --set train.lr_lora=0.001 --text brown_train.txt --out runs/reader
+
+The recipe (with ``--set`` overrides) must set ``model.projector.argmax_embeddings`` (the LLM reads each audio token as the embedding of
+its nearest word piece) and ``drop_blank``, and a ``[model.llm.lora]`` section. The adapter comes from
+``--init-from`` and does not change; each step reads ``--batch`` sentences of ``--text`` (shuffled with the
+recipe's seed), corrupts them as a CTC read-out errs (``steermoe_core.data.ctc_noise``) and trains the
+LoRA to write them clean (``SteerMoEModel.text_forward``): no audio, no encoder. What it reads in training
+is exactly what audio hands it at inference (a test checks the two losses agree), so the reader learns
+from every sentence of a text file instead of the few hundred clips a CPU can synthesise and train on.
+The learning rate is ``train.lr_lora`` with 20 warm-up steps and a cosine to 30%. The result is a
+checkpoint folder like any other (`steermoe infer --model OUT`, `steermoe export`), written at the end.
+See docs/training_cpu.md, "Recipe levers, measured".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("recipe", type=Path)
+    ap.add_argument("--init-from", type=Path, required=True, help="the checkpoint whose adapter the reader reads")
+    ap.add_argument("--text", type=Path, required=True, help="sentences to read, one a line")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--set", action="append", default=[], help="a recipe override, KEY=VALUE (repeatable)")
+    ap.add_argument("--clean", type=float, default=None, help="share of rows left uncorrupted (default: ctc_noise's)")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from rich.progress import Progress
+
+    from steermoe_core.config import load_recipe
+    from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
+    from steermoe_core.errors import RecipeError
+    from steermoe_core.model.build import build_model
+    from steermoe_core.model.checkpoint import save_checkpoint
+    from steermoe_core.model.lora import lora_parameters
+    from steermoe_core.runtime import autocast, pick_device, resolve_precision
+    from steermoe_core.training.init_from import init_from
+
+    recipe = load_recipe(args.recipe, args.set)
+    p = recipe.model.projector
+    if not (p.argmax_embeddings and p.drop_blank and recipe.model.llm.lora is not None):
+        raise RecipeError(f"{args.recipe}: a text-trained reader needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora]")
+    lines = [ln.strip() for ln in args.text.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not lines:
+        raise RecipeError(f"{args.text}: no sentences")
+    random.Random(recipe.train.seed).shuffle(lines)
+    device = pick_device(recipe.train.device)
+    model = build_model(recipe.model, device, recipe.train.seed)
+    taken = init_from(model, None, args.init_from)
+    model.max_target_tokens = recipe.data.max_target_tokens
+    model.train()
+    params = lora_parameters(model.llm)
+    peak = recipe.train.lr_lora or recipe.train.lr
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
+    precision = resolve_precision(recipe.train.precision, device)
+    pieces = model.tokenizer.convert_ids_to_tokens(list(range(len(model.tokenizer))))
+    neighbours, strays = spelling_neighbours(pieces), short_pieces(pieces)
+    noise = NoiseConfig() if args.clean is None else NoiseConfig(clean=args.clean)
+    rng = np.random.default_rng(recipe.train.seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with Progress() as bar:
+        task = bar.add_task("reader steps", total=args.steps)
+        for step in range(args.steps):
+            start = (step * args.batch) % len(lines)
+            texts = (lines[start:] + lines)[: args.batch]
+            read = [corrupt(ids, rng, neighbours, strays, noise) for ids in model.ctc_targets(texts)]
+            warm, cos = min(1.0, (step + 1) / 20), 0.5 * (1 + math.cos(math.pi * step / args.steps))
+            for g in opt.param_groups:
+                g["lr"] = peak * warm * (0.3 + 0.7 * cos)
+            with autocast(device, precision):
+                loss = model.text_forward(texts, read, recipe.data.prompt)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.train.clip_grad or float("inf"))
+            opt.step()
+            losses.append(loss.item())
+            bar.update(task, advance=1, description=f"reader steps, loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
+    model.eval()
+    metrics = {"text_loss_last25": sum(losses[-25:]) / len(losses[-25:]), "seconds": round(time.perf_counter() - t0, 1),
+               "sentences": args.steps * args.batch, "noise": noise.__dict__}
+    save_checkpoint(model, recipe, args.out, args.steps, metrics, run_info={"reader_init_from": taken})
+    print(json.dumps({"out": str(args.out), **metrics}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
