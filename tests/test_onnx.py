@@ -294,6 +294,34 @@ def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protob
     assert ob.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1) == tb.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1)
 
 
+@pytest.mark.slow
+def test_argmax_embeddings_export_hands_the_llm_the_word_pieces_torch_hands_it(backbones, tmp_path):
+    """``argmax_embeddings`` + ``drop_blank`` (the reader of text): the audio tower looks up each kept
+    token's nearest word piece inside the graph, and decoding gives torch's tokens."""
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.generation.torch_backend import TorchBackend
+    from steermoe_core.inference.onnx_backend import OnnxBackend
+    from steermoe_core.model.build import build_model
+    from steermoe_core.model.checkpoint import save_checkpoint
+
+    d = tiny_recipe_dict(backbones)
+    d["model"]["projector"] = {"argmax_embeddings": True, "drop_blank": True}
+    d["train"]["ctc_weight"] = 0.5
+    recipe = recipe_from_dict(d)
+    model = build_model(recipe.model, torch.device("cpu"))
+    with torch.no_grad():
+        model.adapter.projector.weight.mul_(30.0)  # a peaked read-out, as a trained CTC head gives
+    ckpt = save_checkpoint(model, recipe, tmp_path / "ckpt", 0, {})
+    r = runner.invoke(app, ["export", str(ckpt), "--onnx", "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    clips = _clips()[:4]
+    tb, ob = TorchBackend.load(ckpt, "cpu"), OnnxBackend.load(tmp_path / "m", "cpu")
+    table = tb.model.llm.get_input_embeddings().weight.detach().numpy()
+    for a in ob.encode_audio(clips):  # every row the LLM reads is one of its own embeddings
+        assert np.abs(a[:, None, :] - table[None]).max(-1).min(-1).max() < 1e-6
+    assert ob.generate(clips, [1] * 4, [PROMPT] * 4, 10, 1) == tb.generate(clips, [1] * 4, [PROMPT] * 4, 10, 1)
+
+
 # -- the onnxruntime backend as infer's and serve's default on a CPU --
 def test_guard_stops_each_row_at_its_own_budget_inside_onnx_decoding(backends):
     """The loop and budget guard runs inside onnxruntime decoding as it does inside torch's."""
