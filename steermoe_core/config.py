@@ -107,6 +107,7 @@ class DataConfig:
     concat_prob: float = doc(0.5, "Fraction of training examples that get joined with their neighbours (needs concat_seconds > 0); the rest stay single utterances.", min=0.0, max=1.0)
     align_instructions: list[str] = doc([], "Behaviour alignment (BLSP / DeSTA2 style): instructions (e.g. \"Summarize the audio in one sentence.\", \"What is the main topic?\"); for align_prob of the training examples one is drawn and the target becomes the frozen LLM's own answer to it given the transcript as text (generated once, cached in align_cache), so speech comes to act like its text and the checkpoint follows instructions (`infer --strategy auto` then reads the audio directly). Empty = off.")
     align_prob: float = doc(0.3, "Fraction of training examples trained on an instruction's answer instead of the transcript (needs align_instructions).", min=0.0, max=1.0)
+    reader_text: str = doc("", "Text file of sentences (one a line) for text-only reader micro-batches (train.reader_batch): each is corrupted as a CTC read-out errs and the LLM's LoRA learns to write it clean, with no audio (needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora]).")
     align_cache: str = doc("", "JSONL file caching the frozen LLM's answers (one line per example id and instruction); empty = align_targets.jsonl in the run folder.")
     align_max_new_tokens: int = doc(64, "Longest answer generated for behaviour alignment (tokens).", min=1)
     pad_multiple_seconds: float = doc(1.0, "Training, and eval and infer with the checkpoint it makes: each batch's audio is padded (masked) to a multiple of this many seconds and its LLM sequence to a multiple of 8 tokens, so batch shapes repeat and the CPU's per-shape kernel cache hits instead of growing the process with every new shape (3.7 -> 9 GB over 1,000 demo steps without it); costs the compute spent on the padding (up to 11% of a step on the demo's full recipe). 0 = pad to the longest clip only.", min=0.0, max=30.0)
@@ -130,6 +131,7 @@ class TrainConfig:
     clip_grad: float = doc(1.0, "Global gradient-norm clip; 0 = off.", min=0.0)
     max_bad_steps: int = doc(10, "A step whose loss is NaN/inf on any process is skipped on all of them (logged with its batch ids); after this many such steps the run stops with an error, keeping its last good checkpoint.", min=1)
     ctc_weight: float = doc(0.0, "Weight of an auxiliary CTC loss reading the transcript off the audio tokens through the LLM's frozen input embeddings; ties audio tokens to the words they carry and speeds up alignment. 0 = off.", min=0.0)
+    reader_batch: int = doc(0, "Sentences of data.reader_text in one text-only micro-batch added to every step that runs the LLM (averaged with the audio micro-batches): the reader learns from far more sentences than the audio holds. 0 = off.", min=0)
     ctc_only_steps: int = doc(0, "The first N steps train on the CTC loss alone, without running the LLM (several times faster per step): a cheap first stage that aligns audio tokens with word embeddings before the LLM reads them. Needs ctc_weight > 0.", min=0)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = doc("auto", "Autocast precision of train, eval and infer. auto: on a GPU, bf16 where it has bf16, else fp32; on a CPU, training in bf16 where it runs bf16 natively (AVX512-BF16/AMX) and fp32 elsewhere, while decoding (eval, infer, serve, validation WER, the demo's scores) runs fp32 on every CPU. A value other than auto applies to both. The adapter keeps fp32 master weights.")
     gradient_checkpointing: bool = doc(False, "Recompute LLM activations in the backward pass (saves memory, costs time).")
@@ -277,6 +279,12 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError("train.ctc_only_steps: needs train.ctc_weight > 0 (the CTC loss it trains on)")
     if r.model.projector.argmax_embeddings and r.model.projector.vocab_posterior:
         raise RecipeError("model.projector.argmax_embeddings and vocab_posterior: choose one way for the LLM to read audio tokens")
+    if r.train.reader_batch or r.data.reader_text:
+        p = r.model.projector
+        if not (r.train.reader_batch and r.data.reader_text):
+            raise RecipeError("train.reader_batch and data.reader_text: set both (text-only reader batches on) or neither")
+        if not (p.argmax_embeddings and p.drop_blank and r.model.llm.lora is not None):
+            raise RecipeError("train.reader_batch: a reader trained on text needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora] (what it reads must be word pieces, and only LoRA learns from text)")
     if r.model.projector.drop_blank and not r.train.ctc_weight:
         raise RecipeError("model.projector.drop_blank: needs train.ctc_weight > 0 (the CTC loss decides which audio tokens are blank)")
     d = r.data

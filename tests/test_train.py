@@ -407,3 +407,38 @@ def test_ctc_noise_loses_swaps_and_strays_pieces_and_leaves_some_rows_clean():
     assert 0.04 < swapped < 0.12  # 12% swapped, a third of them back to the piece itself
     assert 0.85 < sum(len(r) for r in noisy) / (len(ids) * len(noisy)) < 1.0  # 8% lost, 3% strays added
     assert corrupt([0], np.random.default_rng(1), neigh, strays, NoiseConfig(clean=0.0, drop=1.0, swap=0.0, insert=0.0)) == [0]
+
+
+def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alone(backbones, tiny_data, tmp_path):
+    """train.reader_batch: every step that runs the LLM adds a micro-batch of data.reader_text's sentences,
+    CTC-noised; only the LLM's LoRA learns from it. The batch of a step depends on the step alone (a
+    resumed run reads what the uninterrupted one would), and processes read different sentences."""
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.config import RecipeError, recipe_from_dict
+    from steermoe_core.data.ctc_noise import ReaderText
+
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(f"the {w} cat sat on a mat" for w in ("red", "blue", "green", "grey", "pink", "black")) + "\n")
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["data"]["valid"] = ""
+    d["model"]["projector"] = {"drop_blank": True, "argmax_embeddings": True}
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    d["train"].update(max_steps=3, ctc_weight=0.5, lr_lora=0.05, save_every=0)
+    plain = train(recipe_from_dict(d), tmp_path / "plain")
+    d["data"]["reader_text"], d["train"]["reader_batch"] = str(text), 3
+    recipe = recipe_from_dict(d)
+    read = train(recipe, tmp_path / "read")
+    a, b = load_checkpoint(plain.model_dir)[0], load_checkpoint(read.model_dir)[0]
+    sa, sb = a.adapter_state_dict(), b.adapter_state_dict()
+    assert all(math.isfinite(r["loss"]) for r in read.history if "loss" in r)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("lora.")), "the text batches changed the LoRA"
+
+    src = ReaderText(text, b.tokenizer.convert_ids_to_tokens(list(range(len(b.tokenizer)))), b.ctc_targets, "Q", seed=0)
+    again = ReaderText(text, b.tokenizer.convert_ids_to_tokens(list(range(len(b.tokenizer)))), b.ctc_targets, "Q", seed=0)
+    assert src.batch(7, 3) == again.batch(7, 3) and src.batch(7, 3) != src.batch(8, 3)
+    assert not set(src.batch(7, 3, rank=0, world_size=2).targets) & set(src.batch(7, 3, rank=1, world_size=2).targets)
+
+    d["model"]["projector"] = {"drop_blank": True}
+    with pytest.raises(RecipeError, match="reader_batch"):
+        recipe_from_dict(d)

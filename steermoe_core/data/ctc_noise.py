@@ -11,7 +11,10 @@ learned too. Only numpy: no torch, no tokenizer calls in the training step.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -64,3 +67,42 @@ def corrupt(ids: list[int], rng: np.random.Generator, neighbours: list[np.ndarra
         if len(strays) and rng.random() < cfg.insert:
             out.append(int(strays[rng.integers(len(strays))]))
     return out or list(ids[:1])
+
+
+@dataclass
+class TextBatch:
+    """A text-only micro-batch: the LLM reads the word pieces ``read[i]`` where audio would be and must
+    write ``targets[i]`` (``SteerMoEModel.forward`` dispatches it to ``text_forward``)."""
+
+    targets: list[str]
+    read: list[list[int]]
+    prompt: str
+
+
+class ReaderText:
+    """The sentences of a text file as text-only micro-batches, the same for a given step whatever came
+    before it (a resumed run reads what the uninterrupted one would have): shuffled once with ``seed``;
+    micro-batch ``k`` of process ``rank`` takes its sentences in turn and corrupts them with a generator
+    seeded by (seed, k, rank)."""
+
+    def __init__(self, path: str | Path, pieces: list[str], ids_of: Callable[[list[str]], list[list[int]]],
+                 prompt: str, seed: int = 0, noise: NoiseConfig = NoiseConfig()):
+        from steermoe_core.errors import RecipeError
+
+        path = Path(path)
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise RecipeError(f"data.reader_text: cannot read {path} ({e})") from None
+        if not lines:
+            raise RecipeError(f"data.reader_text: {path} holds no sentences")
+        random.Random(seed).shuffle(lines)
+        self.lines, self.ids_of, self.prompt, self.seed, self.noise = lines, ids_of, prompt, seed, noise
+        self.neighbours, self.strays = spelling_neighbours(pieces), short_pieces(pieces)
+
+    def batch(self, k: int, size: int, rank: int = 0, world_size: int = 1) -> TextBatch:
+        start = ((k * world_size + rank) * size) % len(self.lines)
+        texts = [self.lines[(start + i) % len(self.lines)] for i in range(size)]
+        rng = np.random.default_rng([self.seed, k, rank])
+        read = [corrupt(ids, rng, self.neighbours, self.strays, self.noise) for ids in self.ids_of(texts)]
+        return TextBatch(texts, read, self.prompt)

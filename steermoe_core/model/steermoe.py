@@ -16,6 +16,7 @@ from torch import nn
 
 from steermoe_core.config import ModelConfig
 from steermoe_core.data.batch import AudioBatch
+from steermoe_core.data.ctc_noise import TextBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
 from steermoe_core.model.adapter import Adapter
 from steermoe_core.model.decoding import finish_rows
@@ -210,8 +211,11 @@ class SteerMoEModel(nn.Module):
         out = self.llm.base_model(inputs_embeds=embeds[:, n:], attention_mask=mask, use_cache=False, **{name: cache})
         return out.last_hidden_state, (target_index // s) * (s - n) + target_index % s - n
 
-    def forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
-        """Cross-entropy on target tokens only: logits are never formed for prompt or audio positions."""
+    def forward(self, batch: AudioBatch | TextBatch) -> dict[str, torch.Tensor]:
+        """Cross-entropy on target tokens only: logits are never formed for prompt or audio positions.
+        A ``TextBatch`` (text-only reader training) goes to ``text_forward``."""
+        if isinstance(batch, TextBatch):
+            return self.text_forward(batch.targets, batch.read, batch.prompt)
         if batch.targets is None:
             raise ValueError("forward() needs targets; use generate() for inference")
         self.adapter.reset_aux()

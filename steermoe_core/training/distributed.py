@@ -24,8 +24,9 @@ from steermoe_core.training.strategy import Strategy
 
 def some_weights_sit_out(recipe) -> bool:
     """True when some trainable weights get no gradient in some steps: the CTC-only steps of a
-    curriculum (``train.ctc_only_steps``) skip the LLM, so its LoRA matrices sit them out."""
-    return recipe is not None and recipe.model.llm.lora is not None and recipe.train.ctc_only_steps > 0
+    curriculum (``train.ctc_only_steps``) skip the LLM, so its LoRA matrices sit them out, and a
+    text-only reader micro-batch (``train.reader_batch``) leaves the adapter out."""
+    return recipe is not None and recipe.model.llm.lora is not None and (recipe.train.ctc_only_steps > 0 or recipe.train.reader_batch > 0)
 
 
 class DDPStrategy(Strategy):

@@ -21,6 +21,7 @@ from steermoe_core.audio.load import SAMPLE_RATE
 from steermoe_core.config import Recipe, dump_recipe
 from steermoe_core.data.augment import Augment
 from steermoe_core.data.batch import AudioBatch
+from steermoe_core.data.ctc_noise import ReaderText, TextBatch
 from steermoe_core.data.concat import training_audio_stats
 from steermoe_core.data.dataset import ShardedDataset, make_loader
 from steermoe_core.data.sampler import length_bucketed_batches
@@ -82,35 +83,49 @@ class Position:
 def train_step(
     model: SteerMoEModel,
     optimizer: torch.optim.Optimizer,
-    micro_batches: list[AudioBatch],
+    micro_batches: list[AudioBatch | TextBatch],
     precision: Precision | str,
     clip_grad: float = 1.0,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     strategy: Strategy | None = None,
 ) -> dict:
     """One optimizer step over ``micro_batches`` (gradient accumulation): forward + backward each,
-    then clip, step and zero. Returns device tensors where a value would force a sync."""
+    then clip, step and zero. Returns device tensors where a value would force a sync. A text-only
+    micro-batch goes first, so that the last one, whose backward synchronises processes, is an audio
+    batch that gives every trainable weight its gradient."""
     strategy = strategy or SingleDevice()
     device = model.device
     ce = torch.zeros((), device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
     samples, audio_s = 0, 0.0
     for i, batch in enumerate(micro_batches):
-        batch.waves = batch.waves.to(device, non_blocking=True)
+        audio = isinstance(batch, AudioBatch)  # else a text-only reader batch (data.ctc_noise.TextBatch)
+        if audio:
+            batch.waves = batch.waves.to(device, non_blocking=True)
         with strategy.accumulating(last=i == len(micro_batches) - 1):
             with autocast(device, precision):
                 out = strategy.forward(model, batch)
             finite &= torch.isfinite(out["loss"].detach())
             strategy.backward(out["loss"] / len(micro_batches), out["tokens"])
         ce += out["ce"].detach()
-        samples += len(batch.lengths)
-        audio_s += float(batch.lengths.sum()) / SAMPLE_RATE
+        if audio:
+            samples += len(batch.lengths)
+            audio_s += float(batch.lengths.sum()) / SAMPLE_RATE
     # one host sync per step: every process must agree before any of them steps
     bad = strategy.any_rank(~finite)
     grad_norm = strategy.optimizer_step(optimizer, clip_grad, skip=bad)
     if scheduler is not None and not bad:
         scheduler.step()
     return {"ce": ce / len(micro_batches), "grad_norm": grad_norm, "samples": samples, "audio_s": audio_s, "bad": bad}
+
+
+def _reader_text(recipe: Recipe, model: SteerMoEModel) -> ReaderText | None:
+    """``data.reader_text`` as text-only micro-batches (``train.reader_batch`` sentences each), or None."""
+    if not recipe.train.reader_batch:
+        return None
+    tok = model.tokenizer
+    return ReaderText(recipe.data.reader_text, tok.convert_ids_to_tokens(list(range(len(tok)))), model.ctc_targets,
+                      recipe.data.prompt, recipe.train.seed)
 
 
 def micro_batch_stream(
@@ -408,13 +423,15 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
                 + f"; {_likely_cause(cfg, step, sched.get_last_lr())}")
 
     stream = micro_batch_stream(train_ds, recipe, pos, strategy)
+    reader = _reader_text(recipe, model)
     model.train()
     window = _Window(device)
     metrics: dict = {}
     while step < cfg.max_steps:
         model.ctc_only = step < cfg.ctc_only_steps
         group = [next(stream) for _ in range(cfg.grad_accum)]
-        stats = train_step(model, opt, [b for b, _, _ in group], precision, cfg.clip_grad, sched, strategy)
+        text = [reader.batch(step, cfg.reader_batch, strategy.rank, strategy.world_size)] if reader and not model.ctc_only else []
+        stats = train_step(model, opt, text + [b for b, _, _ in group], precision, cfg.clip_grad, sched, strategy)
         pos = group[-1][2]
         if stats["bad"]:
             skipped([i for _, ids, _ in group for i in ids])
