@@ -331,7 +331,7 @@ def test_drop_blank_hands_the_llm_one_token_per_word_piece_heard(backbones, tiny
     rows = [frames + [blank] * (max(counts) - len(frames)), [blank] * max(counts)]  # the second clip: silence
     tokens = emb[torch.tensor(rows)]
     model.audio_tokens = lambda waves, lengths: tokens
-    embeds, lb, audio, per_clip = model._embed(batch, None)
+    embeds, lb, audio, per_clip, _ = model._embed(batch, None)
     assert per_clip == counts and audio.shape[1] == max(counts)  # the CTC loss's view is untouched
     n_first = len(pieces)
     got = embeds.reshape(-1, emb.shape[1])[lb.audio_index[:n_first]]

@@ -38,8 +38,9 @@ class AudioTower(nn.Module):
         tokens = self.adapter.project(self.encoder.final_norm(x), mask)
         if self.vocab is None:
             return tokens
-        inputs = self.adapter.llm_inputs(tokens, self.vocab)
-        return (inputs, self.adapter.kept(tokens, self.vocab, self.blank)) if self.adapter.drop_blank else inputs
+        logits = tokens @ self.vocab.T.to(tokens.dtype)  # once, for both
+        inputs = self.adapter.llm_inputs(tokens, self.vocab, logits)
+        return (inputs, self.adapter.kept(tokens, self.vocab, self.blank, logits)) if self.adapter.drop_blank else inputs
 
 
 def frame_multiple(stride: int) -> int:

@@ -44,7 +44,7 @@ class Adapter(nn.Module):
         pooled, _ = pool_frames(z, mask, self.stride, self.pooling)
         return self.projector(pooled)
 
-    def llm_inputs(self, tokens: torch.Tensor, vocab: torch.Tensor) -> torch.Tensor:
+    def llm_inputs(self, tokens: torch.Tensor, vocab: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """What the LLM reads for each audio token: the token itself, or (``vocab_posterior``) the
         mixture of the LLM's (V, H) input embeddings ``vocab`` under softmax(token . vocab), or
         (``argmax_embeddings``) the embedding of the word piece that mixture peaks on.
@@ -52,24 +52,26 @@ class Adapter(nn.Module):
         The idea (LegoSLM): a frozen LLM has only ever read its own embeddings, and a mixture of them
         peaked on the word the CTC loss found reads like text, where a raw projected vector is an input
         it must first learn to read. Measured on the demo it learned no faster (README: *The offline
-        demo*), so it is an option, off by default. The softmax runs in fp32.
+        demo*), so it is an option, off by default. The softmax runs in fp32. ``logits``: tokens . vocab
+        where the caller has them already.
         """
-        if self.argmax_embeddings:  # the nearest word piece's own embedding: text, as a text-trained reader knows it
-            return vocab[(tokens @ vocab.T.to(tokens.dtype)).argmax(-1)].to(tokens.dtype)
-        if not self.vocab_posterior:
+        if not (self.argmax_embeddings or self.vocab_posterior):
             return tokens
-        vocab = vocab.to(tokens.dtype)
-        return (tokens @ vocab.T).float().softmax(-1).to(tokens.dtype) @ vocab
+        logits = tokens @ vocab.T.to(tokens.dtype) if logits is None else logits
+        if self.argmax_embeddings:  # the nearest word piece's own embedding: text, as a text-trained reader knows it
+            return vocab[logits.argmax(-1)].to(tokens.dtype)
+        return logits.float().softmax(-1).to(tokens.dtype) @ vocab.to(tokens.dtype)
 
     @torch.no_grad()
-    def kept(self, tokens: torch.Tensor, vocab: torch.Tensor, blank: int) -> torch.Tensor:
+    def kept(self, tokens: torch.Tensor, vocab: torch.Tensor, blank: int, logits: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T', H) audio tokens -> (B, T') bool: which ones the LLM reads under ``drop_blank``
         (all of them otherwise). A token is dropped where its nearest word piece (the CTC read-out's
         argmax) is ``blank``, or is the same as the previous token's: the CTC collapse, so a clip
-        costs the LLM one position per word piece heard. Padding rows are the caller's to ignore."""
+        costs the LLM one position per word piece heard. Padding rows are the caller's to ignore.
+        ``logits``: tokens . vocab where the caller has them already (the CTC loss's)."""
         if not self.drop_blank:
             return torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        ids = (tokens @ vocab.T.to(tokens.dtype)).argmax(-1)
+        ids = (tokens @ vocab.T.to(tokens.dtype) if logits is None else logits).argmax(-1)
         new = torch.ones_like(ids, dtype=torch.bool)
         new[:, 1:] = ids[:, 1:] != ids[:, :-1]
         return new & (ids != blank)

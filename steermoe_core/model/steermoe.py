@@ -133,11 +133,15 @@ class SteerMoEModel(nn.Module):
         """(B, S) waveforms -> (B, T', H) what the LLM reads for the audio (rows past a clip's length are padding)."""
         return self.adapter.llm_inputs(self.audio_tokens(waves, lengths), self.llm.get_input_embeddings().weight)
 
-    def _embed(self, batch: AudioBatch, targets: list[str] | None):
+    def _embed(self, batch: AudioBatch, targets: list[str] | None, ctc: bool = False):
+        """The LLM's input embeddings for ``batch``, its layout, the audio tokens, their counts per clip,
+        and the (B, T', V) CTC logits where ``ctc`` (the loss) or ``drop_blank`` needs them (else None):
+        computed once, for both."""
         audio = self.audio_tokens(batch.waves, batch.lengths)
         per_clip = self.audio_token_counts(batch.lengths)
         emb_layer = self.llm.get_input_embeddings()
-        read = self.read_positions(audio, per_clip, emb_layer.weight)
+        logits = self.vocab_logits(audio) if ctc or self.adapter.drop_blank else None
+        read = self.read_positions(audio, per_clip, emb_layer.weight, logits)
         src_index = source_index(read, audio.shape[1])  # clip-major, so windows stay in order
         groups = batch.clips_per_example or [1] * len(per_clip)
         bounds = [sum(groups[:i]) for i in range(len(groups) + 1)]
@@ -149,15 +153,20 @@ class SteerMoEModel(nn.Module):
         src = audio.reshape(-1, h).index_select(0, to_device(src_index, dev))  # real tokens only: padding is never mixed
         src = self.adapter.llm_inputs(src, emb_layer.weight)
         flat = embeds.reshape(-1, h).index_copy(0, to_device(lb.audio_index, dev), src.to(embeds.dtype))
-        return flat.view(b, s, h), lb, audio, per_clip
+        return flat.view(b, s, h), lb, audio, per_clip, logits
 
-    def read_positions(self, audio: torch.Tensor, per_clip: list[int], vocab: torch.Tensor) -> list[list[int]]:
+    def vocab_logits(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, T', H) audio tokens -> (B, T', V) dot products with the LLM's input embeddings: the CTC logits."""
+        return audio @ self.llm.get_input_embeddings().weight.T.to(audio.dtype)
+
+    def read_positions(self, audio: torch.Tensor, per_clip: list[int], vocab: torch.Tensor,
+                       logits: torch.Tensor | None = None) -> list[list[int]]:
         """Which of each clip's audio tokens the LLM reads: all ``per_clip[i]`` of them, or under
         ``projector.drop_blank`` those the CTC read-out keeps (``Adapter.kept``); a clip heard as
         nothing but blanks keeps its first token, so every clip still has a place in the prompt."""
         if not self.adapter.drop_blank:
             return [list(range(n)) for n in per_clip]
-        keep = self.adapter.kept(audio, vocab, self.ctc_blank_id).cpu().tolist()
+        keep = self.adapter.kept(audio, vocab, self.ctc_blank_id, logits).cpu().tolist()
         out = []
         for row, n in zip(keep, per_clip):
             pos = [j for j in range(n) if row[j]]
@@ -221,13 +230,14 @@ class SteerMoEModel(nn.Module):
         self.adapter.reset_aux()
         if self.ctc_only:
             return self._ctc_only_forward(batch)
-        embeds, lb, audio, audio_lengths = self._embed(batch, batch.targets)
+        want_ctc = self.ctc_weight > 0 and batch.clips_per_example is None
+        embeds, lb, audio, audio_lengths, logits = self._embed(batch, batch.targets, ctc=want_ctc)
         ce = self._target_loss(embeds, lb)
         aux = self.adapter.aux_loss
         loss = ce if aux is None else ce + aux
         out = {"ce": ce.detach(), "tokens": torch.tensor(len(lb.target_labels))}
-        if self.ctc_weight > 0 and batch.clips_per_example is None:
-            ctc = self.ctc_loss(audio, audio_lengths, self.ctc_targets(batch.targets))
+        if want_ctc:
+            ctc = self.ctc_loss(audio, audio_lengths, self.ctc_targets(batch.targets), logits)
             loss = loss + self.ctc_weight * ctc
             out["ctc"] = ctc.detach()
         return {"loss": loss, **out}
@@ -267,7 +277,7 @@ class SteerMoEModel(nn.Module):
         """Each transcript's token ids, without the end-of-turn token the LLM's loss adds."""
         return [self.layout.target_ids(t, self.max_target_tokens)[:-1] for t in targets]
 
-    def ctc_loss(self, audio: torch.Tensor, lengths: list[int], ids: list[list[int]]) -> torch.Tensor:
+    def ctc_loss(self, audio: torch.Tensor, lengths: list[int], ids: list[list[int]], logits: torch.Tensor | None = None) -> torch.Tensor:
         """CTC of each transcript over its audio tokens, read through the LLM's frozen input embeddings.
 
         Logits are dot products with every token embedding, so minimising it pulls each audio token
@@ -276,8 +286,8 @@ class SteerMoEModel(nn.Module):
         extra spaces to the LLM, not like the end-of-turn token that pad usually is (which makes the
         LLM ignore the audio). Costs one (T' x vocab) matmul.
         """
-        emb = self.llm.get_input_embeddings().weight
-        logp = (audio @ emb.T.to(audio.dtype)).float().log_softmax(-1).transpose(0, 1)  # (T', B, V)
+        logits = self.vocab_logits(audio) if logits is None else logits  # ``_embed``'s, when it made them
+        logp = logits.float().log_softmax(-1).transpose(0, 1)  # (T', B, V)
         flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
         return F.ctc_loss(
             logp, to_device(flat, audio.device), torch.tensor(lengths), torch.tensor([len(r) for r in ids]),
@@ -291,8 +301,7 @@ class SteerMoEModel(nn.Module):
         floor an LLM reading the same tokens has to beat. The blank is the space token
         (``ctc_blank_id``), so blanks read as the word breaks they are and runs of spaces collapse."""
         audio = self.audio_tokens(batch.waves.to(self.device), batch.lengths)
-        emb = self.llm.get_input_embeddings().weight
-        ids = (audio @ emb.T.to(audio.dtype)).argmax(-1).cpu()
+        ids = self.vocab_logits(audio).argmax(-1).cpu()
         texts = []
         for row, n in zip(ids.tolist(), self.audio_token_counts(batch.lengths)):
             seq = row[:n]
@@ -321,7 +330,7 @@ class SteerMoEModel(nn.Module):
         self, batch: AudioBatch, max_new_tokens: int = 128, num_beams: int = 1, streamer=None, stopping_criteria=None,
         temperature: float = 0.0, **options,
     ) -> torch.Tensor:
-        embeds, lb, _, _ = self._embed(batch, None)
+        embeds, lb, *_ = self._embed(batch, None)
         return self.llm.generate(
             inputs_embeds=embeds, attention_mask=to_device(lb.attention_mask, embeds.device),
             generation_config=generation_config(self.layout, max_new_tokens, num_beams, temperature, **options),
