@@ -434,8 +434,8 @@ def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alo
     assert all(math.isfinite(r["loss"]) for r in read.history if "loss" in r)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("lora.")), "the text batches changed the LoRA"
 
-    src = ReaderText(text, b.tokenizer.convert_ids_to_tokens(list(range(len(b.tokenizer)))), b.ctc_targets, "Q", seed=0)
-    again = ReaderText(text, b.tokenizer.convert_ids_to_tokens(list(range(len(b.tokenizer)))), b.ctc_targets, "Q", seed=0)
+    src = ReaderText.for_tokenizer(text, b.tokenizer, b.ctc_targets, "Q", seed=0)
+    again = ReaderText.for_tokenizer(text, b.tokenizer, b.ctc_targets, "Q", seed=0)
     assert src.batch(7, 3) == again.batch(7, 3) and src.batch(7, 3) != src.batch(8, 3)
     assert not set(src.batch(7, 3, rank=0, world_size=2).targets) & set(src.batch(7, 3, rank=1, world_size=2).targets)
 

@@ -6,8 +6,8 @@
 
 The recipe (with ``--set`` overrides) must set ``model.projector.argmax_embeddings`` (the LLM reads each audio token as the embedding of
 its nearest word piece) and ``drop_blank``, and a ``[model.llm.lora]`` section. The adapter comes from
-``--init-from`` and does not change; each step reads ``--batch`` sentences of ``--text`` (shuffled with the
-recipe's seed), corrupts them as a CTC read-out errs (``steermoe_core.data.ctc_noise``) and trains the
+``--init-from`` and does not change; each step reads ``--batch`` sentences of ``--text`` (``data.ctc_noise.ReaderText``, as
+``train.reader_batch`` does: shuffled with the recipe's seed, corrupted as a CTC read-out errs) and trains the
 LoRA to write them clean (``SteerMoEModel.text_forward``): no audio, no encoder. What it reads in training
 is exactly what audio hands it at inference (a test checks the two losses agree), so the reader learns
 from every sentence of a text file instead of the few hundred clips a CPU can synthesise and train on.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,11 @@ def main() -> None:
     ap.add_argument("--clean", type=float, default=None, help="share of rows left uncorrupted (default: ctc_noise's)")
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     from rich.progress import Progress
 
     from steermoe_core.config import load_recipe
-    from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
+    from steermoe_core.data.ctc_noise import NoiseConfig, ReaderText
     from steermoe_core.errors import RecipeError
     from steermoe_core.model.build import build_model
     from steermoe_core.model.checkpoint import save_checkpoint
@@ -56,10 +54,6 @@ def main() -> None:
     p = recipe.model.projector
     if not (p.argmax_embeddings and p.drop_blank and recipe.model.llm.lora is not None):
         raise RecipeError(f"{args.recipe}: a text-trained reader needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora]")
-    lines = [ln.strip() for ln in args.text.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    if not lines:
-        raise RecipeError(f"{args.text}: no sentences")
-    random.Random(recipe.train.seed).shuffle(lines)
     device = pick_device(recipe.train.device)
     model = build_model(recipe.model, device, recipe.train.seed)
     taken = init_from(model, None, args.init_from)
@@ -69,23 +63,18 @@ def main() -> None:
     peak = recipe.train.lr_lora or recipe.train.lr
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
     precision = resolve_precision(recipe.train.precision, device)
-    pieces = model.tokenizer.convert_ids_to_tokens(list(range(len(model.tokenizer))))
-    neighbours, strays = spelling_neighbours(pieces), short_pieces(pieces)
     noise = NoiseConfig() if args.clean is None else NoiseConfig(clean=args.clean)
-    rng = np.random.default_rng(recipe.train.seed)
+    reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise)
     losses: list[float] = []
     t0 = time.perf_counter()
     with Progress() as bar:
         task = bar.add_task("reader steps", total=args.steps)
         for step in range(args.steps):
-            start = (step * args.batch) % len(lines)
-            texts = (lines[start:] + lines)[: args.batch]
-            read = [corrupt(ids, rng, neighbours, strays, noise) for ids in model.ctc_targets(texts)]
             warm, cos = min(1.0, (step + 1) / 20), 0.5 * (1 + math.cos(math.pi * step / args.steps))
             for g in opt.param_groups:
                 g["lr"] = peak * warm * (0.3 + 0.7 * cos)
             with autocast(device, precision):
-                loss = model.text_forward(texts, read, recipe.data.prompt)["loss"]
+                loss = model(reader.batch(step, args.batch))["loss"]  # the same text micro-batches as train.reader_batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.train.clip_grad or float("inf"))
@@ -100,4 +89,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from steermoe_core.errors import SteermoeError
+
+    try:
+        sys.exit(main())
+    except SteermoeError as e:  # bad input: one line, not a traceback
+        sys.exit(f"error: {e}")

@@ -100,6 +100,12 @@ class ReaderText:
         self.lines, self.ids_of, self.prompt, self.seed, self.noise = lines, ids_of, prompt, seed, noise
         self.neighbours, self.strays = spelling_neighbours(pieces), short_pieces(pieces)
 
+    @classmethod
+    def for_tokenizer(cls, path: str | Path, tokenizer, ids_of: Callable[[list[str]], list[list[int]]], prompt: str,
+                      seed: int = 0, noise: NoiseConfig = NoiseConfig()) -> ReaderText:
+        """A Hugging Face tokenizer's pieces, spelled as it spells them (``Ġcoast``)."""
+        return cls(path, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), ids_of, prompt, seed, noise)
+
     def batch(self, k: int, size: int, rank: int = 0, world_size: int = 1) -> TextBatch:
         start = ((k * world_size + rank) * size) % len(self.lines)
         texts = [self.lines[(start + i) % len(self.lines)] for i in range(size)]

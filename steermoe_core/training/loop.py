@@ -119,15 +119,6 @@ def train_step(
     return {"ce": ce / len(micro_batches), "grad_norm": grad_norm, "samples": samples, "audio_s": audio_s, "bad": bad}
 
 
-def _reader_text(recipe: Recipe, model: SteerMoEModel) -> ReaderText | None:
-    """``data.reader_text`` as text-only micro-batches (``train.reader_batch`` sentences each), or None."""
-    if not recipe.train.reader_batch:
-        return None
-    tok = model.tokenizer
-    return ReaderText(recipe.data.reader_text, tok.convert_ids_to_tokens(list(range(len(tok)))), model.ctc_targets,
-                      recipe.data.prompt, recipe.train.seed)
-
-
 def micro_batch_stream(
     ds: ShardedDataset, recipe: Recipe, start: Position, strategy: Strategy
 ) -> Iterator[tuple[AudioBatch, list[str], Position]]:
@@ -423,7 +414,8 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
                 + f"; {_likely_cause(cfg, step, sched.get_last_lr())}")
 
     stream = micro_batch_stream(train_ds, recipe, pos, strategy)
-    reader = _reader_text(recipe, model)
+    reader = ReaderText.for_tokenizer(recipe.data.reader_text, model.tokenizer, model.ctc_targets, recipe.data.prompt,
+                                      recipe.train.seed) if recipe.train.reader_batch else None
     model.train()
     window = _Window(device)
     metrics: dict = {}
