@@ -78,23 +78,16 @@ def main() -> None:
         same = model is not None and recipe.model == model_cfg
         model, recipe, meta = load_checkpoint(path, model=model if same else None)
         model_cfg, encoder_path = recipe.model, recipe.model.encoder.path
-        results[name], transcripts[name] = {}, {}
-        for fam, ds in data.items():
-            preds = predict_dataset(model, ds, recipe)
-            ids = [p["id"] for p in preds]
-            results[name][fam] = _score([p["reference"] for p in preds], [p["prediction"] for p in preds], ids)
-            transcripts[name][fam] = [{"id": p["id"], "reference": p["reference"], "prediction": p["prediction"]} for p in preds]
-        results[name]["_step"] = meta.get("step")
+        # the LLM's reading, and beside it the floor: the same audio tokens read without the LLM
+        for row, read in [(name, "llm")] + ([] if args.no_ctc else [(f"{name}, CTC read-out", "ctc")]):
+            results[row], transcripts[row] = {}, {}
+            for fam, ds in data.items():
+                preds = predict_dataset(model, ds, recipe, read=read)
+                results[row][fam] = _score([p["reference"] for p in preds], [p["prediction"] for p in preds], [p["id"] for p in preds])
+                transcripts[row][fam] = [{"id": p["id"], "reference": p["reference"], "prediction": p["prediction"]} for p in preds]
+            results[row]["_step"] = meta.get("step")
         print(f"{name} (step {meta.get('step')}): scored in {time.perf_counter() - t:.0f} s: "
               + ", ".join(f"{f} {100 * results[name][f]['all']:.1f}%" for f in data))
-        if not args.no_ctc:  # the floor: the same audio tokens read without the LLM
-            ctc = f"{name}, CTC read-out"
-            results[ctc], transcripts[ctc] = {}, {}
-            for fam, ds in data.items():
-                preds = predict_dataset(model, ds, recipe, read="ctc")
-                results[ctc][fam] = _score([p["reference"] for p in preds], [p["prediction"] for p in preds], [p["id"] for p in preds])
-                transcripts[ctc][fam] = [{"id": p["id"], "reference": p["reference"], "prediction": p["prediction"]} for p in preds]
-            results[ctc]["_step"] = meta.get("step")
     if not args.no_whisper:
         from steermoe_core.evaluation.whisper_decoder import WhisperDecoderBaseline
 
