@@ -34,3 +34,37 @@ def test_gpu_only_benchmark_says_so_on_a_cpu():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     r = subprocess.run([sys.executable, str(BENCH / "attention_backends.py")], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 1 and r.stderr.strip() == "attention_backends.py: needs a CUDA GPU (cuDNN attention exists only there)"
+
+
+def test_ctc_heads_reads_what_the_model_reads(backbones, tiny_data, tmp_path):
+    """ctc_heads.py trains heads on frames it encodes once: through the checkpoint's own projector those
+    frames must give the audio tokens the model gives, and its table must come out for every head."""
+    import importlib.util
+
+    import torch
+
+    from conftest import train_tiny
+    from steermoe_core.data.dataset import ShardedDataset, collate
+    from steermoe_core.model.checkpoint import load_checkpoint
+
+    ck = train_tiny(backbones, tiny_data, tmp_path / "run", 10)
+    spec = importlib.util.spec_from_file_location("ctc_heads", BENCH / "ctc_heads.py")
+    heads = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(heads)
+    model, _, _ = load_checkpoint(ck, torch.device("cpu"))
+    ds = ShardedDataset(tiny_data)
+    items = heads.encode(model, ds, len(ds))
+    with torch.no_grad():
+        audio, counts = heads.tokens(model, model.adapter.projector, model.cfg.projector.pooling, items)
+        batch = collate([ds[i] for i in range(len(ds))], "")
+        want = model.audio_tokens(batch.waves, batch.lengths)
+    assert counts == model.audio_token_counts(batch.lengths)
+    for k, n in enumerate(counts):
+        torch.testing.assert_close(audio[k, :n], want[k, :n], rtol=2e-2, atol=2e-3)  # frames are kept in fp16
+
+    r = subprocess.run([sys.executable, str(BENCH / "ctc_heads.py"), "--checkpoint", str(ck), "--train", str(tiny_data),
+                        "--clips", "4", "--data", f"tones={tiny_data}", "--steps", "3", "--batch", "2", "--hidden", "16"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in ("| checkpoint, untrained |", "| checkpoint | 4 |", "| linear | 4 |", "| mlp | 4 |"):
+        assert row in r.stdout

@@ -301,9 +301,15 @@ class SteerMoEModel(nn.Module):
         floor an LLM reading the same tokens has to beat. The blank is the space token
         (``ctc_blank_id``), so blanks read as the word breaks they are and runs of spaces collapse."""
         audio = self.audio_tokens(batch.waves.to(self.device), batch.lengths)
+        return self.ctc_read(audio, self.audio_token_counts(batch.lengths))
+
+    @torch.no_grad()
+    def ctc_read(self, audio: torch.Tensor, counts: list[int]) -> list[str]:
+        """(B, T', H) audio tokens with ``counts[i]`` real ones each -> the CTC read-out's texts
+        (``ctc_transcribe`` from the tokens on; ``benchmarks/ctc_heads.py`` reads other heads' tokens)."""
         ids = self.vocab_logits(audio).argmax(-1).cpu()
         texts = []
-        for row, n in zip(ids.tolist(), self.audio_token_counts(batch.lengths)):
+        for row, n in zip(ids.tolist(), counts):
             seq = row[:n]
             keep = [t for i, t in enumerate(seq) if i == 0 or t != seq[i - 1]]
             texts.append(" ".join(self.tokenizer.decode(keep, skip_special_tokens=True).split()))
