@@ -141,6 +141,8 @@ def main() -> None:
     print(f"encoded {len(pool)} training clips and {sum(map(len, sets.values()))} held-out clips in {time.perf_counter() - t:.0f} s",
           flush=True)
     lrs = {k: float(v) for k, v in (kv.split("=") for kv in args.lr.split(","))}
+    if missing := [k for k in args.heads.split(",") if k not in lrs]:
+        raise SystemExit(f"--lr names no learning rate for {', '.join(missing)} (HEAD=LR, comma-separated)")
     base = read_out(model, model.adapter.projector, model.cfg.projector.pooling, sets)
     rows = [{"head": "checkpoint, untrained", "clips": 0, **base}]
     print(json.dumps(rows[0]), flush=True)
