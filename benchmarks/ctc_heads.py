@@ -3,7 +3,7 @@
     python benchmarks/ctc_heads.py --checkpoint steermoe_core/demo/pretrained --train CORPUS --clips 600,1200 \\
         --data neural=SET --data robotic=SET [--heads checkpoint,linear,mlp] [--steps 400]
 
-The checkpoint's encoder runs once per clip, its steering on (``Adapter.layer_hook``), and the
+The checkpoint's encoder runs once per clip, its steering on (``SteerMoEModel.encoder_frames``), and the
 final-normed frames are kept in memory; every head then trains on those frames with the product's own
 pooling (``pool_frames``), CTC loss and read-out (``SteerMoEModel.ctc_loss`` / ``ctc_read``). Fixing
 the frames isolates the head: a head that cannot fit the training clips is short of capacity, one that
@@ -36,9 +36,7 @@ def encode(model, ds, n: int, batch: int = 16) -> list[dict]:
         for s in range(0, n, batch):
             exs = [ds[i] for i in range(s, min(n, s + batch))]
             b = collate(exs, "")
-            feats, feat_lengths = model.encoder.features(b.waves, b.lengths)
-            x, mask = model.encoder.forward_layers(feats, feat_lengths, hook=model.adapter.layer_hook)
-            z = model.encoder.final_norm(model.adapter.after_encoder(x, mask))
+            z, _ = model.encoder_frames(b.waves, b.lengths)
             for k, frames in enumerate(model.encoder.output_lengths(b.lengths).tolist()):
                 out.append({"frames": z[k, :frames].half(), "text": b.targets[k]})
     return out

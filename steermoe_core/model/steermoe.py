@@ -124,10 +124,14 @@ class SteerMoEModel(nn.Module):
 
     def audio_tokens(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, S) waveforms -> (B, T', H) projected audio tokens, before ``vocab_posterior`` (the CTC loss's input)."""
+        return self.adapter.project(*self.encoder_frames(waves, lengths))
+
+    def encoder_frames(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S) waveforms -> the steered, final-normed (B, T, D) encoder frames and their (B, T) mask:
+        what the projector pools (``benchmarks/ctc_heads.py`` keeps them to train other heads on)."""
         feats, feat_lengths = self.encoder.features(waves, lengths)
         x, mask = self.encoder.forward_layers(feats, feat_lengths, hook=self.adapter.layer_hook)
-        x = self.adapter.after_encoder(x, mask)
-        return self.adapter.project(self.encoder.final_norm(x), mask)
+        return self.encoder.final_norm(self.adapter.after_encoder(x, mask)), mask
 
     def encode_audio(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, S) waveforms -> (B, T', H) what the LLM reads for the audio (rows past a clip's length are padding)."""
