@@ -246,3 +246,20 @@ def test_the_large_set_can_start_at_a_later_shard_and_fill_in_earlier_ones_later
     assert list(m["shards"]) == ["shard-00000.parquet", "shard-00001.parquet"] and m["examples"] == 4
     assert [json.loads(ln)["shard"] for ln in lines] == ["shard-00000.parquet"]  # shard 1 was kept, not redone
     assert (tmp_path / "shard-00001.parquet").stat().st_mtime_ns == made
+
+
+def test_the_large_set_is_the_same_made_by_two_workers(tmp_path):
+    """tools/synth_corpus.py --workers 2 makes two shards at once: the same shards, clips and manifest as one."""
+    import pyarrow.parquet as pq
+
+    from steermoe_core.data.prep.corpus import plan, synthesise_chunks
+
+    items = plan([f"Sentence number {w} is here." for w in ("one", "two", "three", "four", "five")], robotic_fraction=1.0)
+    one = synthesise_chunks(items, tmp_path / "one", chunk=2, log=lambda line: None)
+    lines = []
+    two = synthesise_chunks(items, tmp_path / "two", chunk=2, workers=2, log=lines.append)
+    assert sorted(json.loads(ln)["shard"] for ln in lines) == list(two["shards"]) == list(one["shards"])
+    assert two["shards"] == one["shards"] and two["examples"] == 5
+    for name in one["shards"]:
+        a, b = (pq.read_table(tmp_path / d / name, columns=["id", "text"]).to_pylist() for d in ("one", "two"))
+        assert a == b

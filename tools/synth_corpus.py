@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, default=0, help="stop after N new shards (0 = run to the end)")
     ap.add_argument("--first-shard", type=int, default=0, help="synthesise no shard before this one (each shard is "
                     "--chunk sentences in a fixed order: a new machine can start where the sentences trained on so far end)")
+    ap.add_argument("--workers", type=int, default=1, help="shards made at once, one process (one core) each")
     args = ap.parse_args()
 
     from steermoe_core.data.prep.corpus import cpu_seconds, plan, synthesise_chunks
@@ -44,6 +45,7 @@ def main() -> None:
     print(json.dumps({"start": str(args.out), "sentences": len(lines), "distinct_voices": len(voices),
                       "robotic_clips": sum(it.synth[0] in ("flite", "espeak") for it in items)}), flush=True)
     manifest = synthesise_chunks(items, args.out, chunk=args.chunk, stop_after=args.stop_after, first=args.first_shard,
+                                 workers=args.workers,
                                  log=lambda line: print(line, flush=True))
     print(json.dumps({"done": str(args.out), "examples": manifest.get("examples"), "hours": manifest.get("hours"),
                       "cpu_s_this_run": round(cpu_seconds(), 1)}), flush=True)

@@ -26,6 +26,7 @@ drawn afresh every epoch.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from collections.abc import Callable
@@ -82,45 +83,73 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def _timed_shard(part: list[Item], path: Path, digest: str) -> tuple[dict, float, float]:
+    """``_process_shard`` with its wall and CPU seconds, measured where it runs (a worker or this process)."""
+    from steermoe_core.data.prep.pipeline import _process_shard
+
+    t0, c0 = time.monotonic(), cpu_seconds()
+    info = _process_shard(part, path, digest)
+    return info, time.monotonic() - t0, cpu_seconds() - c0
+
+
 def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Callable[[str], None] = print,
-                      stop_after: int = 0, first: int = 0) -> dict:
+                      stop_after: int = 0, first: int = 0, workers: int = 1) -> dict:
     """Write ``items`` as shards of ``chunk`` items under ``out``, skipping shards already finished from the
     same items; ``manifest.json`` is rewritten after every shard. ``stop_after`` > 0 stops after that many
     new shards; ``first`` > 0 synthesises no shard before that one (a machine that lost the set starts on
-    sentences it has not trained on; finished earlier shards are still listed). Returns the manifest."""
-    from steermoe_core.data.prep.pipeline import (
-        _chunk_hash,
-        _finished_shard,
-        _item_record,
-        _process_shard,
-    )
-    from steermoe_core.data.prep.shards import write_manifest
+    sentences it has not trained on; finished earlier shards are still listed). ``workers`` > 1 makes that
+    many shards at once, one process each (Kokoro runs one thread a clip, so one process uses one core).
+    Returns the manifest."""
+    from steermoe_core.data.prep.pipeline import _chunk_hash, _finished_shard, _item_record
+    from steermoe_core.workers import die_with_parent
 
     out.mkdir(parents=True, exist_ok=True)
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     infos: dict[str, dict] = {}
-    done_now = 0
-    manifest: dict = {}
+    todo: list[tuple[int, str, list[Item], str]] = []
     for k, part in enumerate(chunks):
         name = f"shard-{k:05d}.parquet"
         digest = _chunk_hash([_item_record(it) for it in part])
         info = _finished_shard(out / name, digest)
-        if info is None and k < first:
-            continue
-        if info is None:
-            if stop_after and done_now >= stop_after:
-                break
-            t0, c0 = time.monotonic(), cpu_seconds()
-            info = _process_shard(part, out / name, digest)
-            wall, cpu = time.monotonic() - t0, cpu_seconds() - c0
-            done_now += 1
-            log(json.dumps({"shard": name, "clips": info["examples"], "skipped": len(info["skipped"]),
-                            "speech_s": round(info["seconds"], 1), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
-                            "speech_per_cpu_s": round(info["seconds"] / max(cpu, 1e-9), 3),
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        infos[name] = info
-        shard_info = {n: {"examples": i["examples"], "seconds": round(i["seconds"], 3)} for n, i in infos.items()}
-        skipped = [s for i in infos.values() for s in i["skipped"]]
-        manifest = write_manifest(out, "synth:corpus", "train", shard_info, skipped,
-                                  inputs={"count": sum(len(c) for c in chunks[: k + 1]), "planned": len(items)})
+        if info is not None:
+            infos[name] = info
+        elif k >= first and not (stop_after and len(todo) >= stop_after):
+            todo.append((k, name, part, digest))
+    last = max([int(n[6:11]) for n in infos] + [-1])
+
+    def record(k: int, name: str, info: dict, wall: float, cpu: float) -> dict:
+        nonlocal last
+        infos[name], last = info, max(last, k)
+        log(json.dumps({"shard": name, "clips": info["examples"], "skipped": len(info["skipped"]),
+                        "speech_s": round(info["seconds"], 1), "cpu_s": round(cpu, 1), "wall_s": round(wall, 1),
+                        "speech_per_cpu_s": round(info["seconds"] / max(cpu, 1e-9), 3),
+                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        return _write(out, infos, chunks[: last + 1], len(items))
+
+    manifest = _write(out, infos, chunks[: last + 1], len(items)) if infos else {}
+    if workers <= 1:
+        for k, name, part, digest in todo:
+            manifest = record(k, name, *_timed_shard(part, out / name, digest))
+        return manifest
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < workers:  # submit in order, so shards finish roughly in order
+                k, name, part, digest = queue.pop(0)
+                running[pool.submit(_timed_shard, part, out / name, digest)] = (k, name)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                manifest = record(*running.pop(fut), *fut.result())
     return manifest
+
+
+def _write(out: Path, infos: dict[str, dict], covered: list[list[Item]], planned: int) -> dict:
+    from steermoe_core.data.prep.shards import write_manifest
+
+    infos = dict(sorted(infos.items()))
+    shard_info = {n: {"examples": i["examples"], "seconds": round(i["seconds"], 3)} for n, i in infos.items()}
+    skipped = [s for i in infos.values() for s in i["skipped"]]
+    return write_manifest(out, "synth:corpus", "train", shard_info, skipped,
+                          inputs={"count": sum(len(c) for c in covered), "planned": planned})
