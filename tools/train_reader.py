@@ -11,7 +11,8 @@ its nearest word piece) and ``drop_blank``, and a ``[model.llm.lora]`` section. 
 LoRA to write them clean (``SteerMoEModel.text_forward``): no audio, no encoder. What it reads in training
 is exactly what audio hands it at inference (a test checks the two losses agree), so the reader learns
 from every sentence of a text file instead of the few hundred clips a CPU can synthesise and train on.
-The learning rate is ``train.lr_lora`` with 20 warm-up steps and a cosine to 30%. The result is a
+The learning rate is ``train.lr_lora`` on the recipe's own schedule (``train.warmup_steps``, then a cosine
+to ``train.min_lr_ratio``: ``training.optim.lr_lambda``), stretched over ``--steps``. The result is a
 checkpoint folder like any other (`steermoe infer --model OUT`, `steermoe export`), written at the end.
 See docs/training_cpu.md, "Recipe levers, measured".
 """
@@ -19,8 +20,8 @@ See docs/training_cpu.md, "Recipe levers, measured".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,7 @@ def main() -> None:
     from steermoe_core.model.lora import lora_parameters
     from steermoe_core.runtime import autocast, pick_device, resolve_precision
     from steermoe_core.training.init_from import init_from
+    from steermoe_core.training.optim import lr_lambda
 
     recipe = load_recipe(args.recipe, args.set)
     p = recipe.model.projector
@@ -62,6 +64,8 @@ def main() -> None:
     params = lora_parameters(model.llm)
     peak = recipe.train.lr_lora or recipe.train.lr
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.0)
+    schedule = dataclasses.replace(recipe.train, max_steps=args.steps, decay_steps=args.steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, schedule))
     precision = resolve_precision(recipe.train.precision, device)
     noise = NoiseConfig() if args.clean is None else NoiseConfig(clean=args.clean)
     reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise)
@@ -70,15 +74,13 @@ def main() -> None:
     with Progress() as bar:
         task = bar.add_task("reader steps", total=args.steps)
         for step in range(args.steps):
-            warm, cos = min(1.0, (step + 1) / 20), 0.5 * (1 + math.cos(math.pi * step / args.steps))
-            for g in opt.param_groups:
-                g["lr"] = peak * warm * (0.3 + 0.7 * cos)
             with autocast(device, precision):
                 loss = model(reader.batch(step, args.batch))["loss"]  # the same text micro-batches as train.reader_batch
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.train.clip_grad or float("inf"))
             opt.step()
+            sched.step()
             losses.append(loss.item())
             bar.update(task, advance=1, description=f"reader steps, loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
     model.eval()
