@@ -1,13 +1,13 @@
 """Build (or resume) the large synthetic training set: one clip per sentence, hundreds of voices.
 
-    python tools/brown_sentences.py package/ --out /work/data/brown_train.txt
-    nohup nice -n 19 python tools/synth_corpus.py /work/data/brown_train.txt --out /work/data/corpus \
-        >> synth.log 2>&1 &
+    python tools/brown_sentences.py package/ --out brown_train.txt
+    nohup nice -n 19 python tools/synth_corpus.py brown_train.txt --out corpus --workers 2 >> synth.log 2>&1 &
 
-Kokoro costs about a CPU-second per second of speech, so this runs for hours: every shard it finishes is
+Kokoro makes 1.2-2.2 s of speech a CPU-second (AVX2 to AVX512 CPUs), so this runs for hours: every shard it finishes is
 kept (re-run the same command to resume; the shard it was in comes back from the synthesis cache), and
-a training run can read the shards finished so far (``data.train = /work/data/corpus``). Pause it with
-``kill -STOP PID`` and resume with ``kill -CONT PID``. Each shard logs one JSON line: its clips, seconds of
+a training run can read the shards finished so far (``data.train = corpus``). ``--workers N`` makes N shards at
+once, one process (one core) each. Pause it with ``pkill -STOP -f synth_corpus`` (the workers too) and resume
+with ``pkill -CONT -f synth_corpus``. Each shard logs one JSON line: its clips, seconds of
 speech, and the CPU seconds it took (this process and its espeak-ng / flite children).
 See ``steermoe_core/data/prep/corpus.py`` for the voice plan.
 """
