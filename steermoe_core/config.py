@@ -141,6 +141,7 @@ class TrainConfig:
     log_every: int = doc(10, "Steps between metric lines.", min=1)
     eval_every: int = doc(0, "Steps between validations; 0 = only at the end.", min=0)
     save_every: int = doc(0, "Steps between checkpoints; 0 = only at the end.", min=0)
+    keep_checkpoints: int = doc(2, "Checkpoints kept under checkpoints/, the newest by step; 0 = every one (a learning curve scored afterwards).", min=0)
 
 
 @dataclass

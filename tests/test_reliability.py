@@ -146,6 +146,13 @@ def test_resume_passes_over_an_incomplete_checkpoint_and_prunes_by_step(backbone
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
+def test_keep_checkpoints_zero_keeps_every_one_for_a_learning_curve(backbones, tiny_data, tmp_path):
+    """train.keep_checkpoints = 0 keeps every checkpoint (scored afterwards as a curve); 1 only the newest."""
+    for keep, want in ((0, ["step-0000002", "step-0000004", "step-0000006"]), (1, ["step-0000006"])):
+        train(recipe_from_dict(_small(backbones, tiny_data, max_steps=6, keep_checkpoints=keep)), tmp_path / str(keep))
+        assert sorted(p.name for p in (tmp_path / str(keep) / "checkpoints").glob("step-*")) == want
+
+
 def test_resume_refuses_when_no_checkpoint_is_complete(backbones, tiny_data, tmp_path):
     d = _small(backbones, tiny_data, max_steps=4, save_every=0)
     run = tmp_path / "run"

@@ -50,7 +50,6 @@ from steermoe_core.training.run_folder import (
 )
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
-KEEP_CHECKPOINTS = 2
 
 
 @dataclass
@@ -395,7 +394,7 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
         strategy.barrier()
         if strategy.is_main:
             write_text(out / "checkpoints" / "latest", path.name)
-            prune(out, step, KEEP_CHECKPOINTS)
+            prune(out, step, cfg.keep_checkpoints)
             cb.on_save(path)
         strategy.barrier()
 

@@ -174,11 +174,12 @@ def clear_run(out: Path) -> None:
 
 
 def prune(out: Path, current_step: int, keep: int) -> None:
-    """Keep the ``keep`` newest checkpoints up to ``current_step``, by step number. Folders of later
-    steps are what an abandoned continuation left (this run resumed from before them): removed too."""
+    """Keep the ``keep`` newest checkpoints up to ``current_step``, by step number (0 = all of them).
+    Folders of later steps are what an abandoned continuation left (this run resumed from before them):
+    removed too."""
     for path in step_dirs(out):
         step = checkpoint_step(path)
         if step > current_step:
             shutil.rmtree(path, ignore_errors=True)
-    for path in step_dirs(out)[:-keep]:
+    for path in step_dirs(out)[:-keep] if keep else []:
         shutil.rmtree(path, ignore_errors=True)
