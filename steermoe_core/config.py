@@ -103,6 +103,7 @@ class DataConfig:
     noise_snr_db: list[float] = doc([], "Training only: [low, high] SNR in dB of white/pink noise added to noise_prob of the examples; empty = off.")
     noise_prob: float = doc(0.0, "Fraction of training examples that get noise (needs noise_snr_db).", min=0.0, max=1.0)
     reverb_prob: float = doc(0.0, "Fraction of training examples convolved with a synthetic room response (RT60 0.2-0.8 s).", min=0.0, max=1.0)
+    spec_augment: list[int] = doc([], "Training only: SpecAugment on the encoder's input features, [time masks, their widest (feature frames of 10 ms), frequency masks, their widest (mel / fbank bins)] per clip, each mask set to 0 as HF's Whisper masks, drawn per example like the other augmentations; e.g. [2, 40, 2, 15]; empty = off.")
     concat_seconds: float = doc(0.0, "Training only: join neighbouring utterances of the same source (ids that agree up to their last '-' or '_', in shard order) into one example of at most this many seconds, audio with a 0.3 s pause between them and transcripts with a space, so the model learns to read windows longer than one sentence (what `infer` feeds it from long recordings); 0 = off.", min=0.0, max=30.0)
     concat_prob: float = doc(0.5, "Fraction of training examples that get joined with their neighbours (needs concat_seconds > 0); the rest stay single utterances.", min=0.0, max=1.0)
     align_instructions: list[str] = doc([], "Behaviour alignment (BLSP / DeSTA2 style): instructions (e.g. \"Summarize the audio in one sentence.\", \"What is the main topic?\"); for align_prob of the training examples one is drawn and the target becomes the frozen LLM's own answer to it given the transcript as text (generated once, cached in align_cache), so speech comes to act like its text and the checkpoint follows instructions (`infer --strategy auto` then reads the audio directly). Empty = off.")
@@ -293,6 +294,8 @@ def _check_consistency(r: Recipe) -> None:
         raise RecipeError(f"data.noise_snr_db: expected [low, high] in dB, got {d.noise_snr_db}")
     if bool(d.noise_snr_db) != (d.noise_prob > 0):
         raise RecipeError("data.noise_prob and data.noise_snr_db: set both (noise on) or neither (off)")
+    if d.spec_augment and (len(d.spec_augment) != 4 or min(d.spec_augment) < 0):
+        raise RecipeError(f"data.spec_augment: four counts >= 0 (time masks, width, frequency masks, width), got {d.spec_augment}")
     if any(not 0.5 <= f <= 2.0 for f in d.speed_perturb):
         raise RecipeError(f"data.speed_perturb: factors must lie in [0.5, 2.0], got {d.speed_perturb}")
     if r.distributed.engine != "deepspeed" and r.distributed.zero_stage != DistributedConfig.zero_stage:

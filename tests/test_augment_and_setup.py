@@ -9,7 +9,7 @@ import pytest
 from conftest import tone_clip
 
 from steermoe_core.config import recipe_from_dict
-from steermoe_core.data.augment import Augment, add_noise, change_speed
+from steermoe_core.data.augment import Augment, FeatureMasks, add_noise, change_speed
 from steermoe_core.errors import RecipeError
 
 
@@ -48,8 +48,60 @@ def test_augmentation_is_deterministic_per_example_and_epoch():
         ({"noise_prob": 0.5}, "set both"),
         ({"noise_snr_db": [5.0, 20.0]}, "set both"),
         ({"speed_perturb": [3.0]}, "data.speed_perturb: factors must lie in"),
+        ({"spec_augment": [2, 40, 2]}, "data.spec_augment: four counts"),
+        ({"spec_augment": [2, -1, 2, 15]}, "data.spec_augment: four counts"),
     ],
 )
 def test_augmentation_settings_that_do_nothing_or_cannot_work_are_errors(data, message):
     with pytest.raises(RecipeError, match=message.replace("[", r"\[")):
         recipe_from_dict({"data": data})
+
+
+@pytest.mark.parametrize("time_axis", [2, 1])  # Whisper's (B, n_mels, F), the conformer's (B, F, idim)
+def test_spec_augment_masks_stay_inside_each_clip_within_their_widths_and_repeat_per_example(time_axis):
+    """data.spec_augment = [2, 10, 1, 5]: at most 2 x 10 frames and 5 bins of each clip are zeroed, nothing
+    past its end (padding stays as it was), and the same example draws the same masks in the same epoch."""
+    import torch
+
+    torch.manual_seed(0)
+    feats = torch.randn(3, 80, 200) + 5  # no zeros of its own
+    lengths = torch.tensor([200, 120, 60])
+    if time_axis == 1:
+        feats = feats.transpose(1, 2).contiguous()
+    aug = Augment(seed=1, epoch=0, spec=(2, 10, 1, 5))
+    masks = aug.masks(["a", "b", "c"])
+    out = masks.apply(feats, lengths, time_axis)
+    assert torch.equal(out, aug.masks(["a", "b", "c"]).apply(feats, lengths, time_axis))
+    assert not torch.equal(out, Augment(seed=1, epoch=1, spec=(2, 10, 1, 5)).masks(["a", "b", "c"]).apply(feats, lengths, time_axis))
+    tf = out if time_axis == 1 else out.transpose(1, 2)  # (B, time, bins)
+    for i, n in enumerate(lengths.tolist()):
+        zero = tf[i] == 0
+        frames = zero.all(dim=1)  # time masks zero every bin of a frame
+        bins = zero[:n].all(dim=0)  # frequency masks zero a band over the whole clip
+        assert frames.sum() <= 20 and bins.sum() <= 5
+        assert (zero == (frames[:, None] | bins[None, :]))[:n].all()  # nothing else is zeroed
+        assert not zero[n:].any()  # padding untouched
+    assert Augment().masks(["a"]) is None and FeatureMasks((0, 0, 0, 0), (1,)).apply(feats, lengths, time_axis).equal(feats)
+
+
+def test_spec_augment_reaches_the_encoder_in_training_only(backbones, tiny_data):
+    """A training batch carries its masks from the recipe to the encoder's features; eval mode ignores them."""
+    import torch
+    from conftest import tiny_recipe_dict
+
+    from steermoe_core.data.dataset import Collate, ShardedDataset
+    from steermoe_core.model.build import build_model
+
+    recipe = recipe_from_dict({**tiny_recipe_dict(backbones, tiny_data)})
+    model = build_model(recipe.model, torch.device("cpu"), 0)
+    ds = ShardedDataset(tiny_data)
+    batch, _ = Collate("Transcribe.", Augment(spec=(3, 30, 2, 20)))([ds[0], ds[1]])
+    plain, _ = Collate("Transcribe.", Augment())([ds[0], ds[1]])
+    assert batch.masks is not None and plain.masks is None
+    with torch.no_grad():
+        model.train()
+        masked = model.audio_tokens(batch.waves, batch.lengths, batch.masks)
+        model.eval()
+        clean = model.audio_tokens(batch.waves, batch.lengths, batch.masks)
+    assert not torch.allclose(masked, clean)
+    torch.testing.assert_close(clean, model.audio_tokens(plain.waves, plain.lengths))

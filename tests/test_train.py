@@ -276,7 +276,7 @@ def test_the_ctc_read_out_merges_repeats_and_reads_blanks_as_word_breaks(backbon
     assert n >= len(frames)
     emb = model.llm.get_input_embeddings().weight.detach()
     tokens = emb[torch.tensor(frames + [blank] * (n - len(frames)))][None]
-    model.audio_tokens = lambda waves, lengths: tokens
+    model.audio_tokens = lambda waves, lengths, masks=None: tokens
     assert model.ctc_transcribe(batch) == [" ".join(tok.decode(words[0] + [blank] + words[1]).split())]
 
 
@@ -330,7 +330,7 @@ def test_drop_blank_hands_the_llm_one_token_per_word_piece_heard(backbones, tiny
     emb = model.llm.get_input_embeddings().weight.detach()
     rows = [frames + [blank] * (max(counts) - len(frames)), [blank] * max(counts)]  # the second clip: silence
     tokens = emb[torch.tensor(rows)]
-    model.audio_tokens = lambda waves, lengths: tokens
+    model.audio_tokens = lambda waves, lengths, masks=None: tokens
     embeds, lb, audio, per_clip, _ = model._embed(batch, None)
     assert per_clip == counts and audio.shape[1] == max(counts)  # the CTC loss's view is untouched
     n_first = len(pieces)
@@ -370,7 +370,7 @@ def test_a_reader_trained_on_text_sees_exactly_what_argmax_embeddings_hands_it(b
     g = torch.Generator().manual_seed(0)
     tokens = (emb[torch.tensor(frames)] * 1.5 + 1e-3 * torch.randn(n, emb.shape[1], generator=g))[None]  # near, not equal
     assert (tokens @ emb.T).argmax(-1)[0].tolist() == frames
-    model.audio_tokens = lambda waves, lengths: tokens
+    model.audio_tokens = lambda waves, lengths, masks=None: tokens
     batch.targets = ["hello world"]
     with torch.no_grad():
         from_audio = model(batch)["ce"]

@@ -1,5 +1,6 @@
 """Training-time audio augmentation, as ASR training uses it: speed perturbation, additive noise at
-a random SNR, and reverberation with a synthetic room response.
+a random SNR, reverberation with a synthetic room response, and SpecAugment's time and frequency masks
+(``FeatureMasks``: drawn here, applied by the model to its encoder's input features, which only it computes).
 
 Deterministic: each example's draw comes from (seed, epoch, example id), so a resumed run and a run
 with DataLoader workers see exactly the same audio as an uninterrupted single-process one.
@@ -11,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from steermoe_core.audio.load import SAMPLE_RATE
 
@@ -23,15 +25,24 @@ class Augment:
     reverb_prob: float = 0.0
     seed: int = 0
     epoch: int = 0
+    spec: tuple[int, ...] = ()  # SpecAugment: (time masks, widest, frequency masks, widest); () = off
 
     @classmethod
     def from_data(cls, data, seed: int, epoch: int = 0) -> Augment:
-        """The augmentation a recipe's ``[data]`` asks for (speed_perturb, noise_snr_db, noise_prob, reverb_prob)."""
-        return cls(tuple(data.speed_perturb), tuple(data.noise_snr_db), data.noise_prob, data.reverb_prob, seed, epoch)
+        """The augmentation a recipe's ``[data]`` asks for (speed_perturb, noise_snr_db, noise_prob, reverb_prob, spec_augment)."""
+        return cls(tuple(data.speed_perturb), tuple(data.noise_snr_db), data.noise_prob, data.reverb_prob, seed, epoch,
+                   tuple(data.spec_augment))
 
     @property
     def active(self) -> bool:
+        """Whether the waveforms change (``spec`` is applied later, to features)."""
         return bool(self.speeds or (self.noise_snr_db and self.noise_prob) or self.reverb_prob)
+
+    def masks(self, example_ids: list[str]) -> FeatureMasks | None:
+        """The batch's SpecAugment masks, each example's from (seed, epoch, id) as its audio's draw."""
+        if not any(self.spec):
+            return None
+        return FeatureMasks(self.spec, tuple(zlib.crc32(f"{self.seed}/{self.epoch}/{i}".encode()) for i in example_ids))
 
     def __call__(self, audio: np.ndarray, example_id: str) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(example_id.encode())])
@@ -42,6 +53,38 @@ class Augment:
         if self.noise_snr_db and rng.random() < self.noise_prob:
             audio = add_noise(audio, float(rng.uniform(*self.noise_snr_db)), rng)
         return audio.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class FeatureMasks:
+    """SpecAugment (Park et al. 2019) for one batch: ``spec`` = (time masks, widest, frequency masks,
+    widest), one seed per example. A frozen encoder that trains only steering, a projector or LoRA
+    on a few hours of speech fits its clips and reads new voices little better (docs/training_cpu.md):
+    masking stretches of time and bands of frequency is the standard cheap regulariser for that."""
+
+    spec: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+    def apply(self, feats: torch.Tensor, lengths: torch.Tensor, time_axis: int) -> torch.Tensor:
+        """(B, ..) features with (B,) real frame counts on ``time_axis`` -> a masked copy (masks lie within each clip)."""
+        n_time, t_width, n_freq, f_width = self.spec
+        out = feats.clone()
+        t_ax = time_axis % feats.ndim
+        f_ax = 1 if t_ax == 2 else 2
+        bins = feats.shape[f_ax]
+        for i, seed in enumerate(self.seeds):
+            rng = np.random.default_rng(seed)
+            clip = out[i].movedim(t_ax - 1, 0)  # (time, bins), a view
+            frames = int(lengths[i])
+            for _ in range(n_time):
+                w = int(rng.integers(0, min(t_width, frames) + 1))
+                start = int(rng.integers(0, frames - w + 1))
+                clip[start : start + w] = 0
+            for _ in range(n_freq):
+                w = int(rng.integers(0, min(f_width, bins) + 1))
+                start = int(rng.integers(0, bins - w + 1))
+                clip[:frames, start : start + w] = 0
+        return out
 
 
 def change_speed(audio: np.ndarray, factor: float) -> np.ndarray:

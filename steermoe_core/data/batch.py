@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from steermoe_core.data.augment import FeatureMasks
 
 
 @dataclass
@@ -15,6 +19,7 @@ class AudioBatch:
     prompts: list[str]  # one per example
     targets: list[str] | None = None
     clips_per_example: list[int] | None = None  # long audio: an example's windows, in order; None = 1 each
+    masks: FeatureMasks | None = None  # training only: SpecAugment on the encoder's features (data.spec_augment)
 
     def pin_memory(self) -> AudioBatch:
         """Called by DataLoader(pin_memory=True): lets the step copy waveforms without a stream sync."""

@@ -124,7 +124,10 @@ class Collate:
     def __call__(self, examples: list[Example]) -> tuple[AudioBatch, list[Example]]:
         if self.augment is not None and self.augment.active:
             examples = [dataclasses.replace(e, audio=self.augment(e.audio, e.id)) for e in examples]
-        return collate(examples, self.prompt), [Example(e.id, np.empty(0, np.float32), e.text, e.prompt, e.language) for e in examples]
+        batch = collate(examples, self.prompt)
+        if self.augment is not None:
+            batch.masks = self.augment.masks([e.id for e in examples])
+        return batch, [Example(e.id, np.empty(0, np.float32), e.text, e.prompt, e.language) for e in examples]
 
 
 def make_loader(

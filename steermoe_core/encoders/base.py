@@ -31,6 +31,7 @@ class AudioEncoder(nn.Module):
     # repeat, in training and in a loaded checkpoint: see ``padded_width``.
     pad_multiple: int = 0
     feature_rate: int = 100  # front-end frames a second (Whisper's log-mel and Kaldi fbank both hop 10 ms)
+    time_axis: int = 2  # the time axis of ``features``: Whisper's (B, n_mels, F); the conformer's (B, F, idim) sets 1
 
     def features(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded (B, S) 16 kHz waveforms + (B,) host lengths -> front-end features + their host lengths."""

@@ -189,6 +189,7 @@ class ConformerAudioEncoder(AudioEncoder):
 
     kind = "conformer"
     default_stride = 2  # 25 Hz -> 12.5 Hz
+    time_axis = 1  # features are (B, F, idim)
 
     def __init__(self, model: ConformerEncoder, args: dict, mean: torch.Tensor, istd: torch.Tensor):
         super().__init__()

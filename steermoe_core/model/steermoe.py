@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from steermoe_core.config import ModelConfig
+from steermoe_core.data.augment import FeatureMasks
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.ctc_noise import TextBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
@@ -122,14 +123,18 @@ class SteerMoEModel(nn.Module):
         """Audio tokens per clip, from sample counts alone (host arithmetic, no device sync)."""
         return pooled_lengths(self.encoder.output_lengths(lengths), self.cfg.projector.stride).tolist()
 
-    def audio_tokens(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def audio_tokens(self, waves: torch.Tensor, lengths: torch.Tensor, masks: FeatureMasks | None = None) -> torch.Tensor:
         """(B, S) waveforms -> (B, T', H) projected audio tokens, before ``vocab_posterior`` (the CTC loss's input)."""
-        return self.adapter.project(*self.encoder_frames(waves, lengths))
+        return self.adapter.project(*self.encoder_frames(waves, lengths, masks))
 
-    def encoder_frames(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encoder_frames(self, waves: torch.Tensor, lengths: torch.Tensor,
+                       masks: FeatureMasks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S) waveforms -> the steered, final-normed (B, T, D) encoder frames and their (B, T) mask:
-        what the projector pools (``benchmarks/ctc_heads.py`` keeps them to train other heads on)."""
+        what the projector pools (``benchmarks/ctc_heads.py`` keeps them to train other heads on).
+        ``masks`` (SpecAugment) apply in training mode only."""
         feats, feat_lengths = self.encoder.features(waves, lengths)
+        if masks is not None and self.training:
+            feats = masks.apply(feats, feat_lengths, self.encoder.time_axis)
         x, mask = self.encoder.forward_layers(feats, feat_lengths, hook=self.adapter.layer_hook)
         return self.encoder.final_norm(self.adapter.after_encoder(x, mask)), mask
 
@@ -141,7 +146,7 @@ class SteerMoEModel(nn.Module):
         """The LLM's input embeddings for ``batch``, its layout, the audio tokens, their counts per clip,
         and the (B, T', V) CTC logits where ``ctc`` (the loss) or ``drop_blank`` needs them (else None):
         computed once, for both."""
-        audio = self.audio_tokens(batch.waves, batch.lengths)
+        audio = self.audio_tokens(batch.waves, batch.lengths, batch.masks)
         per_clip = self.audio_token_counts(batch.lengths)
         emb_layer = self.llm.get_input_embeddings()
         logits = self.vocab_logits(audio) if ctc or self.adapter.drop_blank else None
@@ -270,7 +275,7 @@ class SteerMoEModel(nn.Module):
 
     def _ctc_only_forward(self, batch: AudioBatch) -> dict[str, torch.Tensor]:
         """Stage one of a CTC curriculum: the audio side and the embedding table only, no LLM pass."""
-        audio = self.audio_tokens(batch.waves, batch.lengths)
+        audio = self.audio_tokens(batch.waves, batch.lengths, batch.masks)
         ids = self.ctc_targets(batch.targets)
         ctc = self.ctc_loss(audio, self.audio_token_counts(batch.lengths), ids)
         aux = self.adapter.aux_loss
