@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from steermoe_core.config import ModelConfig
-from steermoe_core.data.augment import FeatureMasks
 from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.ctc_noise import TextBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
@@ -30,6 +30,9 @@ from steermoe_core.model.lora import (
 from steermoe_core.model.prompt import PromptLayout, source_index
 from steermoe_core.model.steering import pooled_lengths
 from steermoe_core.runtime import to_device
+
+if TYPE_CHECKING:
+    from steermoe_core.data.augment import FeatureMasks
 
 PAD_MULTIPLE_TOKENS = 8  # LLM sequences: a handful of widths, and tensor-core friendly on GPUs
 
