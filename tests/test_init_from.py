@@ -94,6 +94,29 @@ def test_a_recipe_with_llm_lora_takes_the_adapter_and_its_moments_and_starts_lor
     assert n_lora > 0 and seen["init_from"]["optimizer"] == f"6 of {6 + n_lora} parameters from train_state.pt"
 
 
+def test_encoder_lora_is_taken_and_llm_lora_added_fresh_and_a_recipe_without_it_is_refused(backbones, tiny_data, tmp_path):
+    """The decoupled recipe: a CTC stage with LoRA on the encoder, continued by a recipe that also puts
+    LoRA on the LLM (a reader): the encoder's LoRA comes along, the LLM's starts fresh. A recipe with no
+    encoder LoRA cannot take the checkpoint, and says which section it lacks."""
+    from steermoe_core.config import recipe_from_dict
+    from steermoe_core.training.loop import Callbacks
+
+    d, _ = flat_recipe(backbones, tiny_data, 2)
+    d["model"]["encoder"]["lora"] = {"rank": 2, "target_modules": ["q_proj", "v_proj"]}
+    d["train"]["lr_lora"] = 1e-2
+    stage = train(recipe_from_dict(d), tmp_path / "stage")
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    d["train"]["max_steps"] = 1
+    seen = {}
+    reader = train(recipe_from_dict(d), tmp_path / "reader", init_from=stage.model_dir, callbacks=Callbacks(on_start=seen.update))
+    assert seen["init_from"]["lora"] == "encoder loaded, llm fresh"
+    before, after = adapter(stage.model_dir), adapter(reader.model_dir)
+    assert any(k.startswith("lora.llm.") for k in after) and not any(k.startswith("lora.llm.") for k in before)
+    del d["model"]["encoder"]["lora"], d["model"]["llm"]["lora"], d["train"]["lr_lora"]
+    with pytest.raises(CheckpointError, match=r"--init-from .*: it has LoRA weights and this recipe has no \[model.encoder.lora\]$"):
+        train(recipe_from_dict(d), tmp_path / "plain", init_from=stage.model_dir)
+
+
 def test_a_checkpoint_that_does_not_fit_the_recipe_is_refused_in_one_line(backbones, tiny_data, first_run, tmp_path):
     d, _ = flat_recipe(backbones, tiny_data, 2)
     d["model"]["steering"]["num_experts"] = 8

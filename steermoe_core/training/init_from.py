@@ -152,13 +152,16 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     lora = {k: v for k, v in state.items() if k.startswith("lora.")}
     try:
         model.adapter.load_checked(adapter)
-        if lora and not model.lora:
-            raise CheckpointError("it has LoRA weights and this recipe has no [model.encoder.lora] / [model.llm.lora]")
+        have = {k.split(".")[1] for k in lora}  # lora.<part>.<parameter path>
+        if have - set(model.lora):
+            raise CheckpointError(f"it has LoRA weights and this recipe has no {' / '.join(f'[model.{p}.lora]' for p in sorted(have - set(model.lora)))}")
         if lora:
-            load_lora_state_dict(model, lora)
+            load_lora_state_dict(model, lora, have)
     except CheckpointError as e:
         raise CheckpointError(f"--init-from {path}: {e}") from None
-    info = {"path": str(path), "step": meta.get("step"), "lora": "loaded" if lora else ("fresh" if model.lora else "none")}
+    kinds = {"loaded" if p in have else "fresh" for p in model.lora}
+    lora_info = ", ".join(f"{p} {'loaded' if p in have else 'fresh'}" for p in model.lora) if len(kinds) > 1 else (kinds.pop() if kinds else "none")
+    info = {"path": str(path), "step": meta.get("step"), "lora": lora_info}
     if opt is not None:
         moments, source = read_moments(path, model)
         n = restore_moments(opt, model, moments) if moments else 0
