@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -82,13 +82,15 @@ def read_out(model, head, pooling, sets: dict[str, list[dict]]) -> dict[str, flo
     return res
 
 
-def train(model, head, pooling, items, steps: int, lr: float, batch: int, precision) -> float:
-    """AdamW, 20 warm-up steps, cosine to 30%; returns the mean CTC loss of the last 25 steps."""
+def train(model, head, pooling, items, steps: int, lr: float, batch: int, precision, schedule) -> float:
+    """AdamW on ``schedule`` (a ``TrainConfig``: the checkpoint recipe's warm-up and cosine, stretched over
+    ``steps``); returns the mean CTC loss of the last 25 steps."""
     from steermoe_core.runtime import autocast
+    from steermoe_core.training.optim import lr_lambda
 
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (0.3 + 0.35 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    schedule = dataclasses.replace(schedule, max_steps=steps, decay_steps=steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, schedule))
     rng, order, losses = random.Random(0), [], []
     for _ in range(steps):
         if len(order) < batch:
@@ -149,7 +151,7 @@ def main() -> None:
             torch.manual_seed(0)
             head, pooling = make_head(kind, model, args.hidden)
             t = time.perf_counter()
-            loss = train(model, head, pooling, pool[:n], args.steps, lrs[kind], args.batch, precision)
+            loss = train(model, head, pooling, pool[:n], args.steps, lrs[kind], args.batch, precision, recipe.train)
             row = {"head": kind, "clips": n, "params": sum(p.numel() for p in head.parameters()), "train_ctc": round(loss, 3),
                    "s_per_step": round((time.perf_counter() - t) / args.steps, 2), **read_out(model, head, pooling, sets)}
             rows.append(row)
