@@ -107,15 +107,15 @@ def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Calla
     chunks = [items[i : i + chunk] for i in range(0, len(items), chunk)]
     infos: dict[str, dict] = {}
     todo: list[tuple[int, str, list[Item], str]] = []
+    last = -1  # the latest shard finished: the manifest counts the sentences up to its end
     for k, part in enumerate(chunks):
         name = f"shard-{k:05d}.parquet"
         digest = _chunk_hash([_item_record(it) for it in part])
         info = _finished_shard(out / name, digest)
         if info is not None:
-            infos[name] = info
+            infos[name], last = info, k
         elif k >= first and not (stop_after and len(todo) >= stop_after):
             todo.append((k, name, part, digest))
-    last = max([int(n[6:11]) for n in infos] + [-1])
 
     def record(k: int, name: str, info: dict, wall: float, cpu: float) -> dict:
         nonlocal last
