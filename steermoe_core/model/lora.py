@@ -79,12 +79,17 @@ def lora_state_dict(model: SteerMoEModel) -> dict[str, torch.Tensor]:
     }
 
 
+def lora_part(key: str) -> str:
+    """The backbone (``encoder`` or ``llm``) a ``lora.<part>.<parameter path>`` key belongs to."""
+    return key[len(PREFIX):].split(".", 1)[0]
+
+
 def load_lora_state_dict(model: SteerMoEModel, state: dict[str, torch.Tensor], parts: set[str] | None = None) -> None:
     """Load LoRA weights, refusing missing, unexpected or mis-shaped tensors with one line (a
     checkpoint whose LoRA sat on other modules, or on a backbone of another shape). ``parts`` limits
     the check to those backbones (``--init-from`` a checkpoint with LoRA on the encoder only, into a
     recipe that adds it on the LLM: the LLM's starts fresh)."""
-    own = {k: v for k, v in lora_state_dict(model).items() if parts is None or k.split(".")[1] in parts}
+    own = {k: v for k, v in lora_state_dict(model).items() if parts is None or lora_part(k) in parts}
     missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or extra:
         raise CheckpointError(f"LoRA weights do not match the recipe's backbones (missing {missing[:3]}, unexpected {extra[:3]})")

@@ -143,7 +143,7 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     """Load ``path``'s adapter (and LoRA, when both have it) into ``model`` and, where saved, its Adam
     moments into ``opt``. Returns what was taken, for the log and the run's meta.json."""
     from steermoe_core.model.checkpoint import check_backbones, read_checkpoint
-    from steermoe_core.model.lora import load_lora_state_dict
+    from steermoe_core.model.lora import load_lora_state_dict, lora_part
 
     path = Path(path)
     _, meta, state = read_checkpoint(path)
@@ -152,15 +152,16 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     lora = {k: v for k, v in state.items() if k.startswith("lora.")}
     try:
         model.adapter.load_checked(adapter)
-        have = {k.split(".")[1] for k in lora}  # lora.<part>.<parameter path>
+        have = {lora_part(k) for k in lora}
         if have - set(model.lora):
             raise CheckpointError(f"it has LoRA weights and this recipe has no {' / '.join(f'[model.{p}.lora]' for p in sorted(have - set(model.lora)))}")
         if lora:
             load_lora_state_dict(model, lora, have)
     except CheckpointError as e:
         raise CheckpointError(f"--init-from {path}: {e}") from None
-    kinds = {"loaded" if p in have else "fresh" for p in model.lora}
-    lora_info = ", ".join(f"{p} {'loaded' if p in have else 'fresh'}" for p in model.lora) if len(kinds) > 1 else (kinds.pop() if kinds else "none")
+    state_of = {p: "loaded" if p in have else "fresh" for p in model.lora}
+    states = set(state_of.values())
+    lora_info = ", ".join(f"{p} {s}" for p, s in state_of.items()) if len(states) > 1 else (states.pop() if states else "none")
     info = {"path": str(path), "step": meta.get("step"), "lora": lora_info}
     if opt is not None:
         moments, source = read_moments(path, model)

@@ -51,7 +51,6 @@ from steermoe_core.training.run_folder import (
 from steermoe_core.training.strategy import SingleDevice, Strategy
 
 
-
 @dataclass
 class Callbacks:
     """How the CLI watches a run without the core knowing about terminals."""
