@@ -9,7 +9,7 @@ import pytest
 from conftest import tone_clip
 
 from steermoe_core.config import recipe_from_dict
-from steermoe_core.data.augment import Augment, FeatureMasks, add_noise, change_speed
+from steermoe_core.data.augment import Augment, FeatureMasks, add_noise, change_speed, reverberate
 from steermoe_core.errors import RecipeError
 
 
@@ -30,6 +30,19 @@ def test_noise_lands_at_the_requested_snr():
     noisy = add_noise(audio, 10.0, np.random.default_rng(0))
     snr = 10 * np.log10(np.mean(audio**2) / np.mean((noisy - audio) ** 2))
     assert snr == pytest.approx(10.0, abs=0.01)
+
+
+def test_reverb_is_the_room_response_convolved_and_keeps_length_and_peak():
+    audio = tone_clip(1, 1.0).astype(np.float64)
+    wet = reverberate(audio, np.random.default_rng(5))
+    rng = np.random.default_rng(5)  # the same draw, convolved directly
+    rt60 = rng.uniform(0.2, 0.8)
+    t = np.arange(int(rt60 * 16000)) / 16000
+    ir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
+    ir[0] = 1.0
+    direct = np.convolve(audio, ir)[: len(audio)]
+    assert len(wet) == len(audio) and np.abs(wet).max() == pytest.approx(np.abs(audio).max())
+    np.testing.assert_allclose(wet, direct * np.abs(audio).max() / np.abs(direct).max(), atol=1e-6)
 
 
 def test_augmentation_is_deterministic_per_example_and_epoch():
