@@ -66,14 +66,7 @@ def main() -> None:
             args.readouts.write_text(json.dumps(pairs, indent=0))
     refs = [p["ref"] for p in pairs]
 
-    fields = {f.name: f for f in dataclasses.fields(NoiseConfig)}
-    over = {}
-    for kv in args.noise:
-        k, _, v = kv.partition("=")
-        if k not in fields:
-            raise SystemExit(f"--noise {kv}: NoiseConfig has no field {k!r} (fields: {', '.join(fields)})")
-        over[k] = tuple(float(x) for x in v.split(",")) if k == "severity" else float(v)
-    cfg = NoiseConfig(**over)
+    cfg = NoiseConfig.parse(args.noise)
     tok = model.tokenizer
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     neighbours, strays = spelling_neighbours(pieces), short_pieces(pieces)

@@ -387,6 +387,7 @@ def test_ctc_noise_loses_swaps_and_strays_pieces_and_leaves_some_rows_clean():
     import numpy as np
 
     from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
+    from steermoe_core.errors import RecipeError
 
     pieces = ["Ġcoast", "Ġcost", "Ġcoat", "Ġleaves", "Ġlearn", "Ġa", "Ġto", "ing", "Ġ7"]
     neigh, strays = spelling_neighbours(pieces), short_pieces(pieces)
@@ -419,6 +420,10 @@ def test_ctc_noise_loses_swaps_and_strays_pieces_and_leaves_some_rows_clean():
     doubled = corrupt(ids, np.random.default_rng(3), neigh, strays, NoiseConfig(clean=0.0, drop=0.0, swap=0.0, stutter=1.0, insert=0.0,
                                                                                severity=(1.0, 1.0)))
     assert doubled[1::2] == ids and all(f in neigh[t] for f, t in zip(doubled[0::2], ids))
+    # tools/train_reader.py --noise and benchmarks/ctc_noise_fit.py --noise
+    assert NoiseConfig.parse(["clean=0.1", "severity=0.5,1.5"]) == NoiseConfig(clean=0.1, severity=(0.5, 1.5))
+    with pytest.raises(RecipeError, match="noise cleen=0.1: no such setting"):
+        NoiseConfig.parse(["cleen=0.1"])
 
 
 def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alone(backbones, tiny_data, tmp_path):

@@ -36,7 +36,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--set", action="append", default=[], help="a recipe override, KEY=VALUE (repeatable)")
-    ap.add_argument("--clean", type=float, default=None, help="share of rows left uncorrupted (default: ctc_noise's)")
+    ap.add_argument("--noise", action="append", default=[],
+                    help="a data.ctc_noise.NoiseConfig setting, KEY=VALUE (repeatable; e.g. clean=0.1): fit them with benchmarks/ctc_noise_fit.py")
     args = ap.parse_args()
 
     import torch
@@ -67,7 +68,7 @@ def main() -> None:
     schedule = dataclasses.replace(recipe.train, max_steps=args.steps, decay_steps=args.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, schedule))
     precision = resolve_precision(recipe.train.precision, device)
-    noise = NoiseConfig() if args.clean is None else NoiseConfig(clean=args.clean)
+    noise = NoiseConfig.parse(args.noise)
     reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise)
     losses: list[float] = []
     t0 = time.perf_counter()

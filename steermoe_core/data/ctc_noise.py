@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,23 @@ class NoiseConfig:
     insert: float = 0.03  # per piece: a short stray piece after it
     severity: tuple[float, float] = (0.6, 1.4)  # this row's multiplier of the per-piece rates, drawn uniformly
 
+
+    @classmethod
+    def parse(cls, overrides: list[str]) -> NoiseConfig:
+        """The defaults with ``KEY=VALUE`` overrides (``severity=0.5,1.5``); an unknown key or a bad value is a one-line error."""
+        from steermoe_core.errors import RecipeError
+
+        names = {f.name for f in fields(cls)}
+        values: dict = {}
+        for kv in overrides:
+            key, _, value = kv.partition("=")
+            if key not in names:
+                raise RecipeError(f"noise {kv}: no such setting (settings: {', '.join(sorted(names))})")
+            try:
+                values[key] = tuple(float(x) for x in value.split(",")) if key == "severity" else float(value)
+            except ValueError:
+                raise RecipeError(f"noise {kv}: not a number") from None
+        return cls(**values)
 
 def spelling_neighbours(pieces: list[str]) -> list[np.ndarray]:
     """For each vocabulary entry, the ids of entries spelled alike: the same word-start mark and the
