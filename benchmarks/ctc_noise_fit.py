@@ -52,6 +52,12 @@ def main() -> None:
     from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
     from steermoe_core.model.checkpoint import load_checkpoint
 
+    from steermoe_core.errors import RecipeError
+
+    try:
+        cfg = NoiseConfig.parse(args.noise)  # before the model loads: a typo fails at once
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
     model, recipe, _ = load_checkpoint(args.checkpoint, torch.device("cpu"))
     if args.readouts and args.readouts.exists():
         pairs = json.loads(args.readouts.read_text())
@@ -66,7 +72,6 @@ def main() -> None:
             args.readouts.write_text(json.dumps(pairs, indent=0))
     refs = [p["ref"] for p in pairs]
 
-    cfg = NoiseConfig.parse(args.noise)
     tok = model.tokenizer
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     neighbours, strays = spelling_neighbours(pieces), short_pieces(pieces)
