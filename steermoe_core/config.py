@@ -109,6 +109,7 @@ class DataConfig:
     align_instructions: list[str] = doc([], "Behaviour alignment (BLSP / DeSTA2 style): instructions (e.g. \"Summarize the audio in one sentence.\", \"What is the main topic?\"); for align_prob of the training examples one is drawn and the target becomes the frozen LLM's own answer to it given the transcript as text (generated once, cached in align_cache), so speech comes to act like its text and the checkpoint follows instructions (`infer --strategy auto` then reads the audio directly). Empty = off.")
     align_prob: float = doc(0.3, "Fraction of training examples trained on an instruction's answer instead of the transcript (needs align_instructions).", min=0.0, max=1.0)
     reader_text: str = doc("", "Text file of sentences (one a line) for text-only reader micro-batches (train.reader_batch): each is corrupted as a CTC read-out errs and the LLM's LoRA learns to write it clean, with no audio (needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora]).")
+    reader_fragments: float = doc(0.0, "Fraction of data.reader_text's rows cut to a fragment of 1-4 of their words (capitalised, with a full stop): utterances as short as \"Hello world.\", which 5-20-word sentences never show the reader, so it learns to stop after a short read-out instead of running on. 0 = whole sentences.", min=0.0, max=1.0)
     align_cache: str = doc("", "JSONL file caching the frozen LLM's answers (one line per example id and instruction); empty = align_targets.jsonl in the run folder.")
     align_max_new_tokens: int = doc(64, "Longest answer generated for behaviour alignment (tokens).", min=1)
     pad_multiple_seconds: float = doc(1.0, "Training, and eval and infer with the checkpoint it makes: each batch's audio is padded (masked) to a multiple of this many seconds and its LLM sequence to a multiple of 8 tokens, so batch shapes repeat and the CPU's per-shape kernel cache hits instead of growing the process with every new shape (3.7 -> 9 GB over 1,000 demo steps without it); costs the compute spent on the padding (up to 11% of a step on the demo's full recipe). 0 = pad to the longest clip only.", min=0.0, max=30.0)
@@ -287,6 +288,8 @@ def _check_consistency(r: Recipe) -> None:
             raise RecipeError("train.reader_batch and data.reader_text: set both (text-only reader batches on) or neither")
         if not (p.argmax_embeddings and p.drop_blank and r.model.llm.lora is not None):
             raise RecipeError("train.reader_batch: a reader trained on text needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora] (what it reads must be word pieces, and only LoRA learns from text)")
+    if r.data.reader_fragments and not r.data.reader_text:
+        raise RecipeError("data.reader_fragments: cuts data.reader_text's rows; set data.reader_text (and train.reader_batch) too")
     if r.model.projector.drop_blank and not r.train.ctc_weight:
         raise RecipeError("model.projector.drop_blank: needs train.ctc_weight > 0 (the CTC loss decides which audio tokens are blank)")
     d = r.data

@@ -451,6 +451,13 @@ def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alo
     assert all(math.isfinite(r["loss"]) for r in read.history if "loss" in r)
     assert any(not torch.equal(sa[k], sb[k]) for k in sa if k.startswith("lora.")), "the text batches changed the LoRA"
 
+    with pytest.raises(RecipeError, match="data.reader_fragments: cuts data.reader_text's rows"):
+        recipe_from_dict({**d, "data": {**d["data"], "reader_text": "", "reader_fragments": 0.2}, "train": {**d["train"], "reader_batch": 0}})
+    cut = ReaderText.for_tokenizer(text, b.tokenizer, b.ctc_targets, "Q", seed=0, fragments=1.0).batch(7, 6)
+    assert all(1 <= len(t.split()) <= 4 and t[0].isupper() and t.endswith(".") for t in cut.targets)  # "Cat sat on."
+    assert all(t[:-1].lower() in line.lower() for t, line in zip(cut.targets, ReaderText.for_tokenizer(
+        text, b.tokenizer, b.ctc_targets, "Q", seed=0).batch(7, 6).targets))  # a span of the row's own sentence
+
     src = ReaderText.for_tokenizer(text, b.tokenizer, b.ctc_targets, "Q", seed=0)
     again = ReaderText.for_tokenizer(text, b.tokenizer, b.ctc_targets, "Q", seed=0)
     assert src.batch(7, 3) == again.batch(7, 3) and src.batch(7, 3) != src.batch(8, 3)

@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="a recipe override, KEY=VALUE (repeatable)")
     ap.add_argument("--noise", action="append", default=[],
                     help="a data.ctc_noise.NoiseConfig setting, KEY=VALUE (repeatable; e.g. clean=0.1): fit them with benchmarks/ctc_noise_fit.py")
+    ap.add_argument("--fragments", type=float, default=0.0,
+                    help="share of rows cut to 1-4 of their words (data.reader_fragments): short utterances")
     args = ap.parse_args()
 
     import torch
@@ -69,7 +71,8 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, schedule))
     precision = resolve_precision(recipe.train.precision, device)
     noise = NoiseConfig.parse(args.noise)
-    reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise)
+    reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise,
+                                      args.fragments)
     losses: list[float] = []
     t0 = time.perf_counter()
     with Progress() as bar:
@@ -86,7 +89,8 @@ def main() -> None:
             bar.update(task, advance=1, description=f"reader steps, loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
     model.eval()
     metrics = {"text_loss_last25": sum(losses[-25:]) / len(losses[-25:]), "seconds": round(time.perf_counter() - t0, 1),
-               "sentences": args.steps * args.batch, "noise": noise.__dict__}
+               "sentences": args.steps * args.batch, "noise": noise.__dict__,
+               "fragments": args.fragments}
     save_checkpoint(model, recipe, args.out, args.steps, metrics, run_info={"reader_init_from": taken})
     print(json.dumps({"out": str(args.out), **metrics}))
 

@@ -114,11 +114,11 @@ class TextBatch:
 class ReaderText:
     """The sentences of a text file as text-only micro-batches, the same for a given step whatever came
     before it (a resumed run reads what the uninterrupted one would have): shuffled once with ``seed``;
-    micro-batch ``k`` of process ``rank`` takes its sentences in turn and corrupts them with a generator
-    seeded by (seed, k, rank)."""
+    micro-batch ``k`` of process ``rank`` takes its sentences in turn, cuts a share ``fragments`` of them
+    to a few words (``fragment``) and corrupts them with a generator seeded by (seed, k, rank)."""
 
     def __init__(self, path: str | Path, pieces: list[str], ids_of: Callable[[list[str]], list[list[int]]],
-                 prompt: str, seed: int = 0, noise: NoiseConfig = NoiseConfig()):
+                 prompt: str, seed: int = 0, noise: NoiseConfig = NoiseConfig(), fragments: float = 0.0):
         from steermoe_core.errors import RecipeError
 
         path = Path(path)
@@ -130,17 +130,31 @@ class ReaderText:
             raise RecipeError(f"data.reader_text: {path} holds no sentences")
         random.Random(seed).shuffle(lines)
         self.lines, self.ids_of, self.prompt, self.seed, self.noise = lines, ids_of, prompt, seed, noise
+        self.fragments = fragments
         self.neighbours, self.strays = spelling_neighbours(pieces), short_pieces(pieces)
 
     @classmethod
     def for_tokenizer(cls, path: str | Path, tokenizer, ids_of: Callable[[list[str]], list[list[int]]], prompt: str,
-                      seed: int = 0, noise: NoiseConfig = NoiseConfig()) -> ReaderText:
+                      seed: int = 0, noise: NoiseConfig = NoiseConfig(), fragments: float = 0.0) -> ReaderText:
         """A Hugging Face tokenizer's pieces, spelled as it spells them (``Ġcoast``)."""
-        return cls(path, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), ids_of, prompt, seed, noise)
+        return cls(path, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), ids_of, prompt, seed, noise, fragments)
 
     def batch(self, k: int, size: int, rank: int = 0, world_size: int = 1) -> TextBatch:
         start = ((k * world_size + rank) * size) % len(self.lines)
         texts = [self.lines[(start + i) % len(self.lines)] for i in range(size)]
         rng = np.random.default_rng([self.seed, k, rank])
+        if self.fragments:
+            texts = [fragment(t, rng) if rng.random() < self.fragments else t for t in texts]
         read = [corrupt(ids, rng, self.neighbours, self.strays, self.noise) for ids in self.ids_of(texts)]
         return TextBatch(texts, read, self.prompt)
+
+
+def fragment(sentence: str, rng: np.random.Generator, longest: int = 4) -> str:
+    """1 to ``longest`` consecutive words of ``sentence``, capitalised and closed with a full stop: a short
+    utterance ("Hello world.") for a reader that otherwise reads only 5-20-word sentences and, shown a
+    two-word read-out, runs on past it (it wrote the prompt back after "Howlow w")."""
+    words = sentence.split()
+    n = int(rng.integers(1, min(longest, len(words)) + 1))
+    i = int(rng.integers(0, len(words) - n + 1))
+    text = " ".join(words[i:i + n]).strip(" ,;:.!?\"'()-")
+    return text[:1].upper() + text[1:] + "." if text else sentence

@@ -412,8 +412,8 @@ def _train_locked(recipe: Recipe, out: Path, resume: bool, overwrite: bool, cb: 
                 + f"; {_likely_cause(cfg, step, sched.get_last_lr())}")
 
     stream = micro_batch_stream(train_ds, recipe, pos, strategy)
-    reader = ReaderText.for_tokenizer(recipe.data.reader_text, model.tokenizer, model.ctc_targets, recipe.data.prompt,
-                                      recipe.train.seed) if recipe.train.reader_batch else None
+    reader = ReaderText.for_tokenizer(recipe.data.reader_text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed,
+                                      fragments=recipe.data.reader_fragments) if recipe.train.reader_batch else None
     model.train()
     window = _Window(device)
     metrics: dict = {}
