@@ -68,3 +68,26 @@ def test_ctc_heads_reads_what_the_model_reads(backbones, tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     for row in ("| checkpoint, untrained |", "| checkpoint | 4 |", "| linear | 4 |", "| mlp | 4 |"):
         assert row in r.stdout
+
+
+def test_ctc_noise_fit_prints_both_error_profiles_and_reuses_its_read_outs(backbones, tiny_data, tmp_path):
+    """ctc_noise_fit.py: the checkpoint's read-out and the error model side by side; with --readouts the
+    second run reads the saved read-outs instead of encoding again, and the error model follows --noise."""
+    from conftest import train_tiny
+
+    ck = train_tiny(backbones, tiny_data, tmp_path / "run", 3)
+    saved = tmp_path / "readouts.json"
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, str(BENCH / "ctc_noise_fit.py"), "--checkpoint", str(ck), "--data", str(tiny_data),
+                            "--clips", "4", "--readouts", str(saved), *extra], capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    first = run()
+    assert saved.is_file() and '"clips": 4' in first and "read-out" in first and "simulated" in first
+    lines = {ln.split()[0]: [float(x) for x in ln.split()[1:]] for ln in run("--noise", "clean=1").splitlines()[2:]}
+    assert lines["simulated"][0] == 0.0 and lines["simulated"][4] == 1.0  # every row clean: no errors
+    bad = subprocess.run([sys.executable, str(BENCH / "ctc_noise_fit.py"), "--checkpoint", str(ck), "--data", str(tiny_data),
+                          "--noise", "cleen=1"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "no such setting" in bad.stderr and "Traceback" not in bad.stderr
