@@ -50,9 +50,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
-    from steermoe_core.model.checkpoint import load_checkpoint
-
     from steermoe_core.errors import RecipeError
+    from steermoe_core.model.checkpoint import load_checkpoint
 
     try:
         cfg = NoiseConfig.parse(args.noise)  # before the model loads: a typo fails at once

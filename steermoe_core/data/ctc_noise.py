@@ -35,7 +35,6 @@ class NoiseConfig:
     insert: float = 0.03  # per piece: a short stray piece after it
     severity: tuple[float, float] = (0.6, 1.4)  # this row's multiplier of the per-piece rates, drawn uniformly
 
-
     @classmethod
     def parse(cls, overrides: list[str]) -> NoiseConfig:
         """The defaults with ``KEY=VALUE`` overrides (``severity=0.5,1.5``); an unknown key or a bad value is a one-line error."""
@@ -52,6 +51,7 @@ class NoiseConfig:
             except ValueError:
                 raise RecipeError(f"noise {kv}: not a number") from None
         return cls(**values)
+
 
 def spelling_neighbours(pieces: list[str]) -> list[np.ndarray]:
     """For each vocabulary entry, the ids of entries spelled alike: the same word-start mark and the
