@@ -114,7 +114,7 @@ def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ir = rng.standard_normal(len(t)) * np.exp(-6.9 * t / rt60)
     ir[0] = 1.0
     ir /= np.sqrt(np.sum(ir**2))
-    size = 1 << (len(audio) + len(ir) - 2).bit_length()  # FFT convolution: np.convolve took about a second a clip
+    size = 1 << (len(audio) + len(ir) - 2).bit_length()  # FFT convolution: np.convolve took 0.1-1 s a clip
     wet = np.fft.irfft(np.fft.rfft(audio, size) * np.fft.rfft(ir, size), size)[: len(audio)]
     peak = np.abs(wet).max() or 1.0
     return wet * (np.abs(audio).max() / peak)
