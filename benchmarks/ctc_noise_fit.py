@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--readouts", type=Path, help="JSON file of read-outs: reused if it exists, else written")
     args = ap.parse_args()
 
-    from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours
+    from steermoe_core.data.ctc_noise import NoiseConfig, corrupt, short_pieces, spelling_neighbours, tokenizer_pieces
     from steermoe_core.errors import RecipeError
     from steermoe_core.model.checkpoint import load_checkpoint
 
@@ -72,7 +72,7 @@ def main() -> None:
     refs = [p["ref"] for p in pairs]
 
     tok = model.tokenizer
-    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    pieces = tokenizer_pieces(tok)  # spelled as the reader's training batches spell them (ReaderText.for_tokenizer)
     neighbours, strays = spelling_neighbours(pieces), short_pieces(pieces)
     ids = model.ctc_targets(refs)
     rng = np.random.default_rng(0)

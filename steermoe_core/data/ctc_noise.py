@@ -53,6 +53,12 @@ class NoiseConfig:
         return cls(**values)
 
 
+def tokenizer_pieces(tokenizer) -> list[str]:
+    """A Hugging Face tokenizer's vocabulary, each piece spelled as it spells them (``Ġcoast``): what
+    ``spelling_neighbours`` and ``short_pieces`` read."""
+    return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+
+
 def spelling_neighbours(pieces: list[str]) -> list[np.ndarray]:
     """For each vocabulary entry, the ids of entries spelled alike: the same word-start mark and the
     same first two letters, case-blind (the tokenizer's own piece strings, e.g. ``Ġcoast``)."""
@@ -136,8 +142,8 @@ class ReaderText:
     @classmethod
     def for_tokenizer(cls, path: str | Path, tokenizer, ids_of: Callable[[list[str]], list[list[int]]], prompt: str,
                       seed: int = 0, noise: NoiseConfig = NoiseConfig(), fragments: float = 0.0) -> ReaderText:
-        """A Hugging Face tokenizer's pieces, spelled as it spells them (``Ġcoast``)."""
-        return cls(path, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), ids_of, prompt, seed, noise, fragments)
+        """The reader text of a Hugging Face tokenizer's model (its pieces: ``tokenizer_pieces``)."""
+        return cls(path, tokenizer_pieces(tokenizer), ids_of, prompt, seed, noise, fragments)
 
     def batch(self, k: int, size: int, rank: int = 0, world_size: int = 1) -> TextBatch:
         start = ((k * world_size + rank) * size) % len(self.lines)
