@@ -466,3 +466,49 @@ def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alo
     d["model"]["projector"] = {"drop_blank": True}
     with pytest.raises(RecipeError, match="reader_batch"):
         recipe_from_dict(d)
+
+
+def test_train_reader_keeps_checkpoints_and_a_resumed_reader_ends_where_an_uninterrupted_one_does(backbones, tiny_data, tmp_path):
+    """tools/train_reader.py --save-every keeps OUT-checkpoints/step-N; a reader stopped after one and run
+    again with --resume ends with the same LoRA as one never stopped; --resume with nothing kept is one line."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_recipe_dict, train_tiny
+    from safetensors.torch import load_file
+
+    from steermoe_core.config import dump_recipe, recipe_from_dict
+
+    ck = train_tiny(backbones, tiny_data, tmp_path / "run", 2)
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(f"the {w} cat sat on a mat" for w in ("red", "blue", "green", "grey", "pink", "black")) + "\n")
+    d = tiny_recipe_dict(backbones, tiny_data)
+    d["model"]["projector"] = {"drop_blank": True, "argmax_embeddings": True}
+    d["model"]["llm"]["lora"] = {"rank": 2, "alpha": 4.0}
+    d["train"].update(lr_lora=0.05, ctc_weight=0.5)
+    recipe = tmp_path / "reader.toml"
+    recipe.write_text(dump_recipe(recipe_from_dict(d)))
+
+    def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(Path(__file__).parent.parent / "tools" / "train_reader.py"), str(recipe),
+                               "--init-from", str(ck), "--text", str(text), "--out", str(out), "--steps", "4", "--batch", "3",
+                               "--save-every", "2", *extra], capture_output=True, text=True, timeout=600)
+
+    for out in ("whole", "cut"):
+        assert run(tmp_path / out).returncode == 0
+    kept = tmp_path / "cut-checkpoints"
+    assert sorted(p.name for p in kept.iterdir()) == ["step-0000002"]
+    assert (kept / "step-0000002" / "reader_state.pt").is_file() and (kept / "step-0000002" / "adapter.safetensors").is_file()
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut")  # stopped after step 2
+    r = run(tmp_path / "cut", "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    whole, cut = (load_file(str(tmp_path / o / "adapter.safetensors")) for o in ("whole", "cut"))
+    half = load_file(str(kept / "step-0000002" / "adapter.safetensors"))
+    lora = [k for k in whole if k.startswith("lora.llm")]
+    assert lora and any(not torch.equal(whole[k], half[k]) for k in lora)  # steps 3-4 moved it
+    for k in whole:
+        torch.testing.assert_close(cut[k], whole[k])
+    bad = run(tmp_path / "none", "--resume")
+    assert bad.returncode != 0 and "no checkpoint to resume from" in bad.stderr and "Traceback" not in bad.stderr

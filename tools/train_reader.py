@@ -14,6 +14,9 @@ from every sentence of a text file instead of the few hundred clips a CPU can sy
 The learning rate is ``train.lr_lora`` on the recipe's own schedule (``train.warmup_steps``, then a cosine
 to ``train.min_lr_ratio``: ``training.optim.lr_lambda``), stretched over ``--steps``. The result is a
 checkpoint folder like any other (`steermoe infer --model OUT`, `steermoe export`), written at the end.
+A long reader keeps a checkpoint every ``--save-every`` steps in ``OUT-checkpoints/step-N`` (with its
+optimizer's state in ``reader_state.pt``), and ``--resume`` continues from the latest one: the sentences
+of a step depend on the step alone, so a resumed reader reads what an uninterrupted one would.
 See docs/training_cpu.md, "Recipe levers, measured".
 """
 
@@ -40,6 +43,8 @@ def main() -> None:
                     help="a data.ctc_noise.NoiseConfig setting, KEY=VALUE (repeatable; e.g. clean=0.1): fit them with benchmarks/ctc_noise_fit.py")
     ap.add_argument("--fragments", type=float, default=0.0,
                     help="share of rows cut to 1-4 of their words (data.reader_fragments): short utterances")
+    ap.add_argument("--save-every", type=int, default=0, help="keep a checkpoint every N steps in OUT-checkpoints/step-N; 0 = off")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT-checkpoints/")
     args = ap.parse_args()
 
     import torch
@@ -74,10 +79,14 @@ def main() -> None:
     reader = ReaderText.for_tokenizer(args.text, model.tokenizer, model.ctc_targets, recipe.data.prompt, recipe.train.seed, noise,
                                       args.fragments)
     losses: list[float] = []
+    steps_dir = args.out.with_name(args.out.name + "-checkpoints")
+    start = 0
+    if args.resume:
+        start, losses = resume(model, opt, sched, steps_dir)
     t0 = time.perf_counter()
     with Progress() as bar:
-        task = bar.add_task("reader steps", total=args.steps)
-        for step in range(args.steps):
+        task = bar.add_task("reader steps", total=args.steps, completed=start)
+        for step in range(start, args.steps):
             with autocast(device, precision):
                 loss = model(reader.batch(step, args.batch))["loss"]  # the same text micro-batches as train.reader_batch
             opt.zero_grad(set_to_none=True)
@@ -87,12 +96,44 @@ def main() -> None:
             sched.step()
             losses.append(loss.item())
             bar.update(task, advance=1, description=f"reader steps, loss {sum(losses[-25:]) / len(losses[-25:]):.3f}")
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                keep(model, recipe, steps_dir / f"step-{step + 1:07d}", step + 1, losses, opt, sched, taken)
     model.eval()
     metrics = {"text_loss_last25": sum(losses[-25:]) / len(losses[-25:]), "seconds": round(time.perf_counter() - t0, 1),
                "sentences": args.steps * args.batch, "noise": noise.__dict__,
                "fragments": args.fragments}
     save_checkpoint(model, recipe, args.out, args.steps, metrics, run_info={"reader_init_from": taken})
     print(json.dumps({"out": str(args.out), **metrics}))
+
+
+def keep(model, recipe, path: Path, step: int, losses: list[float], opt, sched, taken: dict) -> None:
+    """A checkpoint folder like the final one, plus the optimizer's state for ``--resume``."""
+    import torch
+
+    from steermoe_core.atomic import atomic_file
+    from steermoe_core.model.checkpoint import save_checkpoint
+
+    save_checkpoint(model, recipe, path, step, {"text_loss_last25": sum(losses[-25:]) / len(losses[-25:])},
+                    run_info={"reader_init_from": taken})
+    with atomic_file(path / "reader_state.pt") as f:
+        torch.save({"step": step, "losses": losses, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, f)
+
+
+def resume(model, opt, sched, steps_dir: Path) -> tuple[int, list[float]]:
+    """Load the latest kept checkpoint's LoRA and optimizer state; returns (its step, the losses so far)."""
+    import torch
+
+    from steermoe_core.errors import CheckpointError
+    from steermoe_core.training.init_from import init_from
+
+    kept = sorted(steps_dir.glob("step-*/reader_state.pt"))
+    if not kept:
+        raise CheckpointError(f"{steps_dir}: no checkpoint to resume from (--save-every keeps them)")
+    init_from(model, None, kept[-1].parent)
+    st = torch.load(kept[-1], weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    sched.load_state_dict(st["scheduler"])
+    return int(st["step"]), list(st["losses"])
 
 
 if __name__ == "__main__":
