@@ -2,6 +2,7 @@
 
     python tools/brown_sentences.py package/ --out brown_train.txt
     nohup nice -n 19 python tools/synth_corpus.py brown_train.txt --out corpus --workers 2 >> synth.log 2>&1 &
+    STEERMOE_KOKORO_VOICES=package/voices python tools/synth_corpus.py ... --english 0.6   # Kokoro's native English voices too
 
 Kokoro makes 1.2-2.2 s of speech a CPU-second (AVX2 to AVX512 CPUs), so this runs for hours: every shard it finishes is
 kept (re-run the same command to resume; the shard it was in comes back from the synthesis cache), and
