@@ -467,3 +467,15 @@ def test_recipes_md_documents_every_field():
         row = re.search(rf"^\| `{name}` \|.*$", sections[section], re.M)
         assert row, f"{key}: no row in docs/recipes.md"
         assert doc and " ".join(doc.split())[:40].replace("|", "\\|") in row.group(0), f"{key}: its documentation is missing"
+
+
+def test_the_version_is_one_in_pyproject_the_package_and_the_changelog():
+    """meta.json records steermoe_core.__version__: it is pyproject's version, the newest CHANGELOG entry."""
+    import re
+    import tomllib
+
+    import steermoe_core
+
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    newest = re.search(r"^## (\S+) - \d{4}-\d{2}-\d{2}$", (ROOT / "CHANGELOG.md").read_text(), re.M)
+    assert steermoe_core.__version__ == version == newest.group(1)
