@@ -246,6 +246,13 @@ def test_the_large_set_can_start_at_a_later_shard_and_fill_in_earlier_ones_later
     assert list(m["shards"]) == ["shard-00000.parquet", "shard-00001.parquet"] and m["examples"] == 4
     assert [json.loads(ln)["shard"] for ln in lines] == ["shard-00000.parquet"]  # shard 1 was kept, not redone
     assert (tmp_path / "shard-00001.parquet").stat().st_mtime_ns == made
+    # a new plan (other voices) from shard 1 on: shard 0, made by the old plan, stays listed and is not redone
+    other = plan([f"Sentence number {w} is here." for w in ("one", "two", "three", "four")], robotic_fraction=1.0, seed=5)
+    assert other[0].extra != items[0].extra
+    lines = []
+    m = synthesise_chunks(other, tmp_path, chunk=2, first=1, log=lines.append)
+    assert list(m["shards"]) == ["shard-00000.parquet", "shard-00001.parquet"] and m["examples"] == 4
+    assert [json.loads(ln)["shard"] for ln in lines] == ["shard-00001.parquet"]
 
 
 def test_the_large_set_is_the_same_made_by_two_workers(tmp_path):

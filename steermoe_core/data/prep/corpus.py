@@ -103,7 +103,8 @@ def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Calla
     """Write ``items`` as shards of ``chunk`` items under ``out``, skipping shards already finished from the
     same items; ``manifest.json`` is rewritten after every shard. ``stop_after`` > 0 stops after that many
     new shards; ``first`` > 0 synthesises no shard before that one (a machine that lost the set starts on
-    sentences it has not trained on; finished earlier shards are still listed). ``workers`` > 1 makes that
+    sentences it has not trained on; finished earlier shards are still listed, whatever plan made them, so
+    a set can go on in new voices from shard ``first``). ``workers`` > 1 makes that
     many shards at once, one process each (Kokoro runs one thread a clip, so one process uses one core).
     Returns the manifest."""
     from steermoe_core.data.prep.pipeline import _chunk_hash, _finished_shard, _item_record
@@ -117,7 +118,7 @@ def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Calla
     for k, part in enumerate(chunks):
         name = f"shard-{k:05d}.parquet"
         digest = _chunk_hash([_item_record(it) for it in part])
-        info = _finished_shard(out / name, digest)
+        info = _finished_shard(out / name, digest if k >= first else None)
         if info is not None:
             infos[name], last = info, k
         elif k >= first and not (stop_after and len(todo) >= stop_after):

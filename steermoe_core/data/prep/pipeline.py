@@ -160,8 +160,9 @@ def _process_shard(items: list[Item], path: Path, chunk_hash: str = "") -> dict:
     return {**info, "skipped": skipped}
 
 
-def _finished_shard(path: Path, chunk_hash: str) -> dict | None:
-    """The counts of a shard already written from exactly these items, or None (redo it)."""
+def _finished_shard(path: Path, chunk_hash: str | None) -> dict | None:
+    """The counts of a shard already written from exactly these items (``chunk_hash`` None: from any
+    items, as long as it was finished), or None (redo it)."""
     import pyarrow.parquet as pq
 
     try:
@@ -169,7 +170,7 @@ def _finished_shard(path: Path, chunk_hash: str) -> dict | None:
     except Exception:
         return None
     kv = meta.metadata or {}
-    if SKIP_KEY not in kv or kv.get(CHUNK_KEY, b"").decode() != chunk_hash:
+    if SKIP_KEY not in kv or (chunk_hash is not None and kv.get(CHUNK_KEY, b"").decode() != chunk_hash):
         return None
     durations = pq.read_table(path, columns=["duration"]).column("duration").to_pylist()
     return {"examples": meta.num_rows, "seconds": float(sum(durations)), "skipped": json.loads(kv[SKIP_KEY])}
