@@ -478,6 +478,7 @@ def test_reader_text_micro_batches_train_the_llm_lora_and_depend_on_the_step_alo
 def test_train_reader_keeps_checkpoints_and_a_resumed_reader_ends_where_an_uninterrupted_one_does(backbones, tiny_data, tmp_path):
     """tools/train_reader.py --save-every keeps OUT-checkpoints/step-N; a reader stopped after one and run
     again with --resume ends with the same LoRA as one never stopped; --resume with nothing kept is one line."""
+    import shutil
     import subprocess
     import sys
 
@@ -506,8 +507,6 @@ def test_train_reader_keeps_checkpoints_and_a_resumed_reader_ends_where_an_unint
     kept = tmp_path / "cut-checkpoints"
     assert sorted(p.name for p in kept.iterdir()) == ["step-0000002"]
     assert (kept / "step-0000002" / "reader_state.pt").is_file() and (kept / "step-0000002" / "adapter.safetensors").is_file()
-    import shutil
-
     shutil.rmtree(tmp_path / "cut")  # stopped after step 2
     r = run(tmp_path / "cut", "--resume")
     assert r.returncode == 0, r.stderr[-2000:]

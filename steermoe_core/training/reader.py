@@ -81,16 +81,20 @@ def train_reader(recipe: Recipe, init_from_path: Path, text: Path, out: Path, st
         opt.step()
         sched.step()
         losses.append(loss.item())
-        recent = sum(losses[-25:]) / len(losses[-25:])
         if on_step is not None:
-            on_step(step + 1, recent)
+            on_step(step + 1, _recent(losses))
         if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
             _keep(model, recipe, kept / f"step-{step + 1:07d}", step + 1, losses, opt, sched, taken)
     model.eval()
-    metrics = {"text_loss_last25": sum(losses[-25:]) / max(len(losses[-25:]), 1), "seconds": round(time.perf_counter() - t0, 1),
+    metrics = {"text_loss_last25": _recent(losses), "seconds": round(time.perf_counter() - t0, 1),
                "sentences": steps * batch, "noise": dataclasses.asdict(noise), "fragments": fragments}
     save_checkpoint(model, recipe, out, steps, metrics, run_info={"reader_init_from": taken})
     return metrics
+
+
+def _recent(losses: list[float]) -> float:
+    """The mean of the last 25 losses: what the progress bar and the checkpoints' metrics show."""
+    return sum(losses[-25:]) / max(len(losses[-25:]), 1)
 
 
 def _keep(model, recipe: Recipe, path: Path, step: int, losses: list[float], opt, sched, taken: dict) -> None:
@@ -98,7 +102,7 @@ def _keep(model, recipe: Recipe, path: Path, step: int, losses: list[float], opt
     without it, from a reader killed in between, is passed over)."""
     from steermoe_core.atomic import atomic_file
 
-    save_checkpoint(model, recipe, path, step, {"text_loss_last25": sum(losses[-25:]) / len(losses[-25:])},
+    save_checkpoint(model, recipe, path, step, {"text_loss_last25": _recent(losses)},
                     run_info={"reader_init_from": taken})
     with atomic_file(path / STATE_FILE) as f:
         torch.save({"step": step, "losses": losses, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, f)
