@@ -88,6 +88,12 @@ class ModelConfig:
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 
+    @property
+    def reads_text(self) -> bool:
+        """The LLM reads the CTC read-out as word pieces and has a LoRA to learn with: what a reader trained
+        on text alone needs (``train.reader_batch``, ``training/reader.py``)."""
+        return self.projector.argmax_embeddings and self.projector.drop_blank and self.llm.lora is not None
+
 
 @dataclass
 class DataConfig:
@@ -283,10 +289,9 @@ def _check_consistency(r: Recipe) -> None:
     if r.model.projector.argmax_embeddings and r.model.projector.vocab_posterior:
         raise RecipeError("model.projector.argmax_embeddings and vocab_posterior: choose one way for the LLM to read audio tokens")
     if r.train.reader_batch or r.data.reader_text:
-        p = r.model.projector
         if not (r.train.reader_batch and r.data.reader_text):
             raise RecipeError("train.reader_batch and data.reader_text: set both (text-only reader batches on) or neither")
-        if not (p.argmax_embeddings and p.drop_blank and r.model.llm.lora is not None):
+        if not r.model.reads_text:
             raise RecipeError("train.reader_batch: a reader trained on text needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora] (what it reads must be word pieces, and only LoRA learns from text)")
     if r.data.reader_fragments and not r.data.reader_text:
         raise RecipeError("data.reader_fragments: cuts data.reader_text's rows; set data.reader_text (and train.reader_batch) too")

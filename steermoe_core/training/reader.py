@@ -45,8 +45,7 @@ def checkpoints_dir(out: Path) -> Path:
 
 def check_reader_recipe(recipe: Recipe) -> None:
     """The reader reads the read-out as text and trains the LLM's LoRA: the recipe must say both."""
-    p = recipe.model.projector
-    if not (p.argmax_embeddings and p.drop_blank and recipe.model.llm.lora is not None):
+    if not recipe.model.reads_text:
         raise RecipeError("a text-trained reader needs model.projector.argmax_embeddings, drop_blank and [model.llm.lora]")
 
 

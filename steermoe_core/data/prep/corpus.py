@@ -117,8 +117,8 @@ def synthesise_chunks(items: list[Item], out: Path, chunk: int = 200, log: Calla
     last = -1  # the latest shard finished: the manifest counts the sentences up to its end
     for k, part in enumerate(chunks):
         name = f"shard-{k:05d}.parquet"
-        digest = _chunk_hash([_item_record(it) for it in part])
-        info = _finished_shard(out / name, digest if k >= first else None)
+        digest = _chunk_hash([_item_record(it) for it in part]) if k >= first else None  # before first: any finished shard
+        info = _finished_shard(out / name, digest)
         if info is not None:
             infos[name], last = info, k
         elif k >= first and not (stop_after and len(todo) >= stop_after):
