@@ -149,23 +149,26 @@ def test_cli_init_from_and_resume(backbones, tiny_data, first_run, tmp_path):
     assert "Traceback" not in r.output
 
 
-def test_shipping_an_adapter_puts_its_run_s_last_moments_beside_it(first_run, tmp_path):
-    """`make demo-full --ship` (demo.run._ship_moments): the final checkpoint's moments go beside the
-    shipped files, and --init-from the shipped folder takes all of them."""
-    from steermoe_core.demo.run import SHIPPED_FILES, SHIPPED_MOMENTS, _ship_moments
-    from steermoe_core.training.init_from import init_from, read_moments
+def test_a_portable_checkpoint_keeps_its_run_s_last_moments(backbones, tiny_data, first_run, tmp_path):
+    """`make demo-full --ship`, and a checkpoint carried to another machine (training.init_from.save_portable):
+    the final checkpoint's moments go beside the adapter by weight name, with no pickle, and --init-from
+    that folder takes all of them."""
+    from steermoe_core.training.init_from import MOMENTS_FILE, PORTABLE_FILES, init_from, read_moments, save_portable
 
-    dest = tmp_path / "pretrained"
-    dest.mkdir()
-    for name in SHIPPED_FILES:
-        shutil.copy(first_run["final"] / name, dest / name)
-    _ship_moments(first_run["final"], first_run["out"] / "checkpoints" / "step-0000020", dest)
+    dest = save_portable(first_run["final"], tmp_path / "pretrained", first_run["out"] / "checkpoints" / "step-0000020")
+    assert sorted(p.name for p in dest.iterdir()) == sorted((*PORTABLE_FILES, MOMENTS_FILE))
     model = load_checkpoint(first_run["final"])[0]
     shipped, source = read_moments(dest, model)
     from_ckpt, _ = read_moments(first_run["out"] / "checkpoints" / "step-0000020", model)
-    assert source == SHIPPED_MOMENTS and shipped.keys() == from_ckpt.keys()
+    assert source == MOMENTS_FILE and shipped.keys() == from_ckpt.keys()
     assert all(torch.equal(shipped[k], from_ckpt[k]) for k in shipped)
     opt = torch.optim.AdamW([p for ps in model.parameter_groups().values() for p in ps])
-    assert init_from(model, opt, dest)["optimizer"] == f"6 of 6 parameters from {SHIPPED_MOMENTS}"
+    assert init_from(model, opt, dest)["optimizer"] == f"6 of 6 parameters from {MOMENTS_FILE}"
+    # a run's own checkpoint folder travels the same way, and a continuation from the copy ends where
+    # the uninterrupted run does
+    step10 = save_portable(first_run["step10"], tmp_path / "step10")
+    assert not (step10 / "train_state.pt").exists()
+    _, recipe = flat_recipe(backbones, tiny_data, 10)
+    assert max_diff(adapter(train(recipe, tmp_path / "cont", init_from=step10).model_dir), adapter(first_run["final"])) < 1e-5
     with pytest.raises(CheckpointError, match="does not belong to it"):
-        _ship_moments(first_run["final"], first_run["step10"], dest)
+        save_portable(first_run["final"], tmp_path / "elsewhere", first_run["step10"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from steermoe_core.atomic import atomic_file, write_text
+from steermoe_core.atomic import write_text
 from steermoe_core.config import load_recipe
 from steermoe_core.demo.text import (
     HELDOUT_VOICES,
@@ -25,6 +25,10 @@ from steermoe_core.demo.text import (
 )
 from steermoe_core.errors import UsageError
 from steermoe_core.inference.api import SHIPPED_MODEL
+# what ships: adapter, meta.json, recipe and, where the run's last checkpoint kept its optimizer state,
+# Adam's moments by weight name (2 MB), so `steermoe train --init-from` the shipped adapter continues it
+from steermoe_core.training.init_from import MOMENTS_FILE as SHIPPED_MOMENTS
+from steermoe_core.training.init_from import PORTABLE_FILES as SHIPPED_FILES
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
@@ -78,10 +82,6 @@ def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
 
 
 Log = Callable[[str], None]
-SHIPPED_FILES = ("adapter.safetensors", "meta.json", "recipe.toml")
-# beside them when the run's last checkpoint kept its optimizer state: Adam's moments by weight name
-# (2 MB), so `steermoe train --init-from` the shipped adapter continues where its run stopped
-SHIPPED_MOMENTS = "optimizer.safetensors"
 
 
 MACHINE_FIELDS = (("data", "train"), ("data", "valid"), ("data", "num_workers"))  # where, and how fast, not what
@@ -112,33 +112,13 @@ def check_full_run(model_dir: Path) -> dict:
 
 def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
     """Copy `make demo-full`'s finished adapter into ``demo/pretrained``, where `make demo` scores it beside
-    its own short run and the package carries it; anything `check_full_run` refuses is not copied."""
+    its own short run and the package carries it, with its last checkpoint's Adam moments where it kept
+    them; anything `check_full_run` refuses is not copied."""
+    from steermoe_core.training.init_from import save_portable
+
     meta = check_full_run(model_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in SHIPPED_FILES:
-        blob = (model_dir / name).read_bytes()
-        with atomic_file(dest / name) as f:
-            f.write(blob)
     last = model_dir.parent / "checkpoints" / f"step-{meta['step']:07d}"
-    (dest / SHIPPED_MOMENTS).unlink(missing_ok=True)  # never the moments of an earlier adapter
-    if (last / "train_state.pt").is_file():
-        _ship_moments(model_dir, last, dest)
-    return dest
-
-
-def _ship_moments(model_dir: Path, last: Path, dest: Path) -> None:
-    """The final checkpoint's Adam moments, by weight name, beside the shipped adapter (the weights
-    must be the ones the moments belong to: the checkpoint's and model/'s adapters are compared)."""
-    from steermoe_core.errors import CheckpointError
-    from steermoe_core.model.checkpoint import load_checkpoint, read_train_state
-    from steermoe_core.training.init_from import moments_from_state_dict, save_moments
-
-    if (last / "adapter.safetensors").read_bytes() != (model_dir / "adapter.safetensors").read_bytes():
-        raise CheckpointError(f"{last}: its adapter is not {model_dir}'s, so its optimizer state does not belong to it")
-    model = load_checkpoint(model_dir, torch.device("cpu"))[0]
-    opt_state = read_train_state(last).get("optimizer")
-    if opt_state is not None:
-        save_moments(moments_from_state_dict(opt_state, model), dest)
+    return save_portable(model_dir, dest, last if (last / "train_state.pt").is_file() else None)
 
 
 def _prep_synth(texts: list[str], out: Path, voices: list[str], workers: int, log: Log) -> None:

@@ -97,6 +97,36 @@ def save_moments(moments: dict[str, torch.Tensor], folder: Path) -> Path:
     return path
 
 
+PORTABLE_FILES = ("adapter.safetensors", "meta.json", "recipe.toml")
+
+
+def save_portable(model_dir: Path, dest: Path, state_from: Path | None = None) -> Path:
+    """``model_dir`` as a checkpoint travels (in the package, or in a repository from one machine to the
+    next): its adapter, meta.json and recipe, and the Adam moments of ``state_from``'s ``train_state.pt``
+    (a run's checkpoint; default ``model_dir`` itself) by weight name in ``optimizer.safetensors``: no
+    pickle, and `steermoe train --init-from DEST` continues from it as from the run. The moments must
+    belong to these weights: ``state_from``'s adapter has to be ``model_dir``'s."""
+    from steermoe_core.atomic import atomic_file
+
+    state_from = Path(state_from or model_dir)
+    if (state_from / "adapter.safetensors").read_bytes() != (model_dir / "adapter.safetensors").read_bytes():
+        raise CheckpointError(f"{state_from}: its adapter is not {model_dir}'s, so its optimizer state does not belong to it")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PORTABLE_FILES:
+        blob = (model_dir / name).read_bytes()
+        with atomic_file(dest / name) as f:
+            f.write(blob)
+    (dest / MOMENTS_FILE).unlink(missing_ok=True)  # never the moments of an earlier adapter
+    if (state_from / "train_state.pt").is_file():
+        from steermoe_core.model.checkpoint import load_checkpoint, read_train_state
+
+        opt_state = read_train_state(state_from).get("optimizer")
+        if opt_state is not None:  # None: a DeepSpeed run keeps its own partitions
+            model = load_checkpoint(model_dir, torch.device("cpu"))[0]
+            save_moments(moments_from_state_dict(opt_state, model), dest)
+    return dest
+
+
 def read_moments(folder: Path, model: SteerMoEModel) -> tuple[dict[str, torch.Tensor], str]:
     """(moments by weight name, where they came from); empty when the checkpoint kept none."""
     if (folder / MOMENTS_FILE).is_file():
