@@ -110,6 +110,27 @@ def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
         AdaptConfig(Path("w"), test_sentences=ADAPT_TEST_POOL + 1)
 
 
+def test_an_adapter_that_reads_text_adapts_on_the_ctc_loss_alone(tmp_path):
+    """`make demo` on an adapter whose LLM reads the CTC read-out as word pieces (argmax embeddings, a
+    text-trained reader): no gradient reaches the adapter through the LLM, so every adaptation step is
+    CTC-only, and the encoder's LoRA adapts at the scaled rate with the rest. The shipped kind of adapter
+    keeps training on the LLM's loss."""
+    from steermoe_core.config import dump_recipe, load_recipe
+    from steermoe_core.demo.adapt import AdaptConfig, adapt_overrides
+    from steermoe_core.demo.run import PRETRAINED
+
+    cfg = AdaptConfig(Path("w"), max_steps=240, lr_scale=0.5)
+    shipped = load_recipe(PRETRAINED / "recipe.toml")
+    reads = load_recipe(Path(__file__).parent.parent / "recipes" / "demo_ctc_stage.toml",
+                        ["model.projector.argmax_embeddings=true", "model.projector.drop_blank=true", "model.llm.lora.rank=8"])
+    for start, ctc_only in ((shipped, 0), (reads, 240)):
+        (tmp_path / "start.toml").write_text(dump_recipe(start))  # load_checkpoint applies them to the start's own recipe
+        adapted = load_recipe(tmp_path / "start.toml", adapt_overrides(start, cfg, Path("w/data/train")))
+        assert adapted.train.ctc_only_steps == ctc_only
+        assert adapted.train.lr == pytest.approx(start.train.lr * 0.5) and adapted.data.train == "w/data/train"
+    assert "train.lr_lora=0.0005" in adapt_overrides(reads, cfg, Path("t"))
+
+
 def test_demo_adaptation_replays_the_training_voices_in_every_batch():
     """Adapting to the new voice alone made the shipped adapter forget its training voices, so every
     adaptation batch holds a fixed share of replayed clips next to the new voice's, pool by pool in a

@@ -214,7 +214,7 @@ def _fine_tune(model, recipe, cfg: AdaptConfig, out: Path, precision, deadline: 
     model.max_target_tokens = recipe.data.max_target_tokens
     model.ctc_weight = recipe.train.ctc_weight
     model.pad_to_repeated_shapes(recipe.data.pad_multiple_seconds)
-    model.ctc_only = False
+    model.ctc_only = recipe.train.ctc_only_steps > 0  # every step or none (``adapt_overrides``)
     opt = make_optimizer(model, recipe.train, model.device)
     n_replay = replay_per_batch(recipe.data.batch_size, cfg.replay_fraction)
     if n_replay:
@@ -258,6 +258,24 @@ def _fine_tune(model, recipe, cfg: AdaptConfig, out: Path, precision, deadline: 
             "first_loss": statistics.mean(losses[:5]), "last_loss": statistics.mean(losses[-5:])}
 
 
+def adapt_overrides(start, cfg: AdaptConfig, train: Path) -> list[str]:
+    """The start adapter's recipe as the adaptation changes it: its data, batch and seed, its own learning
+    rates times ``lr_scale``, and which loss trains. An adapter whose LLM reads the CTC read-out as text
+    (``model.projector.argmax_embeddings``) gets no gradient through the LLM, so it adapts on the CTC
+    loss alone, every step CTC-only, and its reader (the LLM's LoRA, if any) stays as it is; any other
+    adapter trains on the LLM's loss (plus CTC where its recipe has it), as it was trained last."""
+    ctc_only = max(cfg.steps, cfg.max_steps) if start.model.projector.argmax_embeddings else 0
+    overrides = [f"data.train={train}", "data.valid=", f"data.batch_size={cfg.batch_size}", "data.num_workers=0",
+                 f"train.seed={cfg.seed}", f"train.ctc_only_steps={ctc_only}"]
+    for k in ("lr", "lr_steering", "lr_router", "lr_scales", "lr_projector", "lr_lora"):
+        base = getattr(start.train, k)
+        if base:
+            overrides.append(f"train.{k}={base * cfg.lr_scale:g}")
+    if cfg.max_new_tokens:
+        overrides.append(f"eval.max_new_tokens={cfg.max_new_tokens}")
+    return overrides
+
+
 def _whisper(encoder_path: str, sets: dict[str, Path]) -> dict:
     from steermoe_core.demo.run import _whisper_wer
 
@@ -284,15 +302,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
     data.mkdir(parents=True, exist_ok=True)
     sets = _prep(cfg, data, log)
 
-    overrides = [f"data.train={data / 'train'}", "data.valid=", f"data.batch_size={cfg.batch_size}", "data.num_workers=0",
-                 f"train.seed={cfg.seed}", "train.ctc_only_steps=0"]
-    recipe0 = read_checkpoint(cfg.start)[0]  # the start adapter's own lrs, scaled
-    for k in ("lr", "lr_steering", "lr_router", "lr_scales", "lr_projector"):
-        base = getattr(recipe0.train, k)
-        if base:
-            overrides.append(f"train.{k}={base * cfg.lr_scale:g}")
-    if cfg.max_new_tokens:
-        overrides.append(f"eval.max_new_tokens={cfg.max_new_tokens}")
+    overrides = adapt_overrides(read_checkpoint(cfg.start)[0], cfg, data / "train")
     model, recipe, meta = load_checkpoint(cfg.start, overrides=overrides)
     precision = resolve_precision(recipe.train.precision, model.device)
     log(f"start: {cfg.start} ({meta.get('step')} steps); training precision {precision}")
