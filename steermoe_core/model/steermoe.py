@@ -20,6 +20,7 @@ from steermoe_core.data.batch import AudioBatch
 from steermoe_core.data.ctc_noise import TextBatch
 from steermoe_core.encoders.base import AudioEncoder, fingerprint
 from steermoe_core.model.adapter import Adapter
+from steermoe_core.model.ctc import vocab_ctc_loss
 from steermoe_core.model.decoding import finish_rows
 from steermoe_core.model.lora import (
     load_lora_state_dict,
@@ -299,12 +300,7 @@ class SteerMoEModel(nn.Module):
         LLM ignore the audio). Costs one (T' x vocab) matmul.
         """
         logits = self.vocab_logits(audio) if logits is None else logits  # ``_embed``'s, when it made them
-        logp = logits.float().log_softmax(-1).transpose(0, 1)  # (T', B, V)
-        flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
-        return F.ctc_loss(
-            logp, to_device(flat, audio.device), torch.tensor(lengths), torch.tensor([len(r) for r in ids]),
-            blank=self.ctc_blank_id, zero_infinity=True,
-        )
+        return vocab_ctc_loss(logits, lengths, ids, self.ctc_blank_id)  # no (T' x vocab) log-softmax: model/ctc.py
 
     @torch.no_grad()
     def ctc_transcribe(self, batch: AudioBatch) -> list[str]:
