@@ -3,6 +3,7 @@
     python benchmarks/voice_families.py                       # the shipped adapter + Whisper, 20 sentences a voice
     python benchmarks/voice_families.py --checkpoint run=/work/exp32/run/checkpoints/step-000100 --no-whisper
     python benchmarks/voice_families.py --split dev --n 8     # the dev sentences (learning curves)
+    python benchmarks/voice_families.py --recorded recorded/set  # plus real recordings (tools/recorded_speech.py)
 
 The sets (steermoe_core.evaluation.voice_sets) are held-out Harvard sentences read by voices no training
 set uses; they are prepared once into ``--sets`` (default $STEERMOE_CACHE/voice_sets/SPLIT-N) and reused.
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--no-ctc", action="store_true", help="skip each checkpoint's CTC read-out (its audio tokens read without the LLM)")
     ap.add_argument("--json", type=Path, default=None, help="write scores and transcripts here")
     ap.add_argument("--workers", type=int, default=0, help="synthesis processes when a set is built")
+    ap.add_argument("--recorded", type=Path, default=None, help="the prepared set of tools/recorded_speech.py: "
+                    "real recordings from the package registries, scored as one more family, per source")
     args = ap.parse_args()
 
     from steermoe_core.backbones.weights import cache_root
@@ -64,6 +67,8 @@ def main() -> None:
     sets_dir = args.sets or cache_root() / "voice_sets" / f"{args.split}-{args.n}"
     t0 = time.perf_counter()
     sets = build_sets(sets_dir, args.n, args.split, families, args.workers)
+    if args.recorded is not None:
+        sets["recorded"] = args.recorded
     print(f"sets ready in {time.perf_counter() - t0:.0f} s: {sets_dir}")
     data = {fam: ShardedDataset(path) for fam, path in sets.items()}
     exs = {fam: [ds[i] for i in range(len(ds))] for fam, ds in data.items()}

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -270,3 +271,28 @@ def test_the_large_set_is_the_same_made_by_two_workers(tmp_path):
     for name in one["shards"]:
         a, b = (pq.read_table(tmp_path / d / name, columns=["id", "text"]).to_pylist() for d in ("one", "two"))
         assert a == b
+
+
+def test_recorded_speech_keeps_spoken_prompts_and_cuts_the_sonnet_at_its_alignment(tmp_path):
+    """tools/recorded_speech.py: of Asterisk's prompt list only sentences of 4-40 words with a recording
+    (no tones, no silences), evenly spaced when fewer are asked for; the sonnet in clips of two lines."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recorded_speech", Path(__file__).parent.parent / "tools" / "recorded_speech.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    text = tmp_path / rs.ASTERISK_TEXT
+    text.parent.mkdir(parents=True)
+    lines = ["; Core Asterisk Sounds in English", "beep: [this is a simple beep tone]", "silence/5: (5 seconds of silence)",
+             "added: Added.", "no-audio: This one has no recording at all.", "", *(f"p{k}: Please hold, caller number {k} is next." for k in range(6))]
+    text.write_bytes(gzip.compress("\n".join(lines).encode()))
+    audio = tmp_path / rs.ASTERISK_AUDIO
+    (audio / "silence").mkdir(parents=True)
+    for name in ["beep", "silence/5", "added", *(f"p{k}" for k in range(6))]:
+        (audio / f"{name}.wav").write_bytes(b"")
+    assert [(w.name, t) for w, t in rs.asterisk_prompts(tmp_path, 0)] == [(f"p{k}.wav", f"Please hold, caller number {k} is next.") for k in range(6)]
+    assert [w.name for w, _ in rs.asterisk_prompts(tmp_path, 3)] == ["p0.wav", "p2.wav", "p4.wav"]
+    frags = [{"begin": f"{2.0 * k:.3f}", "end": f"{2.0 * k + 2:.3f}", "lines": [line]} for k, line in enumerate(["1", "a b", "c d", "e f"])]
+    (tmp_path / "sonnet.json").write_text(json.dumps({"fragments": frags}))
+    assert rs.sonnet_lines(tmp_path) == [(2.0, 6.0, "a b c d"), (6.0, 8.0, "e f")]
