@@ -83,21 +83,35 @@ def phase_split(model, opt, batch, device, precision: str) -> dict[str, float]:
     return times
 
 
+def _use_fused_ctc(model, on: bool) -> None:
+    from steermoe_core.model import ctc, steermoe
+
+    steermoe.vocab_ctc_loss = ctc.vocab_ctc_loss if on else ctc.plain_vocab_ctc_loss
+
+
+def _fused_ctc_on(model) -> bool:
+    from steermoe_core.model import ctc, steermoe
+
+    return steermoe.vocab_ctc_loss is ctc.vocab_ctc_loss
+
+
 AB_SWITCHES = {
-    # name -> (what it turns on, a function setting it on the model)
+    # name -> (what it turns on, a function setting it on the model, one reading it, the stages it concerns)
     "prefix": ("the chat prefix's keys and values reused from their cache (off: run every step)",
-               lambda model, on: setattr(model, "reuse_prefix", on)),
+               lambda model, on: setattr(model, "reuse_prefix", on), lambda model: model.reuse_prefix, ("joint",)),
     "drop_blank": ("the LLM reading only the audio tokens the CTC read-out keeps (model.projector.drop_blank)",
-                   lambda model, on: setattr(model.adapter, "drop_blank", on)),
+                   lambda model, on: setattr(model.adapter, "drop_blank", on), lambda model: model.adapter.drop_blank, ("joint",)),
+    "fused_ctc": ("the CTC loss without a (tokens x vocabulary) log-softmax (model/ctc.py; off: the plain log-softmax + F.ctc_loss)",
+                  _use_fused_ctc, _fused_ctc_on, ("ctc_only", "joint")),
 }
 
 
 def alternate(model, opt, batches, precision, clip: float, switch: str) -> dict:
-    """Joint steps with ``switch`` off and on, the two alternating on the same batches so that a busy
+    """Steps with ``switch`` off and on, the two alternating on the same batches so that a busy
     machine's drift falls on both alike; and the loss of the first batch both ways, before any of these
     steps. The model is left as the recipe set it."""
-    flip = AB_SWITCHES[switch][1]
-    was = model.reuse_prefix if switch == "prefix" else model.adapter.drop_blank
+    _, flip, read, _ = AB_SWITCHES[switch]
+    was = read(model)
     with torch.no_grad():
         loss = {}
         for flag in (False, True):
@@ -163,8 +177,8 @@ def recipe_steps(args) -> dict:
                 train_step(model, opt, [timed[-1]], precision, recipe.train.clip_grad)
             print(f"-- {stage}: one step, operators by self CPU time")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
-        if args.ab and stage == "joint":
-            res[f"ab_{args.ab}"] = alternate(model, opt, timed, precision, recipe.train.clip_grad, args.ab)
+        if args.ab and stage in AB_SWITCHES[args.ab][3]:
+            res[f"ab_{args.ab}_{stage}"] = alternate(model, opt, timed, precision, recipe.train.clip_grad, args.ab)
         res[stage] = {"steps": len(timed), "step_s": wall / len(timed), "samples_per_s": samples / wall,
                       "audio_s_per_s": audio_s / wall, "mean_clip_s": audio_s / samples,
                       "data_s_per_batch": data_s / len(batches), "split_s": split}
@@ -194,8 +208,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help="--recipe: a prepared dataset folder to draw batches from")
     ap.add_argument("--set", action="append", default=[], help="--recipe: a recipe override, KEY=VALUE (repeatable)")
     ap.add_argument("--stages", default="ctc_only,joint", help="--recipe: which stages to time (ctc_only, joint)")
-    ap.add_argument("--ab", choices=sorted(AB_SWITCHES), help="--recipe: also time joint steps with this switch off and on, alternating "
-                    "on the same batches (prefix: the chat prefix's cache; drop_blank: the LLM reads only the tokens the CTC read-out keeps)")
+    ap.add_argument("--ab", choices=sorted(AB_SWITCHES), help="--recipe: also time steps with this switch off and on, alternating "
+                    "on the same batches (prefix: the chat prefix's cache; drop_blank: the LLM reads only the tokens the CTC read-out keeps; "
+                    "fused_ctc: the CTC loss without a (tokens x vocabulary) log-softmax)")
     ap.add_argument("--init-from", type=Path, help="--recipe: start from this checkpoint's adapter (and LoRA) weights")
     ap.add_argument("--profile", type=int, default=0, help="--recipe: also print the N costliest operators of one step (torch.profiler)")
     args = ap.parse_args()

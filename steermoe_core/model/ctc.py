@@ -50,6 +50,14 @@ class _PickedLogProbs(torch.autograd.Function):
         return out, None
 
 
+def plain_vocab_ctc_loss(logits: torch.Tensor, lengths: list[int], ids: list[list[int]], blank: int) -> torch.Tensor:
+    """The same loss the plain way, through a (B, T', V) fp32 log-softmax: the reference ``vocab_ctc_loss``
+    is checked against, and what `benchmarks/train_step.py --ab fused_ctc` times it against."""
+    logp = logits.float().log_softmax(-1).transpose(0, 1)
+    flat = torch.tensor([i for row in ids for i in row], dtype=torch.long, device=logits.device)
+    return F.ctc_loss(logp, flat, torch.tensor(lengths), torch.tensor([len(r) for r in ids]), blank=blank, zero_infinity=True)
+
+
 def vocab_ctc_loss(logits: torch.Tensor, lengths: list[int], ids: list[list[int]], blank: int) -> torch.Tensor:
     """``F.ctc_loss(logits.log_softmax(-1), ids, blank=blank, zero_infinity=True)`` (the mean over the batch
     of each row's loss over its target length) for (B, T', V) ``logits``, computed as the module docstring says."""
