@@ -46,12 +46,35 @@ def test_reverb_is_the_room_response_convolved_and_keeps_length_and_peak():
 
 
 def test_augmentation_is_deterministic_per_example_and_epoch():
-    aug = Augment(speeds=(0.9, 1.0, 1.1), noise_snr_db=(5.0, 20.0), noise_prob=1.0, reverb_prob=0.5, seed=3, epoch=1)
+    aug = Augment(speeds=(0.9, 1.0, 1.1), noise_snr_db=(5.0, 20.0), noise_prob=1.0, reverb_prob=0.5, seed=3, epoch=1, band_prob=0.5)
     audio = tone_clip(2, 1.5)
     np.testing.assert_array_equal(aug(audio, "utt-7"), aug(audio, "utt-7"))
     other_epoch = Augment(**{**aug.__dict__, "epoch": 2})
     assert not np.array_equal(aug(audio, "utt-7"), other_epoch(audio, "utt-7"))
-    assert not Augment().active and aug.active
+    assert not Augment().active and aug.active and Augment(band_prob=0.2).active
+
+
+def test_a_channel_band_removes_what_a_phone_line_or_codec_would():
+    """data.band_prob: the clip keeps its level and loses the band a telephone line (300-3,400 Hz) or a
+    codec's low-pass (3.4-7 kHz) does not carry; each draw is one or the other."""
+    from steermoe_core.data.augment import band_limit
+
+    audio = np.random.default_rng(0).standard_normal(32000).astype(np.float32)  # white: every band full
+    f = np.fft.rfftfreq(len(audio), 1 / 16000)
+    kinds = set()
+    for seed in range(12):
+        out = band_limit(audio, np.random.default_rng(seed))
+        power = np.abs(np.fft.rfft(out)) ** 2
+        assert np.sqrt(np.mean(out**2)) == pytest.approx(np.sqrt(np.mean(audio**2)), rel=1e-6)
+        assert power[f > 7100].sum() < 1e-6 * power.sum()  # never anything above 7.1 kHz
+        low = power[f < 200].sum() / power.sum()
+        phone = low < 1e-6
+        kinds.add(phone)
+        if phone:
+            assert power[f > 3500].sum() < 1e-6 * power.sum()
+        else:
+            assert low > 0.01  # a codec keeps the low end
+    assert kinds == {True, False}
 
 
 @pytest.mark.parametrize(

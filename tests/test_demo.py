@@ -155,7 +155,7 @@ def test_demo_adaptation_replays_the_training_voices_in_every_batch():
         return [Example(f"{kind}-{i}", np.zeros(160 * (i + 1), np.float32), f"{kind} {i}", "", "en") for i in range(n)]
 
     new, old = pool("new", 10), pool("old", 6)
-    data = SimpleNamespace(speed_perturb=[], noise_snr_db=[], noise_prob=0.0, reverb_prob=0.0, spec_augment=[], prompt="Transcribe the audio.")
+    data = SimpleNamespace(speed_perturb=[], noise_snr_db=[], noise_prob=0.0, reverb_prob=0.0, spec_augment=[], band_prob=0.0, prompt="Transcribe the audio.")
     stream = mixed_batches(new, old, 8, 4, SimpleNamespace(data=data), seed=0)
     batches = [next(stream) for _ in range(6)]
     for b in batches:

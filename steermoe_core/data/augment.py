@@ -1,5 +1,5 @@
 """Training-time audio augmentation, as ASR training uses it: speed perturbation, additive noise at
-a random SNR, reverberation with a synthetic room response, and SpecAugment's time and frequency masks
+a random SNR, reverberation with a synthetic room response, a telephone or codec band, and SpecAugment's time and frequency masks
 (``FeatureMasks``: drawn here, applied by the model to its encoder's input features, which only it computes).
 
 Deterministic: each example's draw comes from (seed, epoch, example id), so a resumed run and a run
@@ -26,17 +26,19 @@ class Augment:
     seed: int = 0
     epoch: int = 0
     spec: tuple[int, ...] = ()  # SpecAugment: (time masks, widest, frequency masks, widest); () = off
+    band_prob: float = 0.0  # a telephone or codec band (``band_limit``)
 
     @classmethod
     def from_data(cls, data, seed: int, epoch: int = 0) -> Augment:
-        """The augmentation a recipe's ``[data]`` asks for (speed_perturb, noise_snr_db, noise_prob, reverb_prob, spec_augment)."""
+        """The augmentation a recipe's ``[data]`` asks for (speed_perturb, noise_snr_db, noise_prob, reverb_prob,
+        spec_augment, band_prob)."""
         return cls(tuple(data.speed_perturb), tuple(data.noise_snr_db), data.noise_prob, data.reverb_prob, seed, epoch,
-                   tuple(data.spec_augment))
+                   tuple(data.spec_augment), data.band_prob)
 
     @property
     def active(self) -> bool:
         """Whether the waveforms change (``spec`` is applied later, to features)."""
-        return bool(self.speeds or (self.noise_snr_db and self.noise_prob) or self.reverb_prob)
+        return bool(self.speeds or (self.noise_snr_db and self.noise_prob) or self.reverb_prob or self.band_prob)
 
     def masks(self, example_ids: list[str]) -> FeatureMasks | None:
         """The batch's SpecAugment masks, each example's from (seed, epoch, id) as its audio's draw."""
@@ -52,6 +54,8 @@ class Augment:
             audio = reverberate(audio, rng)
         if self.noise_snr_db and rng.random() < self.noise_prob:
             audio = add_noise(audio, float(rng.uniform(*self.noise_snr_db)), rng)
+        if self.band_prob and rng.random() < self.band_prob:  # last: the channel carries the room and its noise
+            audio = band_limit(audio, rng)
         return audio.astype(np.float32)
 
 
@@ -118,3 +122,22 @@ def reverberate(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     wet = np.fft.irfft(np.fft.rfft(audio, size) * np.fft.rfft(ir, size), size)[: len(audio)]
     peak = np.abs(wet).max() or 1.0
     return wet * (np.abs(audio).max() / peak)
+
+
+def band_limit(audio: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The band a channel leaves: half the time a telephone line (300-3,400 Hz, as 8 kHz G.711 carries
+    it), else a codec's low-pass drawn between 3.4 and 7 kHz. Synthetic training speech fills the whole
+    0-8 kHz band, while phone calls, meeting systems and compressed files cut it: the model should not
+    lean on bands a recording may lack. Cosine edges 200 Hz wide (a brick wall would ring); the level
+    is kept."""
+    spec = np.fft.rfft(audio)
+    f = np.fft.rfftfreq(len(audio), 1.0 / SAMPLE_RATE)
+    phone = rng.random() < 0.5
+    high = 3400.0 if phone else float(rng.uniform(3400.0, 7000.0))
+    gain = np.clip((high + 100.0 - f) / 200.0, 0.0, 1.0)
+    if phone:
+        gain = gain * np.clip((f - 200.0) / 200.0, 0.0, 1.0)
+    gain = 0.5 - 0.5 * np.cos(np.pi * gain)
+    out = np.fft.irfft(spec * gain, n=len(audio))
+    rms_in, rms_out = float(np.sqrt(np.mean(audio**2))), float(np.sqrt(np.mean(out**2)))
+    return out * (rms_in / rms_out) if rms_out > 1e-9 else out
