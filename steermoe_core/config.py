@@ -350,6 +350,23 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 
 
+# where a run read its data and how fast it loaded it: not what it trained
+MACHINE_FIELDS = (("data", "train"), ("data", "valid"), ("data", "num_workers"))
+
+
+def recipe_fingerprint(recipe: Recipe) -> str:
+    """What a recipe trains, as 16 hex digits: every field but ``MACHINE_FIELDS``, so the same recipe run
+    on another machine (its data elsewhere, more loader workers) has the same fingerprint. A checkpoint
+    started from another records its lineage with these (``training.init_from``)."""
+    import hashlib
+    import json
+
+    d = recipe_to_dict(recipe)
+    for section, key in MACHINE_FIELDS:
+        d[section].pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

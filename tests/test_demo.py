@@ -324,3 +324,40 @@ def test_the_shipped_adapter_transcribes_held_out_speech(tmp_path):
     # 55.4% on these 8 clips in bf16 on an AVX512-BF16 CPU, 53.8% in fp32 with AVX2 kernels; an untrained
     # adapter scores about 200% and the short demo's linear one 137% on the whole out-of-domain set
     assert wer < 0.75, (wer, [r.text for r in results])
+
+
+def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
+    """`make demo-full` grows the shipped model in stages (demo.stages); `check_staged_run` takes it only
+    with the reader stage's recipe (data folders aside) and step, grown from the CTC stage's last step,
+    itself grown from the base run's: the lineage each init records, read from the model's own folder."""
+    from safetensors.torch import save_file
+
+    from steermoe_core.config import dump_recipe, load_recipe, recipe_fingerprint
+    from steermoe_core.demo.run import FULL_STEPS, demo_recipe, full_config
+    from steermoe_core.demo.stages import READER_OVERRIDES, READER_STEPS, check_staged_run, ctc_recipe, reader_recipe
+    from steermoe_core.errors import CheckpointError
+
+    elsewhere = Path("/trainer/machine/corpus")
+    base_fp = recipe_fingerprint(demo_recipe(full_config(tmp_path), "layer_wise", Path("/x")))
+    ctc = ctc_recipe(elsewhere)
+    good = [{"step": FULL_STEPS, "recipe": base_fp}, {"step": ctc.train.max_steps, "recipe": recipe_fingerprint(ctc)}]
+
+    def model_dir(name, recipe=None, step=READER_STEPS, lineage=good):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "recipe.toml").write_text(dump_recipe(recipe or reader_recipe(elsewhere)))
+        (d / "meta.json").write_text(json.dumps({"step": step, "reader_init_from": {"step": 1, "lineage": lineage}}))
+        save_file({"projector.weight": torch.ones(2, 2)}, str(d / "adapter.safetensors"))
+        return d
+
+    assert check_staged_run(model_dir("ok"))["step"] == READER_STEPS
+    with pytest.raises(CheckpointError, match=f"a reader of 100 steps, not the reader stage's {READER_STEPS}"):
+        check_staged_run(model_dir("short", step=100))
+    with pytest.raises(CheckpointError, match="not grown from the base run"):
+        check_staged_run(model_dir("from-shipped-ctc", lineage=good[1:]))
+    with pytest.raises(CheckpointError, match="not grown from the base run"):
+        check_staged_run(model_dir("other-ctc", lineage=[good[0], {"step": 600, "recipe": good[1]["recipe"]}]))
+    other = load_recipe(Path(__file__).parent.parent / "recipes" / "demo_ctc_stage.toml",
+                        [*READER_OVERRIDES, "model.llm.lora.rank=16"])
+    with pytest.raises(CheckpointError, match="its recipe is not the reader stage's"):
+        check_staged_run(model_dir("rank16", recipe=other))

