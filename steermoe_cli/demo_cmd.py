@@ -3,6 +3,7 @@ scored before and after (`make demo`); `--full` trains from scratch (`make demo-
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,24 +21,29 @@ def demo(
     start: Annotated[Optional[Path], typer.Option(help="Adapter to adapt (default: the shipped one, steermoe_core/demo/pretrained)")] = None,
     sentences: Annotated[Optional[int], typer.Option(help="--full: synthesised training sentences (default 12000)")] = None,
     workers: Annotated[int, typer.Option(help="--full: prep worker processes (0 = all cores)")] = 0,
-    full: Annotated[bool, typer.Option(help="Train from scratch: the longer run whose adapter ships with steermoe (`make demo-full`, hours on a CPU)")] = False,
-    linear: Annotated[bool, typer.Option(help="With --full: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,
-    ship: Annotated[bool, typer.Option(help="With --full: copy the finished adapter into steermoe_core/demo/pretrained, where `make demo` starts from it (maintainers)")] = False,
+    full: Annotated[bool, typer.Option(help="Train from scratch: the model that ships with steermoe, in stages (`make demo-full`, hours on a CPU)")] = False,
+    until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader: what ships)")] = "reader",
+    corpus_text: Annotated[Optional[Path], typer.Option(help="With --full: the Brown sentences of the large set and the reader (tools/brown_sentences.py; default $STEERMOE_CACHE/brown_train.txt)")] = None,
+    linear: Annotated[bool, typer.Option(help="With --full --until base: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,
+    ship: Annotated[bool, typer.Option(help="With --full: copy the finished model into steermoe_core/demo/pretrained, where `make demo` starts from it (maintainers)")] = False,
 ):
     """The offline demo. By default (`make demo`, about 15 minutes on 2 CPU cores): the shipped adapter is
     fine-tuned on a voice it never heard and scored before and after on sentences it never trained on.
-    --full trains SteerMoE from scratch (with --linear beside a linear-only adapter) and scores it on
-    held-out and out-of-domain speech against Whisper's own decoder."""
+    --full trains the shipped model from scratch in stages (a base run, a large synthetic set, a CTC
+    stage, a text-trained reader) and scores it on held-out and out-of-domain speech against Whisper's
+    own decoder; --until base stops after the base run (with --linear beside a linear-only adapter)."""
     import time
 
     from steermoe_core.errors import UsageError
 
     t0 = time.perf_counter()
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
-    if ship and (not full or steps is not None or sentences is not None or linear):
-        raise UsageError("--ship copies the adapter of the full run as `make demo-full` makes it: --full, without --steps, --sentences or --linear")
-    if not full and (linear or sentences is not None):
-        raise UsageError("--linear and --sentences belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
+    if ship and (not full or until != "reader" or steps is not None or sentences is not None or linear):
+        raise UsageError("--ship copies the model `make demo-full` makes: --full through every stage, without --until, --steps, --sentences or --linear")
+    if not full and (linear or sentences is not None or corpus_text is not None or until != "reader"):
+        raise UsageError("--linear, --sentences, --corpus-text and --until belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
+    if full and until != "base" and (linear or sentences is not None or steps is not None):
+        raise UsageError("--steps, --sentences and --linear size the base run alone: add --until base")
     if full and start is not None:
         raise UsageError("--start names the adapter the short demo adapts; --full trains from scratch")
     if steps is not None and steps < 1:
@@ -45,7 +51,7 @@ def demo(
     if not minutes > 0:
         raise UsageError(f"--minutes {minutes}: expected more than 0")
     if full:
-        _full(workdir, steps, sentences, workers, linear, ship, log)
+        _full(workdir, steps, sentences, workers, linear, until, corpus_text, ship, log)
     else:
         _adapt(workdir, steps, minutes, start, log)
     stdout.print(f"demo: {time.perf_counter() - t0:.0f} s in total")
@@ -86,13 +92,16 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
     stdout.print(f"precision {res['precision']}; adapted adapter: {res['checkpoint']} (`steermoe infer --model` takes it)", soft_wrap=True)
 
 
-def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, ship: bool, log) -> None:
-    from steermoe_core.paths import cache_root
+def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, until: str,
+          corpus_text: Optional[Path], ship: bool, log) -> None:
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.run import RECIPE, full_config, run_demo, ship_adapter
+    from steermoe_core.demo.run import RECIPE, full_config
+    from steermoe_core.demo.stages import run_stages, score_model, ship_staged
+    from steermoe_core.paths import cache_root
 
+    root = workdir or cache_root() / "demo-full"
     recipe = load_recipe(RECIPE)
-    cfg = full_config(workdir or cache_root() / "demo-full", workers)
+    cfg = full_config(root / "base", workers)
     cfg.train_linear = linear
     if steps is not None:
         cfg.steps = steps
@@ -100,25 +109,29 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
             cfg.decay_steps = 0
     if sentences is not None:
         cfg.train_sentences = sentences
-    log(f"size: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
-        f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips; work folder {cfg.workdir}")
-    res = run_demo(cfg, log=log)
-    t = Table(title="steermoe infer on real speech (pytest-audioeval) and a synthesised clip")
+    log(f"base run: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
+        f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips; work folder {root}")
+    done = run_stages(root, corpus_text or cache_root() / "brown_train.txt", workers, log, until, base_config=cfg)
+    res = json.loads((cfg.workdir / "results.json").read_text())
+    t = Table(title="steermoe infer on real speech (pytest-audioeval) and a synthesised clip: the base run")
     for col in ("file", "reference", "steermoe"):
         t.add_column(col)
     for r in res["transcripts"]:
         t.add_row(r["file"], r["reference"], r["steermoe"])
     stdout.print(t)
-    t = Table(title=f"WER, normalised (lower is better); from scratch: {res['steps']} steps on {res['train_utterances']} sentences")
-    sets = list(next(iter(res["wer"].values())))
+    table = dict(res["wer"])
+    if "reader" in done:
+        table.update(score_model(done["reader"], cfg.workdir / "data", "the shipped model's stages: CTC stage + reader"))
+    t = Table(title=f"WER, normalised (lower is better); the base run from scratch: {res['steps']} steps on {res['train_utterances']} sentences")
+    sets = list(next(iter(table.values())))
     t.add_column("model")
     for s in sets:
         t.add_column(s, justify="right")
-    for name, row in res["wer"].items():
+    for name, row in table.items():
         t.add_row(name, *[f"{100 * row[s]:.1f}%" for s in sets])
     stdout.print(t)
-    stdout.print("in-domain: held-out Brown-corpus sentences, training voices; out-of-domain: Harvard sentences, "
+    stdout.print("in-domain: held-out Brown-corpus sentences, the base run's voices; out-of-domain: Harvard sentences, "
                  "voices never trained on; real clips: pytest-audioeval's English recordings")
-    stdout.print(f"precision {res['precision']}; checkpoint: {res['checkpoint']}")
+    stdout.print(f"precision {res['precision']}; " + "; ".join(f"{k}: {v}" for k, v in done.items()))
     if ship:
-        stdout.print(f"shipped: {res['checkpoint']} -> {ship_adapter(Path(res['checkpoint']))}", soft_wrap=True)
+        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'])}", soft_wrap=True)

@@ -245,8 +245,10 @@ def test_demo_cli_refuses_options_that_do_not_go_together():
 
     for args, msg in ((["--linear"], "belong to --full"), (["--full", "--start", "x"], "--full trains from scratch"),
                       (["--steps", "0"], "expected at least 1"), (["--minutes", "0"], "expected more than 0"),
-                      (["--ship"], "--ship copies the adapter of the full run"), (["--full", "--ship", "--steps", "9"], "without --steps"),
-                      (["--full", "--ship", "--linear"], "--linear")):
+                      (["--ship"], "--ship copies the model `make demo-full` makes"), (["--full", "--ship", "--steps", "9"], "without --until, --steps"),
+                      (["--full", "--ship", "--linear"], "--linear"), (["--full", "--ship", "--until", "ctc"], "without --until"),
+                      (["--until", "ctc"], "belong to --full"), (["--full", "--steps", "9"], "add --until base"),
+                      (["--full", "--until", "nowhere", "--workdir", "/nonexistent/x"], "--until nowhere: expected one of base, corpus, ctc, reader")):
         r = CliRunner().invoke(app, ["demo", *args])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
 

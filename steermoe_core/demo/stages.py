@@ -120,16 +120,19 @@ def check_staged_run(model_dir: Path) -> dict:
 
 
 def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = print, until: str = "reader",
-               base: Path | None = None) -> dict[str, Path]:
+               base_config=None, base: Path | None = None) -> dict[str, Path]:
     """Run the stages up to ``until`` in ``workdir`` (``base/``, ``corpus/``, ``ctc/``, ``reader/``) and
-    return each one's result. ``base``: an adapter the base stage made already (its lineage is checked
-    when the result ships), instead of training it again."""
+    return each one's result. ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: what
+    ships); ``base``: an adapter the base stage made already, instead of training it (its lineage is
+    checked when the result ships)."""
     from steermoe_core.demo.run import full_config, run_demo
 
     if until not in STAGES:
         raise UsageError(f"--until {until}: expected one of {', '.join(STAGES)}")
     done: dict[str, Path] = {}
-    done["base"] = base if base is not None else Path(run_demo(full_config(workdir / "base", workers), log)["checkpoint"])
+    if base is None:
+        base = Path(run_demo(base_config or full_config(workdir / "base", workers), log)["checkpoint"])
+    done["base"] = base
     if until == "base":
         return done
     done["corpus"] = corpus_stage(workdir / "corpus", sentences, workers, log)
@@ -140,3 +143,31 @@ def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = prin
         return done
     done["reader"] = reader_stage(workdir / "reader", done["corpus"], done["ctc"], sentences, log)
     return done
+
+
+def score_model(model_dir: Path, data: Path, label: str) -> dict[str, dict[str, float]]:
+    """WER on the base run's scoring sets (``data/{valid_in,ood,real}``) of the LLM reading ``model_dir``'s
+    audio tokens and, beside it, of its CTC read-out (the same tokens without the LLM)."""
+    from steermoe_core.data.dataset import ShardedDataset
+    from steermoe_core.demo.run import SETS
+    from steermoe_core.evaluation.evaluate import predict_dataset
+    from steermoe_core.evaluation.metrics import word_error_rate
+    from steermoe_core.model.checkpoint import load_checkpoint
+
+    model, recipe, _ = load_checkpoint(model_dir)
+    out: dict[str, dict[str, float]] = {label: {}, f"{label}, CTC read-out": {}}
+    for name, folder in SETS.items():
+        for row, read in ((label, "llm"), (f"{label}, CTC read-out", "ctc")):
+            preds = predict_dataset(model, ShardedDataset(data / folder), recipe, read=read)
+            out[row][name] = word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds])
+    return out
+
+
+def ship_staged(model_dir: Path, dest: Path | None = None) -> Path:
+    """Copy the reader stage's model into ``demo/pretrained`` (where `make demo`, `infer` and the package
+    take it from) once ``check_staged_run`` takes it; the CTC stage's moments stay with its run."""
+    from steermoe_core.demo.run import PRETRAINED
+    from steermoe_core.training.init_from import save_portable
+
+    check_staged_run(model_dir)
+    return save_portable(model_dir, dest or PRETRAINED)
