@@ -24,6 +24,7 @@ def demo(
     full: Annotated[bool, typer.Option(help="Train from scratch: the model that ships with steermoe, in stages (`make demo-full`, hours on a CPU)")] = False,
     until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader: what ships)")] = "reader",
     corpus_text: Annotated[Optional[Path], typer.Option(help="With --full: the Brown sentences of the large set and the reader (tools/brown_sentences.py; default $STEERMOE_CACHE/brown_train.txt)")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="With --full: start the later stages from this base run's adapter instead of training one (e.g. steermoe_core/demo/pretrained, which is one; --ship checks its lineage)")] = None,
     linear: Annotated[bool, typer.Option(help="With --full --until base: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,
     ship: Annotated[bool, typer.Option(help="With --full: copy the finished model into steermoe_core/demo/pretrained, where `make demo` starts from it (maintainers)")] = False,
 ):
@@ -40,10 +41,12 @@ def demo(
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
     if ship and (not full or until != "reader" or steps is not None or sentences is not None or linear):
         raise UsageError("--ship copies the model `make demo-full` makes: --full through every stage, without --until, --steps, --sentences or --linear")
-    if not full and (linear or sentences is not None or corpus_text is not None or until != "reader"):
-        raise UsageError("--linear, --sentences, --corpus-text and --until belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
+    if not full and (linear or sentences is not None or corpus_text is not None or until != "reader" or base is not None):
+        raise UsageError("--linear, --sentences, --corpus-text, --until and --base belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
     if full and until != "base" and (linear or sentences is not None or steps is not None):
         raise UsageError("--steps, --sentences and --linear size the base run alone: add --until base")
+    if base is not None and (until == "base" or linear or sentences is not None or steps is not None):
+        raise UsageError("--base replaces the base run: it goes with the later stages, not with --until base, --steps, --sentences or --linear")
     if full and start is not None:
         raise UsageError("--start names the adapter the short demo adapts; --full trains from scratch")
     if steps is not None and steps < 1:
@@ -51,7 +54,7 @@ def demo(
     if not minutes > 0:
         raise UsageError(f"--minutes {minutes}: expected more than 0")
     if full:
-        _full(workdir, steps, sentences, workers, linear, until, corpus_text, ship, log)
+        _full(workdir, steps, sentences, workers, linear, until, corpus_text, base, ship, log)
     else:
         _adapt(workdir, steps, minutes, start, log)
     stdout.print(f"demo: {time.perf_counter() - t0:.0f} s in total")
@@ -93,7 +96,7 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
 
 
 def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, until: str,
-          corpus_text: Optional[Path], ship: bool, log) -> None:
+          corpus_text: Optional[Path], base: Optional[Path], ship: bool, log) -> None:
     from steermoe_core.config import load_recipe
     from steermoe_core.demo.run import RECIPE, full_config
     from steermoe_core.demo.stages import run_stages, score_model, ship_staged
@@ -109,19 +112,27 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
             cfg.decay_steps = 0
     if sentences is not None:
         cfg.train_sentences = sentences
-    log(f"base run: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
-        f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips; work folder {root}")
-    done = run_stages(root, corpus_text or cache_root() / "brown_train.txt", workers, log, until, base_config=cfg)
-    res = json.loads((cfg.workdir / "results.json").read_text())
+    if base is None:
+        log(f"base run: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
+            f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips; work folder {root}")
+    done = run_stages(root, corpus_text or cache_root() / "brown_train.txt", workers, log, until, base_config=cfg, base=base)
+    stored = cfg.workdir / "results.json"
+    if stored.is_file():  # the base run's own table, and the final model's on the same sets
+        _tables(json.loads(stored.read_text()), score_model(done["reader"], cfg.workdir / "data", "the shipped model's stages: "
+                                                              "CTC stage + reader") if "reader" in done else {})
+    stdout.print("; ".join(f"{k}: {v}" for k, v in done.items()), soft_wrap=True)
+    if ship:
+        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'])}", soft_wrap=True)
+
+
+def _tables(res: dict, final: dict) -> None:
     t = Table(title="steermoe infer on real speech (pytest-audioeval) and a synthesised clip: the base run")
     for col in ("file", "reference", "steermoe"):
         t.add_column(col)
     for r in res["transcripts"]:
         t.add_row(r["file"], r["reference"], r["steermoe"])
     stdout.print(t)
-    table = dict(res["wer"])
-    if "reader" in done:
-        table.update(score_model(done["reader"], cfg.workdir / "data", "the shipped model's stages: CTC stage + reader"))
+    table = {**res["wer"], **final}
     t = Table(title=f"WER, normalised (lower is better); the base run from scratch: {res['steps']} steps on {res['train_utterances']} sentences")
     sets = list(next(iter(table.values())))
     t.add_column("model")
@@ -131,7 +142,4 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
         t.add_row(name, *[f"{100 * row[s]:.1f}%" for s in sets])
     stdout.print(t)
     stdout.print("in-domain: held-out Brown-corpus sentences, the base run's voices; out-of-domain: Harvard sentences, "
-                 "voices never trained on; real clips: pytest-audioeval's English recordings")
-    stdout.print(f"precision {res['precision']}; " + "; ".join(f"{k}: {v}" for k, v in done.items()))
-    if ship:
-        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'])}", soft_wrap=True)
+                 f"voices never trained on; real clips: pytest-audioeval's English recordings. precision {res['precision']}")
