@@ -28,7 +28,7 @@ from steermoe_core.errors import CheckpointError, UsageError
 Log = Callable[[str], None]
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CTC_RECIPE = RECIPES / "demo_ctc_stage.toml"
-CORPUS_SHARDS = 14  # of 200 clips: 2,800 sentences, about 3.8 hours of speech
+CORPUS_SHARDS = 16  # of 200 clips: 3,200 sentences, about 4.4 hours of speech
 CORPUS_ENGLISH = 0.6  # share of the Kokoro clips in blends of its native English voices
 CORPUS_SEED = 0
 # the reader: the stage's recipe with the LLM reading the read-out as word pieces and a LoRA to learn with
