@@ -21,26 +21,28 @@ def demo(
     start: Annotated[Optional[Path], typer.Option(help="Adapter to adapt (default: the shipped one, steermoe_core/demo/pretrained)")] = None,
     sentences: Annotated[Optional[int], typer.Option(help="--full: synthesised training sentences (default 12000)")] = None,
     workers: Annotated[int, typer.Option(help="--full: prep worker processes (0 = all cores)")] = 0,
-    full: Annotated[bool, typer.Option(help="Train from scratch: the model that ships with steermoe, in stages (`make demo-full`, hours on a CPU)")] = False,
-    until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader: what ships)")] = "reader",
+    full: Annotated[bool, typer.Option(help="Train from scratch, in stages (hours on a CPU): the base run (`make demo-full`: the shipped adapter), then a large synthetic set, a CTC stage and a text-trained reader")] = False,
+    until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader)")] = "reader",
     corpus_text: Annotated[Optional[Path], typer.Option(help="With --full: the Brown sentences of the large set and the reader (tools/brown_sentences.py; default $STEERMOE_CACHE/brown_train.txt)")] = None,
     base: Annotated[Optional[Path], typer.Option(help="With --full: start the later stages from this base run's adapter instead of training one (e.g. steermoe_core/demo/pretrained, which is one; --ship checks its lineage)")] = None,
     linear: Annotated[bool, typer.Option(help="With --full --until base: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,
-    ship: Annotated[bool, typer.Option(help="With --full: copy the finished model into steermoe_core/demo/pretrained, where `make demo` starts from it (maintainers)")] = False,
+    ship: Annotated[bool, typer.Option(help="With --full and --until base or reader: copy that stage's finished model into steermoe_core/demo/pretrained, where `make demo` starts from it, once its recipe, step and lineage are checked (maintainers)")] = False,
 ):
     """The offline demo. By default (`make demo`, about 15 minutes on 2 CPU cores): the shipped adapter is
     fine-tuned on a voice it never heard and scored before and after on sentences it never trained on.
-    --full trains the shipped model from scratch in stages (a base run, a large synthetic set, a CTC
-    stage, a text-trained reader) and scores it on held-out and out-of-domain speech against Whisper's
-    own decoder; --until base stops after the base run (with --linear beside a linear-only adapter)."""
+    --full trains from scratch in stages (the base run, whose adapter ships now; a large synthetic set; a
+    CTC stage; a text-trained reader) and scores them on held-out and out-of-domain speech against
+    Whisper's own decoder; --until base stops after the base run (with --linear beside a linear-only
+    adapter)."""
     import time
 
     from steermoe_core.errors import UsageError
 
     t0 = time.perf_counter()
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
-    if ship and (not full or until != "reader" or steps is not None or sentences is not None or linear):
-        raise UsageError("--ship copies the model `make demo-full` makes: --full through every stage, without --until, --steps, --sentences or --linear")
+    if ship and (not full or until not in ("base", "reader") or steps is not None or sentences is not None or linear):
+        raise UsageError("--ship copies the base run or the reader stage as they are made: --full with --until base or reader, "
+                         "without --steps, --sentences or --linear")
     if not full and (linear or sentences is not None or corpus_text is not None or until != "reader" or base is not None):
         raise UsageError("--linear, --sentences, --corpus-text, --until and --base belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
     if full and until != "base" and (linear or sentences is not None or steps is not None):
@@ -98,13 +100,13 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
 def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, until: str,
           corpus_text: Optional[Path], base: Optional[Path], ship: bool, log) -> None:
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.run import RECIPE, full_config
+    from steermoe_core.demo.run import RECIPE, full_config, ship_adapter
     from steermoe_core.demo.stages import run_stages, score_model, ship_staged
     from steermoe_core.paths import cache_root
 
     root = workdir or cache_root() / "demo-full"
     recipe = load_recipe(RECIPE)
-    cfg = full_config(root / "base", workers)
+    cfg = full_config(root, workers)  # the base run in the folder itself, as before the later stages existed
     cfg.train_linear = linear
     if steps is not None:
         cfg.steps = steps
@@ -118,11 +120,11 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
     done = run_stages(root, corpus_text or cache_root() / "brown_train.txt", workers, log, until, base_config=cfg, base=base)
     stored = cfg.workdir / "results.json"
     if stored.is_file():  # the base run's own table, and the final model's on the same sets
-        _tables(json.loads(stored.read_text()), score_model(done["reader"], cfg.workdir / "data", "the shipped model's stages: "
-                                                              "CTC stage + reader") if "reader" in done else {})
+        _tables(json.loads(stored.read_text()), score_model(done["reader"], cfg.workdir / "data", "CTC stage + reader") if "reader" in done else {})
     stdout.print("; ".join(f"{k}: {v}" for k, v in done.items()), soft_wrap=True)
     if ship:
-        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'])}", soft_wrap=True)
+        last = done[until]
+        stdout.print(f"shipped: {last} -> {ship_staged(last) if until == 'reader' else ship_adapter(last)}", soft_wrap=True)
 
 
 def _tables(res: dict, final: dict) -> None:

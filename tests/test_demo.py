@@ -245,8 +245,8 @@ def test_demo_cli_refuses_options_that_do_not_go_together():
 
     for args, msg in ((["--linear"], "belong to --full"), (["--full", "--start", "x"], "--full trains from scratch"),
                       (["--steps", "0"], "expected at least 1"), (["--minutes", "0"], "expected more than 0"),
-                      (["--ship"], "--ship copies the model `make demo-full` makes"), (["--full", "--ship", "--steps", "9"], "without --until, --steps"),
-                      (["--full", "--ship", "--linear"], "--linear"), (["--full", "--ship", "--until", "ctc"], "without --until"),
+                      (["--ship"], "--ship copies the base run or the reader stage"), (["--full", "--ship", "--steps", "9"], "without --steps"),
+                      (["--full", "--ship", "--until", "base", "--linear"], "--linear"), (["--full", "--ship", "--until", "ctc"], "--until base or reader"),
                       (["--until", "ctc"], "belong to --full"), (["--full", "--steps", "9"], "add --until base"),
                       (["--full", "--until", "nowhere", "--workdir", "/nonexistent/x"], "--until nowhere: expected one of base, corpus, ctc, reader")):
         r = CliRunner().invoke(app, ["demo", *args])

@@ -1,4 +1,5 @@
-"""`make demo-full`: the shipped model in four stages, each resumable, each checked before it ships.
+"""`steermoe demo --full`: the demo's model in four stages, each resumable, each checked before it ships.
+The adapter shipped now is the base stage's (`make demo-full`); `make demo-stages` runs the others from it.
 
 1. **base**: the from-scratch run (`demo.run`, ``full_config``): 3,000 steps on 12,000 Brown sentences in
    ten flite / espeak-ng voices (hours on a CPU).
@@ -121,17 +122,18 @@ def check_staged_run(model_dir: Path) -> dict:
 
 def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = print, until: str = "reader",
                base_config=None, base: Path | None = None) -> dict[str, Path]:
-    """Run the stages up to ``until`` in ``workdir`` (``base/``, ``corpus/``, ``ctc/``, ``reader/``) and
-    return each one's result. ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: what
-    ships); ``base``: an adapter the base stage made already, instead of training it (its lineage is
-    checked when the result ships)."""
+    """Run the stages up to ``until`` in ``workdir`` (the base run in the folder itself, as `demo --full`
+    always made it; then ``corpus/``, ``ctc/``, ``reader/``) and return each one's result.
+    ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: the shipped adapter's);
+    ``base``: an adapter the base stage made already, instead of training it (its lineage is checked
+    when the result ships)."""
     from steermoe_core.demo.run import full_config, run_demo
 
     if until not in STAGES:
         raise UsageError(f"--until {until}: expected one of {', '.join(STAGES)}")
     done: dict[str, Path] = {}
     if base is None:
-        base = Path(run_demo(base_config or full_config(workdir / "base", workers), log)["checkpoint"])
+        base = Path(run_demo(base_config or full_config(workdir, workers), log)["checkpoint"])
     done["base"] = base
     if until == "base":
         return done
