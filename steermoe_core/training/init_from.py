@@ -187,7 +187,7 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     from steermoe_core.model.lora import load_lora_state_dict, lora_part
 
     path = Path(path)
-    source, meta, state = read_checkpoint(path)
+    src_recipe, meta, state = read_checkpoint(path)
     check_backbones(model, meta, path)
     adapter = {k: v for k, v in state.items() if not k.startswith("lora.")}
     lora = {k: v for k, v in state.items() if k.startswith("lora.")}
@@ -203,7 +203,7 @@ def init_from(model: SteerMoEModel, opt: torch.optim.Optimizer | None, path: Pat
     state_of = {p: "loaded" if p in have else "fresh" for p in model.lora}
     states = set(state_of.values())
     lora_info = ", ".join(f"{p} {s}" for p, s in state_of.items()) if len(states) > 1 else (states.pop() if states else "none")
-    info = {"path": str(path), "step": meta.get("step"), "lora": lora_info, "lineage": lineage(source, meta)}
+    info = {"path": str(path), "step": meta.get("step"), "lora": lora_info, "lineage": lineage(src_recipe, meta)}
     if opt is not None:
         moments, source = read_moments(path, model)
         n = restore_moments(opt, model, moments) if moments else 0
