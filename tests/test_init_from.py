@@ -184,3 +184,22 @@ def test_a_portable_checkpoint_keeps_its_run_s_last_moments(backbones, tiny_data
     assert max_diff(adapter(train(recipe, tmp_path / "cont", init_from=step10).model_dir), adapter(first_run["final"])) < 1e-5
     with pytest.raises(CheckpointError, match="does not belong to it"):
         save_portable(first_run["final"], tmp_path / "elsewhere", first_run["step10"])
+
+
+def test_the_repository_s_ctc_stage_continues_with_its_moments():
+    """checkpoints/ctc_stage (the CTC stage's last step as it travels between machines, docs/training_cpu.md)
+    loads into its own recipe, every trainable weight with its Adam moments, and records where it grew from."""
+    from steermoe_core.config import load_recipe
+    from steermoe_core.demo.stages import CTC_RECIPE
+    from steermoe_core.model.build import build_model
+    from steermoe_core.training.init_from import init_from
+    from steermoe_core.training.optim import make_optimizer
+
+    folder = Path(__file__).parent.parent / "checkpoints" / "ctc_stage"
+    recipe = load_recipe(CTC_RECIPE, ["data.train=unused", "train.device=cpu"])
+    model = build_model(recipe.model, torch.device("cpu"))
+    opt = make_optimizer(model, recipe.train, torch.device("cpu"))
+    info = init_from(model, opt, folder)
+    total = sum(len(g["params"]) for g in opt.param_groups)
+    assert info["optimizer"] == f"{total} of {total} parameters from {MOMENTS_FILE}" and info["lora"] == "loaded"
+    assert [x["step"] for x in info["lineage"]] == [3000, recipe.train.max_steps]
