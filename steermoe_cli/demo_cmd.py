@@ -72,7 +72,8 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
     log(f"work folder {cfg.workdir}")
     res = run_adapt(cfg, log=log)
     tr = res["trained"]
-    t = Table(title=f"A few minutes of adaptation: the shipped adapter ({res['start_step']} steps) fine-tuned for {tr['steps']} steps "
+    which = "the shipped adapter" if start is None else f"the adapter in {start}"
+    t = Table(title=f"A few minutes of adaptation: {which} ({res['start_step']} steps) fine-tuned for {tr['steps']} steps "
                     f"of batch {res['batch_size']} on {describe_voices(res['voices'])} it never heard")
     t.add_column("")
     for col in ("reference", "before", "after"):
@@ -87,13 +88,13 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
         t.add_column(s, justify="right")
     t.add_column("LLM loss, new voice", justify="right")
     for name, row in res["wer"].items():
-        label = {"start adapter": f"before: the shipped adapter ({res['start_step']} steps)",
+        label = {"start adapter": f"before: {which} ({res['start_step']} steps)",
                  "adapted": f"after: adapted ({tr['steps']} steps, {tr['train_s'] / 60:.1f} min)"}.get(name, name)
         loss = res["loss"].get(name)
         t.add_row(label, *[f"{100 * row[s]:.1f}%" for s in sets], "" if loss is None else f"{loss:.3f}")
     stdout.print(t)
     stdout.print(f"new voice: {', '.join(res['voices'])} speaking Harvard sentences the adaptation never saw; "
-                 "training voices: held-out Brown sentences in the voices the shipped adapter trained on")
+                 "training voices: held-out Brown sentences in the demo's base run's voices")
     stdout.print(f"precision {res['precision']}; adapted adapter: {res['checkpoint']} (`steermoe infer --model` takes it)", soft_wrap=True)
 
 
