@@ -164,8 +164,7 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
     from steermoe_core.training.loop import Callbacks, train
 
     run = cfg.workdir / name
-    meta = run / "model" / "meta.json"
-    if meta.exists() and json.loads(meta.read_text()).get("step") == cfg.steps:
+    if finished(run / "model", cfg.steps):
         log(f"reusing {run / 'model'}")
         return run / "model"
     recipe = demo_recipe(cfg, placement, data)
@@ -175,13 +174,20 @@ def _train(cfg: DemoConfig, name: str, placement: str, data: Path, log: Log) -> 
     return train(recipe, run, resume=resume, callbacks=cb).model_dir
 
 
-def _wer_of(model, ds_dir: Path, recipe) -> float:
+def _wer_of(model, ds_dir: Path, recipe, read: str = "llm") -> float:
+    """WER of ``model`` on a prepared set: the LLM's transcripts, or (``read="ctc"``) its CTC read-out."""
     from steermoe_core.data.dataset import ShardedDataset
     from steermoe_core.evaluation.evaluate import predict_dataset
     from steermoe_core.evaluation.metrics import word_error_rate
 
-    preds = predict_dataset(model, ShardedDataset(ds_dir), recipe)
+    preds = predict_dataset(model, ShardedDataset(ds_dir), recipe, read=read)
     return word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds])
+
+
+def finished(model_dir: Path, steps: int) -> bool:
+    """Whether ``model_dir`` holds a run's final model at ``steps`` (a stage that is done is reused)."""
+    meta = model_dir / "meta.json"
+    return meta.is_file() and json.loads(meta.read_text()).get("step") == steps
 
 
 def _whisper_wer(encoder_path: str, ds_dir: Path) -> float:

@@ -65,10 +65,11 @@ def corpus_stage(out: Path, sentences: Path, workers: int, log: Log) -> Path:
 
 
 def ctc_stage(run: Path, corpus: Path, base: Path, log: Log) -> Path:
+    from steermoe_core.demo.run import finished
     from steermoe_core.training.loop import Callbacks, train
 
     recipe = ctc_recipe(corpus)
-    if _finished(run / "model", recipe.train.max_steps):
+    if finished(run / "model", recipe.train.max_steps):
         log(f"reusing {run / 'model'}")
         return run / "model"
     resume = (run / "checkpoints" / "latest").exists()
@@ -78,9 +79,10 @@ def ctc_stage(run: Path, corpus: Path, base: Path, log: Log) -> Path:
 
 
 def reader_stage(out: Path, corpus: Path, ctc: Path, sentences: Path, log: Log) -> Path:
+    from steermoe_core.demo.run import finished
     from steermoe_core.training.reader import checkpoints_dir, train_reader
 
-    if _finished(out, READER_STEPS):
+    if finished(out, READER_STEPS):
         log(f"reusing {out}")
         return out
     resume = any(checkpoints_dir(out).glob("step-*/reader_state.pt"))
@@ -89,13 +91,6 @@ def reader_stage(out: Path, corpus: Path, ctc: Path, sentences: Path, log: Log) 
                  save_every=50, resume=resume,
                  on_step=lambda step, loss: log(f"  reader step {step}: loss {loss:.3f}") if step % 50 == 0 else None)
     return out
-
-
-def _finished(model_dir: Path, steps: int) -> bool:
-    import json
-
-    meta = model_dir / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("step") == steps
 
 
 def check_staged_run(model_dir: Path) -> dict:
@@ -150,19 +145,12 @@ def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = prin
 def score_model(model_dir: Path, data: Path, label: str) -> dict[str, dict[str, float]]:
     """WER on the base run's scoring sets (``data/{valid_in,ood,real}``) of the LLM reading ``model_dir``'s
     audio tokens and, beside it, of its CTC read-out (the same tokens without the LLM)."""
-    from steermoe_core.data.dataset import ShardedDataset
-    from steermoe_core.demo.run import SETS
-    from steermoe_core.evaluation.evaluate import predict_dataset
-    from steermoe_core.evaluation.metrics import word_error_rate
+    from steermoe_core.demo.run import SETS, _wer_of
     from steermoe_core.model.checkpoint import load_checkpoint
 
     model, recipe, _ = load_checkpoint(model_dir)
-    out: dict[str, dict[str, float]] = {label: {}, f"{label}, CTC read-out": {}}
-    for name, folder in SETS.items():
-        for row, read in ((label, "llm"), (f"{label}, CTC read-out", "ctc")):
-            preds = predict_dataset(model, ShardedDataset(data / folder), recipe, read=read)
-            out[row][name] = word_error_rate([p["reference"] for p in preds], [p["prediction"] for p in preds])
-    return out
+    return {row: {name: _wer_of(model, data / folder, recipe, read) for name, folder in SETS.items()}
+            for row, read in ((label, "llm"), (f"{label}, CTC read-out", "ctc"))}
 
 
 def ship_staged(model_dir: Path, dest: Path | None = None) -> Path:
