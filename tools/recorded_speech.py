@@ -58,11 +58,14 @@ def _sdist(name: str, version: str, downloads: Path) -> Path:
     folder = downloads / f"{name}-{version}"
     if folder.is_dir():
         return folder
-    page = urllib.request.urlopen(f"https://pypi.org/simple/{name}/", timeout=60).read().decode()
-    m = re.search(rf'href="([^"]*/{re.escape(name)}-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"', page)
-    if m is None:
-        sys.exit(f"error: PyPI lists no sdist {name}-{version}.tar.gz")
-    blob = urllib.request.urlopen(m.group(1), timeout=300).read()
+    try:
+        page = urllib.request.urlopen(f"https://pypi.org/simple/{name}/", timeout=60).read().decode()
+        m = re.search(rf'href="([^"]*/{re.escape(name)}-{re.escape(version)}\.tar\.gz)#sha256=([0-9a-f]+)"', page)
+        if m is None:
+            sys.exit(f"error: PyPI lists no sdist {name}-{version}.tar.gz")
+        blob = urllib.request.urlopen(m.group(1), timeout=300).read()
+    except OSError as e:  # URLError, timeouts: no route to PyPI
+        sys.exit(f"error: cannot fetch {name}-{version} from PyPI ({e})")
     if hashlib.sha256(blob).hexdigest() != m.group(2):
         sys.exit(f"error: {name}-{version}.tar.gz: sha256 mismatch")
     archive = downloads / f"{name}-{version}.tar.gz"
