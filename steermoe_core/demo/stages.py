@@ -39,12 +39,12 @@ READER_STEPS, READER_BATCH, READER_FRAGMENTS = 350, 16, 0.2
 STAGES = ("base", "corpus", "ctc", "reader")
 
 
-def ctc_recipe(corpus: Path) -> Recipe:
-    return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid="])
+def ctc_recipe(corpus: Path, extra: tuple[str, ...] = ()) -> Recipe:
+    return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid=", *extra])
 
 
 def reader_recipe(corpus: Path) -> Recipe:
-    return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid=", *READER_OVERRIDES])
+    return ctc_recipe(corpus, READER_OVERRIDES)
 
 
 def corpus_stage(out: Path, sentences: Path, workers: int, log: Log) -> Path:
@@ -102,8 +102,9 @@ def check_staged_run(model_dir: Path) -> dict:
 
     recipe, meta, _ = read_checkpoint(model_dir)
     here = Path("/data")
+    ctc = ctc_recipe(here)
     want = {"base": (FULL_STEPS, recipe_fingerprint(demo_recipe(full_config(here), "layer_wise", here))),
-            "ctc": (ctc_recipe(here).train.max_steps, recipe_fingerprint(ctc_recipe(here)))}
+            "ctc": (ctc.train.max_steps, recipe_fingerprint(ctc))}
     if recipe_fingerprint(recipe) != recipe_fingerprint(reader_recipe(here)):
         raise CheckpointError(f"{model_dir}: its recipe is not the reader stage's ({CTC_RECIPE.name} with the reader's settings)")
     if meta.get("step") != READER_STEPS:

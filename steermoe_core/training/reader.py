@@ -18,6 +18,7 @@ a step depend on the step alone, so a resumed reader reads what an uninterrupted
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from steermoe_core.config import Recipe
 from steermoe_core.data.ctc_noise import NoiseConfig, ReaderText
 from steermoe_core.errors import CheckpointError, RecipeError
 from steermoe_core.model.build import build_model
-from steermoe_core.model.checkpoint import read_checkpoint, save_checkpoint
+from steermoe_core.model.checkpoint import save_checkpoint
 from steermoe_core.model.lora import lora_parameters
 from steermoe_core.runtime import autocast, pick_device, resolve_precision
 from steermoe_core.training.init_from import init_from
@@ -88,7 +89,7 @@ def train_reader(recipe: Recipe, init_from_path: Path, text: Path, out: Path, st
     metrics = {"text_loss_last25": _recent(losses), "seconds": round(time.perf_counter() - t0, 1),
                "sentences": steps * batch, "noise": dataclasses.asdict(noise), "fragments": fragments}
     # the audio side is the init checkpoint's: so is what `infer` cuts long recordings to
-    heard = {k: v for k, v in read_checkpoint(init_from_path)[1].items() if k == "training_audio"}
+    heard = {k: v for k, v in json.loads((Path(init_from_path) / "meta.json").read_text()).items() if k == "training_audio"}
     save_checkpoint(model, recipe, out, steps, metrics, run_info={"reader_init_from": taken, **heard})
     return metrics
 
