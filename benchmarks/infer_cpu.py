@@ -102,7 +102,7 @@ def onnx_backend(ckpt: Path, folder: Path | None, work: Path, smoke: bool = Fals
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint (default: the shipped adapter)")
+    ap.add_argument("--model", help="checkpoint (default: the shipped model)")
     ap.add_argument("--clips", type=int, default=16, help="synthesised held-out sentences (the real clips come on top)")
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,6 +1,6 @@
 """Live transcription (``WS /v1/realtime?intent=transcription``) against ``/v1/audio/transcriptions``.
 
-    python benchmarks/realtime.py                              # the shipped adapter, default backend
+    python benchmarks/realtime.py                              # the shipped model, default backend
     python benchmarks/realtime.py --repeats 5 --sessions 8 --hold 60 --model CKPT
 
 1. Latency: flite (voice ``awb``) reads held-out Harvard sentences, joined 1 to 4 at a time so the
@@ -217,7 +217,7 @@ def means_between(before: dict, after: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="checkpoint or exported folder (default: the shipped adapter)")
+    ap.add_argument("--model", default=None, help="checkpoint or exported folder (default: the shipped model)")
     ap.add_argument("--groups", type=int, default=2, help="clips per size (1-4 sentences)")
     ap.add_argument("--repeats", type=int, default=3, help="passes over the clips for the latency table (0: skip it)")
     ap.add_argument("--sessions", type=int, default=8)

@@ -1,6 +1,6 @@
 """`steermoe serve` under load, on loopback: throughput, latency and the server's memory.
 
-    python benchmarks/serve_load.py                      # the shipped adapter, 1 / 4 / 16 clients
+    python benchmarks/serve_load.py                      # the shipped model, 1 / 4 / 16 clients
     python benchmarks/serve_load.py --soak 1000          # + 1,000 requests, 10% corrupt uploads
     python benchmarks/serve_load.py --clients 1,16 --seconds 120 --soak 1000 --soak-model CKPT
 
@@ -197,7 +197,7 @@ def soak(base: str, clips: list[tuple[Path, float]], n: int, pid: int, log: Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="default: what `steermoe infer` uses (the shipped adapter)")
+    ap.add_argument("--model", default=None, help="default: what `steermoe infer` uses (the shipped model)")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=48, help="answers per client count (bounded count)")
     ap.add_argument("--seconds", type=float, default=90.0, help="time per client count (bounded time)")
@@ -235,7 +235,7 @@ def main() -> None:
         log = work / "server-soak.log"
         proc, base = start_server(args.soak_model or args.model, 8, log)
         s = soak(base, clips, args.soak, proc.pid, log)
-        print(f"soak ({args.soak_model or args.model or 'shipped adapter'}): {s['requests']} requests ({s['corrupt']} corrupt): "
+        print(f"soak ({args.soak_model or args.model or 'shipped model'}): {s['requests']} requests ({s['corrupt']} corrupt): "
               f"{s['n_wrong']} answered wrongly {s['wrong']}; RSS {s['after_100_mb']:.0f} MB after 100 -> "
               f"{s['after_last_mb']:.0f} MB after the last ({s['rss_ratio']:.2f}x); tracebacks in the log: {s['tracebacks_in_log']}; "
               f"exit code after SIGTERM: {stop(proc)}", flush=True)

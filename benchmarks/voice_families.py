@@ -1,6 +1,6 @@
 """WER by voice family (robotic / neural / real) of checkpoints and of Whisper tiny.en's own decoder.
 
-    python benchmarks/voice_families.py                       # the shipped adapter + Whisper, 20 sentences a voice
+    python benchmarks/voice_families.py                       # the shipped model + Whisper, 20 sentences a voice
     python benchmarks/voice_families.py --checkpoint run=/work/exp32/run/checkpoints/step-000100 --no-whisper
     python benchmarks/voice_families.py --split dev --n 8     # the dev sentences (learning curves)
     python benchmarks/voice_families.py --recorded recorded/set  # plus real recordings (tools/recorded_speech.py)
@@ -43,7 +43,7 @@ def _score(refs: list[str], hyps: list[str], ids: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", action="append", default=[], help="NAME=PATH or PATH (model folder or checkpoints/step-N); "
-                    "repeat; default: the shipped adapter")
+                    "repeat; default: the shipped model")
     ap.add_argument("--split", default="test", choices=["test", "dev"])
     ap.add_argument("--n", type=int, default=20, help="sentences per voice")
     ap.add_argument("--families", default="robotic,neural,real")

@@ -1,5 +1,5 @@
-"""`steermoe demo`: the offline demo. By default the shipped adapter adapted to a voice it never heard,
-scored before and after (`make demo`); `--full` trains from scratch (`make demo-full`)."""
+"""`steermoe demo`: the offline demo. By default the shipped model adapted to a voice it never heard,
+scored before and after (`make demo`); `--full` trains the shipped model from scratch, in stages (`make demo-full`)."""
 
 from __future__ import annotations
 
@@ -21,30 +21,30 @@ def demo(
     start: Annotated[Optional[Path], typer.Option(help="Adapter to adapt (default: the shipped one, steermoe_core/demo/pretrained)")] = None,
     sentences: Annotated[Optional[int], typer.Option(help="--full: synthesised training sentences (default 12000)")] = None,
     workers: Annotated[int, typer.Option(help="--full: prep worker processes (0 = all cores)")] = 0,
-    full: Annotated[bool, typer.Option(help="Train from scratch, in stages (hours on a CPU): the base run (`make demo-full`: the shipped adapter), then a large synthetic set, a CTC stage and a text-trained reader")] = False,
+    full: Annotated[bool, typer.Option(help="Train the shipped model from scratch, in stages (hours on a CPU): the base run, a large synthetic set, a CTC stage and a text-trained reader (`make demo-full`)")] = False,
     until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader)")] = "reader",
     corpus_text: Annotated[Optional[Path], typer.Option(help="With --full: the Brown sentences of the large set and the reader (tools/brown_sentences.py; default $STEERMOE_CACHE/brown_train.txt)")] = None,
-    base: Annotated[Optional[Path], typer.Option(help="With --full: start the later stages from this base run's adapter instead of training one (e.g. steermoe_core/demo/pretrained, which is one; --ship checks its lineage)")] = None,
+    base: Annotated[Optional[Path], typer.Option(help="With --full: start the later stages from this base run's adapter instead of training one (e.g. checkpoints/base in the repository, which is one; --ship checks its lineage)")] = None,
     linear: Annotated[bool, typer.Option(help="With --full --until base: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,
-    ship: Annotated[bool, typer.Option(help="With --full and --until base or reader: copy that stage's finished model into steermoe_core/demo/pretrained, where `make demo` starts from it, once its recipe, step and lineage are checked (maintainers)")] = False,
+    ship: Annotated[bool, typer.Option(help="With --full: copy the reader stage's finished model into steermoe_core/demo/pretrained, where `infer`, `serve` and `make demo` take it from, once its recipe, step and lineage are checked (maintainers)")] = False,
 ):
-    """The offline demo. By default (`make demo`, about 15 minutes on 2 CPU cores): the shipped adapter is
+    """The offline demo. By default (`make demo`, about 15 minutes on 2 CPU cores): the shipped model is
     fine-tuned on a voice it never heard and scored before and after on sentences it never trained on.
-    --full trains from scratch in stages (the base run, whose adapter ships now; a large synthetic set; a
-    CTC stage; a text-trained reader) and scores them on held-out and out-of-domain speech against
-    Whisper's own decoder; --until base stops after the base run (with --linear beside a linear-only
-    adapter)."""
+    --full trains the shipped model from scratch in stages (the base run; a large synthetic set; a CTC
+    stage; a text-trained reader, the model that ships) and scores them on held-out and out-of-domain
+    speech against Whisper's own decoder; --until base stops after the base run (with --linear beside a
+    linear-only adapter)."""
     import time
 
     from steermoe_core.errors import UsageError
 
     t0 = time.perf_counter()
     log = lambda s: console.print(f"[dim]{time.perf_counter() - t0:6.0f}s[/] {s}", highlight=False)  # noqa: E731
-    if ship and (not full or until not in ("base", "reader") or steps is not None or sentences is not None or linear):
-        raise UsageError("--ship copies the base run or the reader stage as they are made: --full with --until base or reader, "
-                         "without --steps, --sentences or --linear")
+    if ship and (not full or until != "reader" or steps is not None or sentences is not None or linear):
+        raise UsageError("--ship copies the reader stage, the model that ships, as the stages make it: --full without --until, "
+                         "--steps, --sentences or --linear")
     if not full and (linear or sentences is not None or corpus_text is not None or until != "reader" or base is not None):
-        raise UsageError("--linear, --sentences, --corpus-text, --until and --base belong to --full (the from-scratch run); `steermoe demo` adapts the shipped adapter")
+        raise UsageError("--linear, --sentences, --corpus-text, --until and --base belong to --full (the from-scratch run); `steermoe demo` adapts the shipped model")
     if full and until != "base" and (linear or sentences is not None or steps is not None):
         raise UsageError("--steps, --sentences and --linear size the base run alone: add --until base")
     if base is not None and (until == "base" or linear or sentences is not None or steps is not None):
@@ -72,8 +72,9 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
     log(f"work folder {cfg.workdir}")
     res = run_adapt(cfg, log=log)
     tr = res["trained"]
-    which = "the shipped adapter" if start is None else f"the adapter in {start}"
-    t = Table(title=f"A few minutes of adaptation: {which} ({res['start_step']} steps) fine-tuned for {tr['steps']} steps "
+    which = "the shipped model" if start is None else f"the adapter in {start}"
+    grown = " + ".join(f"{n:,}" for n in res.get("start_lineage") or [res["start_step"]])  # base run + CTC stage + reader
+    t = Table(title=f"A few minutes of adaptation: {which} ({grown} steps) fine-tuned for {tr['steps']} steps "
                     f"of batch {res['batch_size']} on {describe_voices(res['voices'])} it never heard")
     t.add_column("")
     for col in ("reference", "before", "after"):
@@ -88,7 +89,7 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
         t.add_column(s, justify="right")
     t.add_column("LLM loss, new voice", justify="right")
     for name, row in res["wer"].items():
-        label = {"start adapter": f"before: {which} ({res['start_step']} steps)",
+        label = {"start adapter": f"before: {which} ({grown} steps)",
                  "adapted": f"after: adapted ({tr['steps']} steps, {tr['train_s'] / 60:.1f} min)"}.get(name, name)
         loss = res["loss"].get(name)
         t.add_row(label, *[f"{100 * row[s]:.1f}%" for s in sets], "" if loss is None else f"{loss:.3f}")
@@ -101,8 +102,8 @@ def _adapt(workdir: Optional[Path], steps: Optional[int], minutes: float, start:
 def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int], workers: int, linear: bool, until: str,
           corpus_text: Optional[Path], base: Optional[Path], ship: bool, log) -> None:
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.run import RECIPE, full_config, ship_adapter
-    from steermoe_core.demo.stages import run_stages, score_model, ship_staged
+    from steermoe_core.demo.run import RECIPE, check_full_run, full_config
+    from steermoe_core.demo.stages import CTC_RECIPE, run_stages, score_model, ship_staged
     from steermoe_core.paths import cache_root
 
     root = workdir or cache_root() / "demo-full"
@@ -115,6 +116,8 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
             cfg.decay_steps = 0
     if sentences is not None:
         cfg.train_sentences = sentences
+    if base is not None and ship:  # before the hours of the later stages, not after them
+        check_full_run(base)
     if base is None:
         log(f"base run: {cfg.steps} steps of batch {cfg.batch_size or recipe.data.batch_size}, {cfg.train_sentences} training "
             f"sentences, {cfg.valid_sentences} + {cfg.ood_sentences} held-out clips; work folder {root}")
@@ -124,8 +127,8 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
         _tables(json.loads(stored.read_text()), score_model(done["reader"], cfg.workdir / "data", "CTC stage + reader") if "reader" in done else {})
     stdout.print("; ".join(f"{k}: {v}" for k, v in done.items()), soft_wrap=True)
     if ship:
-        last = done[until]
-        stdout.print(f"shipped: {last} -> {ship_staged(last) if until == 'reader' else ship_adapter(last)}", soft_wrap=True)
+        last = root / "ctc" / "checkpoints" / f"step-{load_recipe(CTC_RECIPE).train.max_steps:07d}"
+        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'], last)}", soft_wrap=True)
 
 
 def _tables(res: dict, final: dict) -> None:

@@ -56,7 +56,7 @@ class LLMConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc("sdpa", "Attention kernel for the LLM (and the encoder).")
     trust_remote_code: bool = doc(False, "Allow the checkpoint's own Python code. Off unless you trust it.")
     system_prompt: str = doc("", "System message before the user turn; empty = whatever the chat template puts there by default.")
-    lora: LoRAConfig | None = doc(None, "[model.llm.lora]: LoRA on the LLM; absent = off. `steermoe export` folds it into the LLM's weights by itself; `infer --backend auto` runs such a checkpoint on torch.")
+    lora: LoRAConfig | None = doc(None, "[model.llm.lora]: LoRA on the LLM; absent = off. `steermoe export` folds it into the LLM's decoder that reads audio and keeps the LLM as released beside it for prompts without audio.")
 
 
 @dataclass

@@ -44,7 +44,7 @@ def test_demo_pipeline_learns(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_adaptation_learns(tmp_path):
-    """`make demo` at CI size: the shipped adapter, sized by timed steps, fine-tuned on voices it never
+    """`make demo` at CI size: the shipped model, sized by timed steps, fine-tuned on voices it never
     heard and scored before and after on held-out sentences in those voices: the LLM's loss there falls.
     (WER needs more steps and clips to move reliably; what `make demo` measured is in docs/demo.md.)"""
     from steermoe_core.demo.adapt import AdaptConfig, run_adapt
@@ -78,7 +78,7 @@ def test_demo_sizes_its_training_from_the_measured_step_time():
 
 
 def test_demo_adapts_to_voices_and_sentences_it_never_trained_on():
-    """The adaptation's voices are none of the shipped adapter's training voices, and its training text
+    """The adaptation's voices are none of the base run's training voices, and its training text
     never overlaps the sentences it is scored on."""
     from steermoe_core.demo.adapt import AdaptConfig
     from steermoe_core.demo.run import PRETRAINED
@@ -132,7 +132,7 @@ def test_an_adapter_that_reads_text_adapts_on_the_ctc_loss_alone(tmp_path):
 
 
 def test_demo_adaptation_replays_the_training_voices_in_every_batch():
-    """Adapting to the new voice alone made the shipped adapter forget its training voices, so every
+    """Adapting to the new voice alone made the shipped model forget its training voices, so every
     adaptation batch holds a fixed share of replayed clips next to the new voice's, pool by pool in a
     fresh order each pass (every clip used once before any twice)."""
     from types import SimpleNamespace
@@ -167,7 +167,7 @@ def test_demo_adaptation_replays_the_training_voices_in_every_batch():
 
 
 def test_demo_folder_starts_afresh_for_a_new_shipped_adapter(tmp_path):
-    """When the shipped adapter changes, `make demo` adapts the new one: stored results belong to the
+    """When the shipped model changes, `make demo` adapts the new one: stored results belong to the
     adapter they came from (by content), while the synthesised data is kept; other data is refused."""
     from steermoe_core.demo.adapt import AdaptConfig, _claim
     from steermoe_core.errors import UsageError
@@ -253,19 +253,16 @@ def test_demo_cli_refuses_options_that_do_not_go_together():
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
 
 
-def test_ship_takes_only_the_finished_full_run(tmp_path):
-    """`make demo-full` copies its adapter into demo/pretrained: only the recipe `demo --full` builds
-    (data folders aside), trained to the last step, so the README's shipped figure is reproducible."""
+def test_the_stages_grow_only_from_the_finished_full_run(tmp_path):
+    """The shipped model's later stages start from the base run's adapter: only the recipe `demo --full`
+    builds (data folders aside), trained to the last step, so the shipped figures are reproducible.
+    `--base X --ship` checks it before the hours of the later stages."""
     from safetensors.torch import save_file
+    from typer.testing import CliRunner
 
+    from steermoe_cli.main import app
     from steermoe_core.config import dump_recipe
-    from steermoe_core.demo.run import (
-        FULL_STEPS,
-        SHIPPED_FILES,
-        demo_recipe,
-        full_config,
-        ship_adapter,
-    )
+    from steermoe_core.demo.run import FULL_STEPS, check_full_run, demo_recipe, full_config
     from steermoe_core.errors import CheckpointError
 
     def model_dir(name, step=FULL_STEPS, placement="layer_wise", **cfg_kw):
@@ -279,18 +276,18 @@ def test_ship_takes_only_the_finished_full_run(tmp_path):
         save_file({"projector.weight": torch.ones(2, 2)}, str(d / "adapter.safetensors"))
         return d
 
-    dest = ship_adapter(model_dir("ok"), tmp_path / "pretrained")
-    assert sorted(p.name for p in dest.iterdir()) == sorted(SHIPPED_FILES)
+    assert check_full_run(model_dir("ok"))["step"] == FULL_STEPS
     # trained on a machine with more (or fewer) cores: the loader worker count changes speed, not the run
-    ship_adapter(model_dir("cores", loader_workers=16), tmp_path / "p5")
-    assert (dest / "meta.json").read_bytes() == (tmp_path / "ok" / "meta.json").read_bytes()
+    check_full_run(model_dir("cores", loader_workers=16))
     with pytest.raises(CheckpointError, match=f"stopped at step 1000, not the full run's {FULL_STEPS}"):
-        ship_adapter(model_dir("early", step=1000), tmp_path / "p2")
+        check_full_run(model_dir("early", step=1000))
     with pytest.raises(CheckpointError, match=rf"not the adapter `steermoe demo --full` trains: .*train.max_steps 200 \(want {FULL_STEPS}\)"):
-        ship_adapter(model_dir("short", steps=200, decay_steps=0, ctc_only_steps=100), tmp_path / "p3")
+        check_full_run(model_dir("short", steps=200, decay_steps=0, ctc_only_steps=100))
     with pytest.raises(CheckpointError, match=r"model.steering.*placement"):
-        ship_adapter(model_dir("linear", placement="none"), tmp_path / "p4")
-    assert not (tmp_path / "p2").exists() and not (tmp_path / "p3").exists()
+        check_full_run(model_dir("linear", placement="none"))
+    assert check_full_run(Path(__file__).parent.parent / "checkpoints" / "base")["step"] == FULL_STEPS
+    r = CliRunner().invoke(app, ["demo", "--full", "--base", str(tmp_path / "early"), "--ship", "--workdir", str(tmp_path / "w")])
+    assert r.exit_code != 0 and "stopped at step 1000" in r.output and not (tmp_path / "w").exists(), r.output
 
 
 @pytest.mark.slow
@@ -302,19 +299,14 @@ def test_the_shipped_adapter_transcribes_held_out_speech(tmp_path):
     import soundfile as sf
 
     from steermoe_core.data.prep.synth import parse_voice, synthesize
-    from steermoe_core.demo.run import (
-        FULL_STEPS,
-        PRETRAINED,
-        SHIPPED_FILES,
-        SHIPPED_MOMENTS,
-        check_full_run,
-    )
+    from steermoe_core.demo.run import PRETRAINED, SHIPPED_FILES, SHIPPED_MOMENTS
+    from steermoe_core.demo.stages import READER_STEPS, check_staged_run
     from steermoe_core.demo.text import HELDOUT_VOICES, out_of_domain_sentences
     from steermoe_core.evaluation.metrics import word_error_rate
     from steermoe_core.inference import SteerMoE
 
-    assert sorted(p.name for p in PRETRAINED.iterdir() if p.name != SHIPPED_MOMENTS) == sorted(SHIPPED_FILES)  # moments optional
-    assert check_full_run(PRETRAINED)["step"] == FULL_STEPS
+    assert sorted(p.name for p in PRETRAINED.iterdir()) == sorted([*SHIPPED_FILES, SHIPPED_MOMENTS])
+    assert check_staged_run(PRETRAINED)["step"] == READER_STEPS
     texts = out_of_domain_sentences(8)
     clips = []
     for n, text in enumerate(texts):  # voices rotate as in the demo's out-of-domain set (here at normal speed)
@@ -336,8 +328,11 @@ def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
 
     from steermoe_core.config import dump_recipe, load_recipe, recipe_fingerprint
     from steermoe_core.demo.run import FULL_STEPS, demo_recipe, full_config
-    from steermoe_core.demo.stages import READER_OVERRIDES, READER_STEPS, check_staged_run, ctc_recipe, reader_recipe
+    from safetensors.torch import load_file
+
+    from steermoe_core.demo.stages import READER_OVERRIDES, READER_STEPS, check_staged_run, ctc_recipe, reader_recipe, ship_staged
     from steermoe_core.errors import CheckpointError
+    from steermoe_core.training.init_from import MOMENTS_FILE, PORTABLE_FILES, save_moments
 
     elsewhere = Path("/trainer/machine/corpus")
     base_fp = recipe_fingerprint(demo_recipe(full_config(tmp_path), "layer_wise", Path("/x")))
@@ -363,3 +358,20 @@ def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
                         [*READER_OVERRIDES, "model.llm.lora.rank=16"])
     with pytest.raises(CheckpointError, match="its recipe is not the reader stage's"):
         check_staged_run(model_dir("rank16", recipe=other))
+
+    # shipped with the CTC stage's moments for the weights the reader left as the stage made them
+    reader = model_dir("reader")
+    save_file({"projector.weight": torch.ones(2, 2), "lora.llm.a": torch.zeros(1)}, str(reader / "adapter.safetensors"))
+    stage = tmp_path / "ctc-step-1200"
+    stage.mkdir()
+    save_file({"projector.weight": torch.ones(2, 2), "router.weight": torch.ones(3)}, str(stage / "adapter.safetensors"))
+    save_moments({"projector.weight#exp_avg": torch.full((2, 2), 0.5), "projector.weight#exp_avg_sq": torch.ones(2, 2),
+                  "projector.weight#step": torch.tensor(1200.0), "router.weight#exp_avg": torch.ones(3)}, stage)
+    dest = ship_staged(reader, stage, tmp_path / "pretrained")
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*PORTABLE_FILES, MOMENTS_FILE])
+    assert (dest / "adapter.safetensors").read_bytes() == (reader / "adapter.safetensors").read_bytes()
+    moments = load_file(str(dest / MOMENTS_FILE))
+    assert sorted(moments) == ["projector.weight#exp_avg", "projector.weight#exp_avg_sq", "projector.weight#step"]
+    save_file({"projector.weight": torch.zeros(2, 2)}, str(stage / "adapter.safetensors"))  # another stage's weights
+    with pytest.raises(CheckpointError, match="does not belong to it"):
+        ship_staged(reader, stage, tmp_path / "p2")

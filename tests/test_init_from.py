@@ -186,20 +186,27 @@ def test_a_portable_checkpoint_keeps_its_run_s_last_moments(backbones, tiny_data
         save_portable(first_run["final"], tmp_path / "elsewhere", first_run["step10"])
 
 
-def test_the_repository_s_ctc_stage_continues_with_its_moments():
+@pytest.mark.parametrize("which", ["ctc_stage", "shipped"])
+def test_the_repository_s_checkpoints_continue_with_their_moments(which):
     """checkpoints/ctc_stage (the CTC stage's last step as it travels between machines, docs/training_cpu.md)
-    loads into its own recipe, every trainable weight with its Adam moments, and records where it grew from."""
+    loads into its own recipe, every trainable weight with its Adam moments; the shipped model loads into
+    its own recipe with the CTC stage's moments for every weight but the LLM's LoRA (the text-trained
+    reader's, which starts fresh). Both record where they grew from."""
     from steermoe_core.config import load_recipe
-    from steermoe_core.demo.stages import CTC_RECIPE
+    from steermoe_core.demo.run import PRETRAINED
+    from steermoe_core.demo.stages import CTC_RECIPE, READER_STEPS
     from steermoe_core.model.build import build_model
-    from steermoe_core.training.init_from import init_from
+    from steermoe_core.training.init_from import init_from, trainable_names
     from steermoe_core.training.optim import make_optimizer
 
-    folder = Path(__file__).parent.parent / "checkpoints" / "ctc_stage"
-    recipe = load_recipe(CTC_RECIPE, ["data.train=unused", "train.device=cpu"])
+    folder = Path(__file__).parent.parent / "checkpoints" / "ctc_stage" if which == "ctc_stage" else PRETRAINED
+    recipe = load_recipe(CTC_RECIPE if which == "ctc_stage" else PRETRAINED / "recipe.toml", ["data.train=unused", "train.device=cpu"])
     model = build_model(recipe.model, torch.device("cpu"))
     opt = make_optimizer(model, recipe.train, torch.device("cpu"))
     info = init_from(model, opt, folder)
     total = sum(len(g["params"]) for g in opt.param_groups)
-    assert info["optimizer"] == f"{total} of {total} parameters from {MOMENTS_FILE}" and info["lora"] == "loaded"
-    assert [x["step"] for x in info["lineage"]] == [3000, recipe.train.max_steps]
+    fresh = sum(n.startswith("lora.llm.") for n in trainable_names(model).values())
+    assert (fresh == 0) == (which == "ctc_stage")
+    assert info["optimizer"] == f"{total - fresh} of {total} parameters from {MOMENTS_FILE}" and info["lora"] == "loaded"
+    steps = [3000, load_recipe(CTC_RECIPE).train.max_steps]
+    assert [x["step"] for x in info["lineage"]] == (steps if which == "ctc_stage" else [*steps, READER_STEPS])

@@ -247,10 +247,11 @@ def test_fp16_and_int8_exports_run_close_to_float32(ckpt, backends, tmp_path, fl
 
 @pytest.mark.slow
 def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protobuf_limit(backbones, tmp_path, monkeypatch):
-    """Five things one export can check (each costs about 23 s on 2 cores): LoRA folded into the
-    backbones, ``vocab_posterior``'s mixture of the LLM's embeddings inside the audio tower,
-    ``drop_blank``'s choice of the tokens the LLM reads, opset 21, and a model past protobuf's 2 GB
-    limit, whose graphs must keep their weights beside them and still decode exactly as torch does."""
+    """Six things one export can check (each costs about 23 s on 2 cores): LoRA folded into the
+    backbones, the LLM as released beside the folded one for prompts without audio,
+    ``vocab_posterior``'s mixture of the LLM's embeddings inside the audio tower, ``drop_blank``'s
+    choice of the tokens the LLM reads, opset 21, and a model past protobuf's 2 GB limit, whose graphs
+    must keep their weights beside them and still decode exactly as torch does."""
     pytest.importorskip("peft")
     from steermoe_core.config import recipe_from_dict
     from steermoe_core.data.batch import pad_clips
@@ -292,6 +293,13 @@ def test_lora_and_vocab_posterior_fold_into_a_newer_opset_export_past_the_protob
     for i, a in enumerate(ob.encode_audio(clips)):  # the graph mixes the embeddings and keeps the tokens torch keeps
         np.testing.assert_allclose(a, ref[i, read[i]], atol=1e-4 * np.abs(ref).max())
     assert ob.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1) == tb.generate(clips, [1] * 3, [PROMPT] * 3, 10, 1)
+    # a prompt without audio runs the LLM as released on both backends (torch switches its LoRA off)
+    assert (tmp_path / "m" / "base_llm" / "decoder.onnx").is_file()
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["files"]["base_decoder"] == "base_llm/decoder.onnx"
+    prompt = [[5, 9, 13, 2, 7]]
+    released = ob.complete(prompt, 8)
+    assert released == tb.complete(prompt, 8)
+    assert ob.greedy([np.asarray(ob.embeddings[prompt[0]], dtype=np.float32)], 8) != released  # the folded LoRA matters
 
 
 @pytest.mark.slow

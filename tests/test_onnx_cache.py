@@ -101,8 +101,9 @@ def test_two_adapters_on_one_llm_share_one_decoder_and_decode_as_unshared_export
 
 def test_pruning_keeps_a_shared_decoder_while_an_export_names_it(adapters, backbones, tmp_path, monkeypatch, llm_exports):
     """Keep 1: the first adapter's export goes when the second's is made, the decoder they share stays;
-    an LLM with LoRA folded in gets a decoder of its own, and the shared one goes with its last user.
-    A pruned export asked for again is built again cleanly, its LLM part exported again."""
+    an LLM with LoRA folded in gets a decoder of its own and links the shared one (the LLM as released,
+    for prompts without audio), which then lives as long as it is named. A pruned export asked for
+    again is built again cleanly; its LLM part is exported again once no export names it."""
     pytest.importorskip("peft")
     from steermoe_core.export.cache import cache_dir, cached_export
     from steermoe_core.inference.onnx_backend import OnnxBackend
@@ -117,13 +118,16 @@ def test_pruning_keeps_a_shared_decoder_while_an_export_names_it(adapters, backb
     assert (cache_dir() / "llm" / key / "decoder.onnx").is_file()  # named by the kept export
 
     lora = cached_export(_checkpoint(backbones, tmp_path / "lora", 3, llm_lora=True), say=lambda s: None)
-    own = json.loads((lora / "manifest.json").read_text())["shared_llm"]
-    assert own != key and len(llm_exports) == 2  # its LLM (LoRA folded in, here still zero) is its own
-    assert not b.exists() and not (cache_dir() / "llm" / key).exists()  # no export names it any more
+    manifest = json.loads((lora / "manifest.json").read_text())
+    own = manifest["shared_llm"]
+    assert own != key and manifest["shared_base_llm"] == key and len(llm_exports) == 2  # its folded LLM is its own
+    assert not b.exists() and (cache_dir() / "llm" / key / "decoder.onnx").is_file()  # the released LLM, named by it
+    assert (lora / "base_llm" / "decoder.onnx").stat().st_ino == (cache_dir() / "llm" / key / "decoder.onnx").stat().st_ino
     assert (cache_dir() / "llm" / own / "decoder.onnx").is_file()
 
     again = cached_export(second, say=lambda s: None)
-    assert again == b and len(llm_exports) == 3
+    assert again == b and len(llm_exports) == 2  # the released LLM's part was still there
+    assert not lora.exists() and not (cache_dir() / "llm" / own).exists()  # the folded one went with its export
     assert OnnxBackend.load(again, "cpu").generate(_clips()[:1], [1], [PROMPT], 6, 1)[0]
 
 

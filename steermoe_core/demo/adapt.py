@@ -1,8 +1,8 @@
-"""`steermoe demo` (what `make demo` runs): the shipped adapter adapted, before your eyes, to a voice it never heard.
+"""`steermoe demo` (what `make demo` runs): the shipped model adapted, before your eyes, to a voice it never heard.
 
 A reader cannot be trained from scratch in 20 minutes on 2 CPU cores (`demo --full` takes hours), but an
 adapter that already reads English can be adapted in minutes. The demo starts from whatever adapter ships in
-``demo/pretrained`` (loaded from its path, so a new shipped adapter is picked up with no other change),
+``demo/pretrained`` (loaded from its path, so a new shipped model is picked up with no other change),
 fine-tunes it on a held-out voice (``ADAPT_VOICES``) speaking a kind of text it never trained on (Harvard
 sentences), and scores it before and after on Harvard sentences in that voice that the fine-tune never sees, plus the
 training voices it already knew (to show it did not forget them). Fine-tuning on the new voice alone made it
@@ -139,7 +139,7 @@ def mixed_batches(new, replay, batch_size: int, n_replay: int, recipe, seed: int
 
 def adapter_fingerprint(model_dir: Path) -> str:
     """The start adapter's identity by content (not path or mtime): a stored result is reused only for
-    the very adapter it came from, so a newly shipped adapter is adapted afresh."""
+    the very adapter it came from, so a newly shipped model is adapted afresh."""
     return hashlib.sha256((model_dir / "adapter.safetensors").read_bytes()).hexdigest()[:16]
 
 
@@ -305,7 +305,9 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
     overrides = adapt_overrides(read_checkpoint(cfg.start)[0], cfg, data / "train")
     model, recipe, meta = load_checkpoint(cfg.start, overrides=overrides)
     precision = resolve_precision(recipe.train.precision, model.device)
-    log(f"start: {cfg.start} ({meta.get('step')} steps); training precision {precision}")
+    # the steps of every run it grew from, then its own (the shipped model: base run, CTC stage, reader)
+    grown = [x.get("step") for x in (meta.get("init_from") or meta.get("reader_init_from") or {}).get("lineage", [])] + [meta.get("step")]
+    log(f"start: {cfg.start} ({' + '.join(f'{n:,}' for n in grown)} steps); training precision {precision}")
 
     before_file = cfg.workdir / "before.json"
     if before_file.exists():
@@ -332,6 +334,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
     log("after: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in after["wer"].items()) + f", loss {after['loss']:.3f}")
     result = {
         "start": str(cfg.start), "start_step": meta.get("step"), "start_key": start_key,
+        "start_lineage": grown,
         "voices": list(cfg.voices), "train_sentences": cfg.train_sentences, "batch_size": cfg.batch_size,
         "replay_per_batch": replay_per_batch(cfg.batch_size, cfg.replay_fraction), "replay_sentences": cfg.replay_sentences,
         "precision": str(precision), "trained": trained,

@@ -26,13 +26,13 @@ from steermoe_core.demo.text import (
 from steermoe_core.errors import UsageError
 from steermoe_core.inference.api import SHIPPED_MODEL
 # what ships: adapter, meta.json, recipe and, where the run's last checkpoint kept its optimizer state,
-# Adam's moments by weight name (2 MB), so `steermoe train --init-from` the shipped adapter continues it
+# Adam's moments by weight name, so `steermoe train --init-from` continues it (training.init_from)
 from steermoe_core.training.init_from import MOMENTS_FILE as SHIPPED_MOMENTS
 from steermoe_core.training.init_from import PORTABLE_FILES as SHIPPED_FILES
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo_tiny.toml"  # shipped in the package
 REAL_CLIPS = "pkg:pytest_audioeval/samples/audio/en"
-PRETRAINED = SHIPPED_MODEL  # demo/pretrained: the longer run `make demo-full` trains, shipped
+PRETRAINED = SHIPPED_MODEL  # demo/pretrained: the model `make demo-full` trains (demo.stages), shipped
 FULL_STEPS, FULL_CTC_ONLY_STEPS, FULL_EVAL_EVERY = 3000, 700, 250
 # the cosine reaches its floor (30% of the peak lr) at step 2,000 and stays there: the run first shipped
 # stopped at 2,000, and its out-of-domain WER was still falling at the floor lr (63.5% at 2,000, 57.5% at
@@ -52,7 +52,7 @@ SETS = {"in-domain": "valid_in", "out-of-domain": "ood", "real clips": "real"}
 @dataclass
 class DemoConfig:
     """A from-scratch run: `make demo-full` (``full_config``), or any size of it (`steermoe demo --full --steps N`);
-    CI uses a much smaller one. `make demo` itself adapts the shipped adapter instead (``demo.adapt``)."""
+    CI uses a much smaller one. `make demo` itself adapts the shipped model instead (``demo.adapt``)."""
 
     workdir: Path
     train_sentences: int = 3000
@@ -74,7 +74,7 @@ class DemoConfig:
 
 
 def full_config(workdir: Path, workers: int = 0) -> DemoConfig:
-    """`make demo-full`: the longer run whose adapter ships in ``demo/pretrained`` (SteerMoE; with
+    """The base run of `make demo-full`, which the shipped model's later stages grow from (SteerMoE; with
     ``train_linear`` a linear-only adapter beside it on the same data, schedule and seed)."""
     return DemoConfig(workdir, train_sentences=12000, steps=FULL_STEPS, decay_steps=FULL_DECAY_STEPS,
                       ctc_only_steps=FULL_CTC_ONLY_STEPS, workers=workers, pretrained=None, train_linear=False,
@@ -87,8 +87,8 @@ Log = Callable[[str], None]
 def check_full_run(model_dir: Path) -> dict:
     """Raise unless ``model_dir`` holds the adapter `steermoe demo --full` trains: its recipe (data folders
     aside, they are the trainer's machine's, and its DataLoader worker count, which changes only speed)
-    trained to the last step. Returns its meta.json. Only such an
-    adapter ships, so the README's shipped figure is reproducible with one documented command."""
+    trained to the last step. Returns its meta.json. The shipped model grows from such an adapter only
+    (``demo.stages``), so its figures are reproducible with one documented command."""
     from dataclasses import asdict
 
     from steermoe_core.errors import CheckpointError
@@ -105,17 +105,6 @@ def check_full_run(model_dir: Path) -> dict:
     if meta.get("step") != FULL_STEPS:
         raise CheckpointError(f"{model_dir}: stopped at step {meta.get('step')}, not the full run's {FULL_STEPS}")
     return meta
-
-
-def ship_adapter(model_dir: Path, dest: Path = PRETRAINED) -> Path:
-    """Copy `make demo-full`'s finished adapter into ``demo/pretrained``, where `make demo` scores it beside
-    its own short run and the package carries it, with its last checkpoint's Adam moments where it kept
-    them; anything `check_full_run` refuses is not copied."""
-    from steermoe_core.training.init_from import save_portable
-
-    meta = check_full_run(model_dir)
-    last = model_dir.parent / "checkpoints" / f"step-{meta['step']:07d}"
-    return save_portable(model_dir, dest, last if (last / "train_state.pt").is_file() else None)
 
 
 def _prep_synth(texts: list[str], out: Path, voices: list[str], workers: int, log: Log) -> None:

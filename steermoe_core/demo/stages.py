@@ -1,5 +1,6 @@
-"""`steermoe demo --full`: the demo's model in four stages, each resumable, each checked before it ships.
-The adapter shipped now is the base stage's (`make demo-full`); `make demo-stages` runs the others from it.
+"""`steermoe demo --full`: the shipped model in four stages, each resumable, each checked before it ships
+(`make demo-full`; `make demo-stages` runs the last three from the base run's adapter in the repository's
+``checkpoints/base``).
 
 1. **base**: the from-scratch run (`demo.run`, ``full_config``): 3,000 steps on 12,000 Brown sentences in
    ten flite / espeak-ng voices (hours on a CPU).
@@ -9,7 +10,7 @@ The adapter shipped now is the base stage's (`make demo-full`); `make demo-stage
 3. **ctc**: a CTC-only stage with LoRA on the encoder (``recipes/demo_ctc_stage.toml``) started from the
    base run's adapter and Adam moments: the CTC read-out learns natural voices.
 4. **reader**: LoRA on the frozen LLM trained on text alone to read the stage's read-out and stop
-   (``training.reader``), started from the stage: the model that ships.
+   (``training.reader``), started from the stage: the model that ships, with the stage's Adam moments.
 
 Every stage leaves its result in the work folder and is reused when it is there (the synthesis,
 training and reader resume from their last shard or checkpoint). ``check_staged_run`` checks a finished
@@ -22,6 +23,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from steermoe_core.config import Recipe, load_recipe, recipe_fingerprint
 from steermoe_core.errors import CheckpointError, UsageError
@@ -120,7 +123,7 @@ def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = prin
                base_config=None, base: Path | None = None) -> dict[str, Path]:
     """Run the stages up to ``until`` in ``workdir`` (the base run in the folder itself, as `demo --full`
     always made it; then ``corpus/``, ``ctc/``, ``reader/``) and return each one's result.
-    ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: the shipped adapter's);
+    ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: the one the shipped model grew from);
     ``base``: an adapter the base stage made already, instead of training it (its lineage is checked
     when the result ships)."""
     from steermoe_core.demo.run import full_config, run_demo
@@ -154,11 +157,29 @@ def score_model(model_dir: Path, data: Path, label: str) -> dict[str, dict[str, 
             for row, read in ((label, "llm"), (f"{label}, CTC read-out", "ctc"))}
 
 
-def ship_staged(model_dir: Path, dest: Path | None = None) -> Path:
+def ship_staged(model_dir: Path, ctc_state: Path | None = None, dest: Path | None = None) -> Path:
     """Copy the reader stage's model into ``demo/pretrained`` (where `make demo`, `infer` and the package
-    take it from) once ``check_staged_run`` takes it; the CTC stage's moments stay with its run."""
+    take it from) once ``check_staged_run`` takes it. ``ctc_state``: the CTC stage's last checkpoint (its
+    ``train_state.pt``, or a portable copy's ``optimizer.safetensors``), whose Adam moments ship beside
+    the model for every weight the reader left as the stage made it, so `steermoe train --init-from`
+    continues the stage without restarting its moments; the LLM's LoRA, the reader's own, starts fresh."""
+    from safetensors.torch import load_file
+
     from steermoe_core.demo.run import PRETRAINED
-    from steermoe_core.training.init_from import save_portable
+    from steermoe_core.model.checkpoint import load_checkpoint
+    from steermoe_core.training.init_from import MOMENTS_FILE, read_moments, save_moments, save_portable
 
     check_staged_run(model_dir)
-    return save_portable(model_dir, dest or PRETRAINED)
+    dest = save_portable(model_dir, dest or PRETRAINED)
+    if ctc_state is None:
+        return dest
+    ours, theirs = load_file(str(model_dir / "adapter.safetensors")), load_file(str(ctc_state / "adapter.safetensors"))
+    same = {k for k, v in theirs.items() if k in ours and ours[k].shape == v.shape and torch.equal(ours[k], v)}
+    if not same:
+        raise CheckpointError(f"{ctc_state}: none of its weights are {model_dir}'s, so its optimizer state does not belong to it")
+    if (ctc_state / MOMENTS_FILE).is_file():  # a portable copy: moments by weight name, no model needed
+        moments = load_file(str(ctc_state / MOMENTS_FILE))
+    else:
+        moments, _ = read_moments(ctc_state, load_checkpoint(ctc_state, torch.device("cpu"))[0])
+    save_moments({k: v for k, v in moments.items() if k.split("#")[0] in same}, dest)
+    return dest

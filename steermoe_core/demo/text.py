@@ -26,7 +26,7 @@ TRAIN_VOICES = (
     "espeak:en-gb-x-gbclan+m2", "espeak:en-us+m4",
 )
 HELDOUT_VOICES = ("flite:awb", "espeak:en-us-nyc+f4", "espeak:en-gb-x-rp+m5", "espeak:en-gb-x-gbcwmd+f1")
-# `make demo` adapts the shipped adapter to the held-out voice it reads worst: flite:awb, a Scottish-accented
+# `make demo` adapts the shipped model to the held-out voice the base run reads worst: flite:awb, a Scottish-accented
 # male voice built from real recordings (CMU ARCTIC), where it scored 63.8% and Whisper tiny.en's own decoder
 # 17.2% (docs/demo.md), so the encoder hears it well and the adapter has the most to gain. Measured with
 # all four held-out voices, 26 steps took awb from 68% to 47% while the two hardest espeak-ng voices,

@@ -26,7 +26,8 @@ retraining into the same folder makes a new export and never reuses a stale one.
 (``onnx_export.llm_key``) hashes what the LLM part is made of: the export format, opset, dtype and
 quantisation, the LLM's config, the full bytes of its weights as loaded (a GGUF dequantised, LoRA
 folded in) and its tokenizer. A checkpoint with LoRA on the LLM also mixes in its own ``<key>``:
-its folded-in LLM is its own, and it keeps its own decoder.
+its folded-in LLM is its own, and it keeps its own decoder; the LLM as released, which it runs for
+prompts without audio, is linked from that LLM's shared part (``shared_base_llm`` in its manifest).
 
 Concurrency: one checkpoint's export is built under its lock (concurrent callers wait and then find
 it); an LLM part is exported, and linked into an export whose manifest is renamed into place, under
@@ -135,7 +136,6 @@ def _shared_llms(root: Path) -> set[str]:
     keys = set()
     for folder in _exports(root):
         with contextlib.suppress(OSError, ValueError, AttributeError):
-            key = json.loads((folder / MANIFEST).read_text(encoding="utf-8")).get("shared_llm")
-            if key:
-                keys.add(str(key))
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            keys.update(str(manifest[k]) for k in ("shared_llm", "shared_base_llm") if manifest.get(k))
     return keys

@@ -15,7 +15,7 @@ from pathlib import Path
 from steermoe_core.inference.onnx_manifest import FORMAT_VERSION
 
 _KEY_FILES = ("adapter.safetensors", "recipe.toml", "meta.json")
-CACHE_REVISION = 3  # raised when what an export holds changes within one format version (3: the long-recording policy's inputs)
+CACHE_REVISION = 4  # raised when what an export holds changes within one format version (3: the long-recording policy's inputs; 4: the LLM as released beside a LoRA-folded decoder)
 
 
 def export_key(checkpoint: Path) -> str:

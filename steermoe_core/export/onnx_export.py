@@ -66,6 +66,10 @@ FILES = {
     "mel_filters": "mel_filters.npy", "tokenizer": "tokenizer/tokenizer.json",
 }
 LLM_FILES = {k: FILES[k] for k in ("decoder", "embeddings", "tokenizer")}  # the LLM's alone: shared between adapters
+# A checkpoint with LoRA on the LLM folds it into ``decoder.onnx`` (for prompts with audio) and carries the LLM as
+# released beside it, for prompts without audio (the transcript strategy, text chat: ``model.lora.base_llm``)
+BASE_DIR = "base_llm"
+BASE_DECODER = f"{BASE_DIR}/{FILES['decoder']}"
 
 
 def check_options(opset: int, dtype: str, quantize: str | None) -> None:
@@ -106,16 +110,21 @@ def export_onnx(
     except BackboneError as e:
         raise BackboneError(f"{checkpoint}: cannot load the backbones it was trained on ({e})") from None
     lora_on_llm = has_lora(model, "llm")
+    base = _released_llm(recipe, trust_remote_code) if lora_on_llm else None
     model = merge_lora(model.float()).eval()  # LoRA folded into the backbones: plain modules, same function
     if model.encoder.kind != "whisper":
         raise UsageError(f"{checkpoint}: ONNX export supports Whisper encoders only (this one is {model.encoder.kind!r})")
-    shared, part_lock = None, contextlib.nullcontext()
+    shared = shared_base = None
+    locks = contextlib.ExitStack()
     if llm_cache is not None:
         key = llm_key(model, opset, dtype, quantize, own=export_key(Path(checkpoint)) if lora_on_llm else None)
         shared = Path(llm_cache) / key
-        part_lock = locked(beside(shared, ".lock"))
-    # the LLM part's lock is held until ``out`` is in place: pruning never sees the part unnamed while it is linked
-    with part_lock, atomic_dir(out) as tmp:
+        if base is not None:  # the released LLM's part: the one every adapter without LoRA on this LLM shares
+            shared_base = Path(llm_cache) / llm_key(base, opset, dtype, quantize)
+            locks.enter_context(locked(beside(shared_base, ".lock")))
+        locks.enter_context(locked(beside(shared, ".lock")))
+    # the LLM parts' locks are held until ``out`` is in place: pruning never sees a part unnamed while it is linked
+    with locks, atomic_dir(out) as tmp:
         t0 = time.perf_counter()
         say("exporting the audio tower")
         args, shapes = audio_tower_shapes(model)
@@ -131,6 +140,16 @@ def export_onnx(
             say(f"linking the LLM's decoder, embeddings and tokenizer from {shared}")
             _link_files(shared, tmp, LLM_FILES)
         seconds["decoder"], parity["decoder"] = llm["seconds"], llm["parity"]
+        files = dict(FILES)
+        if base is not None:
+            say("the LLM as released, for prompts without audio")
+            if shared_base is None:
+                info = _export_llm(base, tmp / BASE_DIR, opset, dtype, quantize, say, checkpoint, decoder_only=True)
+            else:
+                info = _shared_llm(base, shared_base, opset, dtype, quantize, say, checkpoint)
+                _link_files(shared_base, tmp / BASE_DIR, {"decoder": FILES["decoder"]})
+            seconds["base_decoder"], parity["base_decoder"] = info["seconds"], info["parity"]
+            files["base_decoder"] = BASE_DECODER
         say("writing mel filters and manifest")
         enc = model.encoder
         layers, heads, head_dim = kv_shape(model.llm)
@@ -143,7 +162,7 @@ def export_onnx(
             "opset": opset,
             "dtype": dtype,
             "quantize": quantize,
-            "files": FILES,
+            "files": files,
             "export_seconds": {k: round(v, 2) for k, v in seconds.items()},
             "parity": parity,
             "checkpoint": {"path": str(checkpoint), "step": meta.get("step"), "backbones": meta.get("backbones")},
@@ -165,6 +184,8 @@ def export_onnx(
         }
         if shared is not None:
             manifest["shared_llm"] = shared.name  # the cache's LLM part this folder's LLM files are linked from
+        if shared_base is not None:
+            manifest["shared_base_llm"] = shared_base.name  # and the released LLM's, for prompts without audio
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
     return manifest
 
@@ -204,10 +225,25 @@ def _shared_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quan
     return info
 
 
-def _export_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quantize: str | None, say, checkpoint) -> dict:
+def _released_llm(recipe, trust_remote_code: bool) -> SteerMoEModel:
+    """The checkpoint's backbones with its LLM as released (no LoRA): what prompts without audio run
+    on. Built afresh from the recipe's backbones (no adapter is loaded: only its LLM is exported)."""
+    import dataclasses
+
+    from steermoe_core.model.build import build_model
+
+    cfg = dataclasses.replace(recipe.model, llm=dataclasses.replace(recipe.model.llm, lora=None),
+                              encoder=dataclasses.replace(recipe.model.encoder, lora=None))
+    return build_model(cfg, torch.device("cpu"), trust_remote_code=trust_remote_code).float().eval()
+
+
+def _export_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quantize: str | None, say, checkpoint,
+                decoder_only: bool = False) -> dict:
     """The LLM's files (``LLM_FILES``) into ``folder``: the decoder graph, compared with torch, the
-    embedding table and the tokenizer. Returns {"seconds", "parity"} of the decoder."""
+    embedding table and the tokenizer (``decoder_only``: the graph alone). Returns {"seconds", "parity"}
+    of the decoder."""
     t0 = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
     say("exporting the LLM decoder with its KV cache")
     layers = kv_shape(model.llm)[0]
     args, shapes = decoder_shapes(model.llm, torch.float32)
@@ -217,6 +253,8 @@ def _export_llm(model: SteerMoEModel, folder: Path, opset: int, dtype: str, quan
     )
     seconds = time.perf_counter() - t0
     parity = _parity(model, folder, ["decoder"], dtype, quantize)["decoder"]
+    if decoder_only:
+        return {"seconds": seconds, "parity": parity}
     say("writing embeddings and tokenizer")
     np.save(folder / FILES["embeddings"], model.llm.get_input_embeddings().weight.detach().float().numpy())
     (folder / "tokenizer").mkdir(exist_ok=True)

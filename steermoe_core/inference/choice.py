@@ -7,9 +7,10 @@ a checkpoint through its cached export (``export.cache``: built on first use, th
 decoder shared by every adapter on that LLM), and torch elsewhere.
 
 ``auto`` stays on torch where onnxruntime would not help or cannot follow: a GPU, beam search, a
-Conformer encoder (not exportable), LoRA on the LLM (an export folds it into the weights, and text-only
-prompts must run the LLM without it), a missing ``[onnx]`` extra, or an export that failed before
-(remembered, with its reason, so a failing export is not retried on every call).
+Conformer encoder (not exportable), a missing ``[onnx]`` extra, or an export that failed before
+(remembered, with its reason, so a failing export is not retried on every call). LoRA on the LLM
+exports too: folded into the decoder that reads audio, with the LLM as released beside it for prompts
+without audio.
 
 Importing this module never imports torch (the onnxruntime backend's promise); the rules import what
 they need when they run, and the export code only when a checkpoint must be exported.
@@ -52,8 +53,6 @@ def why_torch(checkpoint: Path, device: str, num_beams: int = 1) -> str | None:
     recipe = load_recipe(Path(checkpoint) / "recipe.toml")
     if recipe.model.encoder.kind != "whisper":
         return "only Whisper encoders export to ONNX"
-    if recipe.model.llm.lora is not None:
-        return "LoRA on the LLM: an export folds it in, and prompts without audio need the LLM without it"
     failed = failed_marker(checkpoint)
     if failed.is_file():
         return f"its onnxruntime export failed before ({failed.read_text().splitlines()[0]}; delete {failed} to try again)"

@@ -87,6 +87,11 @@ class OnnxBackend:
         opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("STEERMOE_ORT_SPIN", "0"))
         self.tower = _session(ort, folder / files["audio_tower"], opts, providers)
         self.decoder = _session(ort, folder / files["decoder"], opts, providers)
+        # LoRA on the LLM is folded into ``decoder``; prompts without audio run the LLM as released
+        # (``base_decoder``), opened on first use: transcription never needs it
+        self._base = folder / files["base_decoder"] if "base_decoder" in files else None
+        self._base_session = None
+        self._session_args = (ort, opts, providers)
         self.embeddings = np.load(folder / files["embeddings"], mmap_mode="r")
         self.filters = np.load(folder / files["mel_filters"]).astype(np.float32)
         self.tokenizer = Tokenizer.from_file(str(folder / files["tokenizer"]))
@@ -177,9 +182,20 @@ class OnnxBackend:
         return self._chat_tokenizer
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int, guard=None, temperature: float = 0.0, streamer=None) -> list[list[int]]:
-        """The frozen LLM alone on token prompts (text chat, the transcript strategy): the new ids per row."""
+        """The frozen LLM alone on token prompts (text chat, the transcript strategy): the new ids per row,
+        decoded by the LLM as released where the export folded LoRA into its decoder."""
         rows = [np.asarray(self.embeddings[np.asarray(p, dtype=np.int64)], dtype=np.float32) for p in prompts]
-        return self.greedy(rows, max_new_tokens, streamer, guard, temperature)
+        return self.greedy(rows, max_new_tokens, streamer, guard, temperature, decoder=self.base_decoder)
+
+    @property
+    def base_decoder(self):
+        """The decoder of the LLM as released: ``decoder`` itself, unless LoRA was folded into it."""
+        if self._base is None:
+            return self.decoder
+        if self._base_session is None:
+            ort, opts, providers = self._session_args
+            self._base_session = _session(ort, self._base, opts, providers)
+        return self._base_session
 
     # -- decoding --
     def generate(self, clips, groups, prompts, max_new_tokens, num_beams, streamer=None, guard=None, temperature: float = 0.0) -> list[str]:
@@ -196,10 +212,12 @@ class OnnxBackend:
         ids = self.greedy(rows, max_new_tokens, streamer, guard, temperature)
         return [t.strip() for t in self.decode(finish_rows(ids, self.stop_ids, self.pad_id))]
 
-    def greedy(self, rows: list[np.ndarray], max_new_tokens: int, streamer=None, guard=None, temperature: float = 0.0) -> list[list[int]]:
+    def greedy(self, rows: list[np.ndarray], max_new_tokens: int, streamer=None, guard=None, temperature: float = 0.0,
+               decoder=None) -> list[list[int]]:
         """Greedy (or, at ``temperature`` > 0, sampled) decoding of left-padded prompt embeddings with
         the KV cache kept in numpy; a row ends at a stop id or when ``guard`` stops it (then padded,
-        as transformers pads a row its stopping criteria ended)."""
+        as transformers pads a row its stopping criteria ended). ``decoder``: default ``self.decoder``."""
+        decoder = decoder or self.decoder
         b, width = len(rows), max(len(r) for r in rows)
         embeds = np.broadcast_to(self.embeddings[self.pad_id].astype(np.float32), (b, width, self.llm["hidden"])).copy()
         mask = np.zeros((b, width), dtype=np.int64)
@@ -213,7 +231,7 @@ class OnnxBackend:
         done = np.zeros(b, dtype=bool)
         out: list[list[int]] = [[] for _ in range(b)]  # each row's ids so far, what the guard reads every step
         for step in range(max_new_tokens):
-            logits, *present = self.decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past})
+            logits, *present = decoder.run(None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": pos, **past})
             allowed = guard.allowed(out, logits.shape[-1]) if guard is not None else None
             if allowed is not None:  # rows decoded under a grammar (a tool call under its schema)
                 logits = np.where(allowed, logits, -np.inf)
