@@ -128,6 +128,9 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
     stdout.print("; ".join(f"{k}: {v}" for k, v in done.items()), soft_wrap=True)
     if ship:
         last = root / "ctc" / "checkpoints" / f"step-{load_recipe(CTC_RECIPE).train.max_steps:07d}"
+        if not (last / "train_state.pt").is_file():
+            log(f"{last}: not there, so the model ships without the CTC stage's Adam moments")
+            last = None
         stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'], last)}", soft_wrap=True)
 
 
