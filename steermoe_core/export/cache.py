@@ -84,8 +84,8 @@ def cached_export(checkpoint: Path, say: Callable[[str], None] = print) -> Path:
     folder = cache_folder(checkpoint)
     with locked(beside(folder, ".lock")):
         if not _complete(folder):
-            say(f"exporting {checkpoint} to onnxruntime once (cached in {folder.parent}; about a minute on 2 cores "
-                "for a new LLM, seconds for another adapter on an LLM exported before)")
+            say(f"exporting {checkpoint} to onnxruntime once (cached in {folder.parent}; a minute or more on 2 cores "
+                "for a new LLM, twice that with LoRA on it, seconds for another adapter on an LLM exported before)")
             with warnings.catch_warnings():  # the exporter's and transformers' deprecation chatter
                 warnings.simplefilter("ignore")
                 onnx_export.export_onnx(checkpoint, folder, step=lambda msg: say(f"  {msg}"), llm_cache=folder.parent / LLM_PARTS)
