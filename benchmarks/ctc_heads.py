@@ -1,6 +1,6 @@
 """Is the projector what limits the CTC read-out? Heads trained on a checkpoint's own encoder frames.
 
-    python benchmarks/ctc_heads.py --checkpoint steermoe_core/demo/pretrained --train CORPUS --clips 600,1200 \\
+    python benchmarks/ctc_heads.py --checkpoint checkpoints/base --train CORPUS --clips 600,1200 \\
         --data neural=SET --data robotic=SET [--heads checkpoint,linear,mlp] [--steps 400]
 
 The checkpoint's encoder runs once per clip, its steering on (``SteerMoEModel.encoder_frames``), and the
@@ -110,7 +110,7 @@ def train(model, head, pooling, items, steps: int, lr: float, batch: int, precis
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default="steermoe_core/demo/pretrained")
+    ap.add_argument("--checkpoint", default="checkpoints/base")
     ap.add_argument("--train", type=Path, required=True, help="prepared training set (its first clips are used)")
     ap.add_argument("--clips", default="600", help="training-set sizes, comma-separated")
     ap.add_argument("--data", action="append", required=True, help="NAME=prepared held-out set (repeatable)")

@@ -1,6 +1,6 @@
 """The CTC read-out's WER: a checkpoint's audio tokens read greedily through the LLM's embedding table.
 
-    python benchmarks/ctc_readout.py --checkpoint shipped=steermoe_core/demo/pretrained --data neural=SET [--data ...]
+    python benchmarks/ctc_readout.py --checkpoint base=checkpoints/base --data neural=SET [--data ...]
 
 No LLM runs (``SteerMoEModel.ctc_transcribe``): argmax of each audio token against the input
 embeddings, repeats merged, blanks (the space token) read as word breaks. The floor any reader of the same tokens must beat, cheap

@@ -1,6 +1,6 @@
 """Train the LLM's reader on text alone: LoRA on the frozen LLM learns to read a CTC read-out and stop.
 
-    python tools/train_reader.py steermoe_core/demo/pretrained/recipe.toml --init-from steermoe_core/demo/pretrained \
+    python tools/train_reader.py recipes/demo_ctc_stage.toml --init-from checkpoints/ctc_stage \
         --set model.projector.argmax_embeddings=true --set model.projector.drop_blank=true \
         --set model.llm.lora.rank=8 --set train.lr_lora=0.001 --text brown_train.txt --out runs/reader
 
