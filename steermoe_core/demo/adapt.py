@@ -287,6 +287,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
     ``results.json``) the before/after table and how the run was sized."""
     from steermoe_core.model.checkpoint import load_checkpoint, read_checkpoint
     from steermoe_core.runtime import resolve_precision
+    from steermoe_core.training.init_from import lineage
 
     began = time.monotonic()
     deadline = began + cfg.total_budget_s
@@ -306,7 +307,7 @@ def run_adapt(cfg: AdaptConfig, log: Log = print) -> dict:
     model, recipe, meta = load_checkpoint(cfg.start, overrides=overrides)
     precision = resolve_precision(recipe.train.precision, model.device)
     # the steps of every run it grew from, then its own (the shipped model: base run, CTC stage, reader)
-    grown = [x.get("step") for x in (meta.get("init_from") or meta.get("reader_init_from") or {}).get("lineage", [])] + [meta.get("step")]
+    grown = [x["step"] for x in lineage(recipe, meta)]
     log(f"start: {cfg.start} ({' + '.join(f'{n:,}' for n in grown)} steps); training precision {precision}")
 
     before_file = cfg.workdir / "before.json"
