@@ -103,7 +103,7 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
           corpus_text: Optional[Path], base: Optional[Path], ship: bool, log) -> None:
     from steermoe_core.config import load_recipe
     from steermoe_core.demo.run import RECIPE, check_full_run, full_config
-    from steermoe_core.demo.stages import CTC_RECIPE, run_stages, score_model, ship_staged
+    from steermoe_core.demo.stages import run_stages, score_model, ship_staged
     from steermoe_core.paths import cache_root
 
     root = workdir or cache_root() / "demo-full"
@@ -127,11 +127,7 @@ def _full(workdir: Optional[Path], steps: Optional[int], sentences: Optional[int
         _tables(json.loads(stored.read_text()), score_model(done["reader"], cfg.workdir / "data", "CTC stage + reader") if "reader" in done else {})
     stdout.print("; ".join(f"{k}: {v}" for k, v in done.items()), soft_wrap=True)
     if ship:
-        last = root / "ctc" / "checkpoints" / f"step-{load_recipe(CTC_RECIPE).train.max_steps:07d}"
-        if not (last / "train_state.pt").is_file():
-            log(f"{last}: not there, so the model ships without the CTC stage's Adam moments")
-            last = None
-        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'], last)}", soft_wrap=True)
+        stdout.print(f"shipped: {done['reader']} -> {ship_staged(done['reader'], done['ctc'], log=log)}", soft_wrap=True)
 
 
 def _tables(res: dict, final: dict) -> None:

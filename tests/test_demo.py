@@ -376,3 +376,10 @@ def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
     save_file({"projector.weight": torch.zeros(2, 2)}, str(stage / "adapter.safetensors"))  # another stage's weights
     with pytest.raises(CheckpointError, match="does not belong to it"):
         ship_staged(reader, stage, tmp_path / "p2")
+    # a stage's model folder keeps no moments, and its run's checkpoint of that step is gone: shipped without them
+    bare = tmp_path / "ctc" / "model"
+    bare.mkdir(parents=True)
+    (bare / "meta.json").write_text(json.dumps({"step": 1200}))
+    said = []
+    dest = ship_staged(reader, bare, tmp_path / "p3", log=said.append)
+    assert not (dest / MOMENTS_FILE).exists() and "ships without them" in said[0]

@@ -20,6 +20,7 @@ recipe fingerprint of each run it grew from, ``training.init_from.lineage``).
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -157,29 +158,41 @@ def score_model(model_dir: Path, data: Path, label: str) -> dict[str, dict[str, 
             for row, read in ((label, "llm"), (f"{label}, CTC read-out", "ctc"))}
 
 
-def ship_staged(model_dir: Path, ctc_state: Path | None = None, dest: Path | None = None) -> Path:
+def stage_state(ctc: Path) -> Path | None:
+    """Where the CTC stage ``ctc`` (its model folder, or a portable copy such as ``checkpoints/ctc_stage``)
+    keeps its Adam moments: the folder itself when it holds them, else its run's checkpoint of the same
+    step; None when neither is there."""
+    from steermoe_core.training.init_from import MOMENTS_FILE
+
+    if (ctc / MOMENTS_FILE).is_file() or (ctc / "train_state.pt").is_file():
+        return ctc
+    step = json.loads((ctc / "meta.json").read_text()).get("step")
+    last = ctc.parent / "checkpoints" / f"step-{step:07d}"
+    return last if (last / "train_state.pt").is_file() else None
+
+
+def ship_staged(model_dir: Path, ctc: Path | None = None, dest: Path | None = None, log: Log = print) -> Path:
     """Copy the reader stage's model into ``demo/pretrained`` (where `make demo`, `infer` and the package
-    take it from) once ``check_staged_run`` takes it. ``ctc_state``: the CTC stage's last checkpoint (its
-    ``train_state.pt``, or a portable copy's ``optimizer.safetensors``), whose Adam moments ship beside
-    the model for every weight the reader left as the stage made it, so `steermoe train --init-from`
-    continues the stage without restarting its moments; the LLM's LoRA, the reader's own, starts fresh."""
+    take it from) once ``check_staged_run`` takes it. ``ctc``: the CTC stage it reads (``stage_state``
+    finds its Adam moments), whose moments ship beside the model for every weight the reader left as the
+    stage made it, so `steermoe train --init-from` continues the stage without restarting its moments;
+    the LLM's LoRA, the reader's own, starts fresh."""
     from safetensors.torch import load_file
 
     from steermoe_core.demo.run import PRETRAINED
-    from steermoe_core.model.checkpoint import load_checkpoint
-    from steermoe_core.training.init_from import MOMENTS_FILE, read_moments, save_moments, save_portable
+    from steermoe_core.training.init_from import read_moments, save_moments, save_portable
 
     check_staged_run(model_dir)
     dest = save_portable(model_dir, dest or PRETRAINED)
-    if ctc_state is None:
+    state = None if ctc is None else stage_state(ctc)
+    if state is None:
+        if ctc is not None:
+            log(f"{ctc}: its Adam moments are not there, so the model ships without them")
         return dest
-    ours, theirs = load_file(str(model_dir / "adapter.safetensors")), load_file(str(ctc_state / "adapter.safetensors"))
+    ours, theirs = load_file(str(model_dir / "adapter.safetensors")), load_file(str(state / "adapter.safetensors"))
     same = {k for k, v in theirs.items() if k in ours and ours[k].shape == v.shape and torch.equal(ours[k], v)}
     if not same:
-        raise CheckpointError(f"{ctc_state}: none of its weights are {model_dir}'s, so its optimizer state does not belong to it")
-    if (ctc_state / MOMENTS_FILE).is_file():  # a portable copy: moments by weight name, no model needed
-        moments = load_file(str(ctc_state / MOMENTS_FILE))
-    else:
-        moments, _ = read_moments(ctc_state, load_checkpoint(ctc_state, torch.device("cpu"))[0])
+        raise CheckpointError(f"{state}: none of its weights are {model_dir}'s, so its optimizer state does not belong to it")
+    moments, _ = read_moments(state)
     save_moments({k: v for k, v in moments.items() if k.split("#")[0] in same}, dest)
     return dest

@@ -127,8 +127,10 @@ def save_portable(model_dir: Path, dest: Path, state_from: Path | None = None) -
     return dest
 
 
-def read_moments(folder: Path, model: SteerMoEModel) -> tuple[dict[str, torch.Tensor], str]:
-    """(moments by weight name, where they came from); empty when the checkpoint kept none."""
+def read_moments(folder: Path, model: SteerMoEModel | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(moments by weight name, where they came from); empty when the checkpoint kept none. ``model``
+    names the parameters of a ``train_state.pt`` (by index); None loads the checkpoint's own, and only
+    when that file is what must be read."""
     if (folder / MOMENTS_FILE).is_file():
         from safetensors.torch import load_file
 
@@ -142,6 +144,10 @@ def read_moments(folder: Path, model: SteerMoEModel) -> tuple[dict[str, torch.Te
         opt_state = read_train_state(folder).get("optimizer")
         if opt_state is None:  # a DeepSpeed run keeps its own partitions
             return {}, "train_state.pt (optimizer kept by the deepspeed engine: not read)"
+        if model is None:
+            from steermoe_core.model.checkpoint import load_checkpoint
+
+            model = load_checkpoint(folder, torch.device("cpu"))[0]
         return moments_from_state_dict(opt_state, model), "train_state.pt"
     return {}, "none saved"
 
