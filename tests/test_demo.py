@@ -323,22 +323,24 @@ def test_the_shipped_adapter_transcribes_held_out_speech(tmp_path):
 
 def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
     """`make demo-full` grows the shipped model in stages (demo.stages); `check_staged_run` takes it only
-    with the reader stage's recipe (data folders aside) and step, grown from the CTC stage's last step,
-    itself grown from the base run's: the lineage each init records, read from the model's own folder."""
+    with the reader stage's recipe (data folders aside) and step, grown from the CTC stage's last round,
+    grown round by round from the base run's: the lineage each init records, read from the model's own folder."""
     from safetensors.torch import save_file
 
     from steermoe_core.config import dump_recipe, load_recipe, recipe_fingerprint
     from steermoe_core.demo.run import FULL_STEPS, demo_recipe, full_config
     from safetensors.torch import load_file
 
-    from steermoe_core.demo.stages import READER_OVERRIDES, READER_STEPS, check_staged_run, ctc_recipe, reader_recipe, ship_staged
+    from steermoe_core.demo.stages import (CTC_ROUNDS, READER_OVERRIDES, READER_STEPS, check_staged_run, reader_recipe,
+                                           round_recipe, ship_staged)
     from steermoe_core.errors import CheckpointError
     from steermoe_core.training.init_from import MOMENTS_FILE, PORTABLE_FILES, save_moments
 
     elsewhere = Path("/trainer/machine/corpus")
     base_fp = recipe_fingerprint(demo_recipe(full_config(tmp_path), "layer_wise", Path("/x")))
-    ctc = ctc_recipe(elsewhere)
-    good = [{"step": FULL_STEPS, "recipe": base_fp}, {"step": ctc.train.max_steps, "recipe": recipe_fingerprint(ctc)}]
+    rounds = [{"step": steps, "recipe": recipe_fingerprint(round_recipe(elsewhere, k))} for k, (_, _, steps) in enumerate(CTC_ROUNDS)]
+    good = [{"step": FULL_STEPS, "recipe": base_fp}, *rounds]
+    assert len(rounds) > 1 and len({r["recipe"] for r in rounds}) == len(rounds)  # each round's own schedule
 
     def model_dir(name, recipe=None, step=READER_STEPS, lineage=good):
         d = tmp_path / name
@@ -354,7 +356,9 @@ def test_a_staged_model_ships_only_as_its_stages_make_it(tmp_path):
     with pytest.raises(CheckpointError, match="not grown from the base run"):
         check_staged_run(model_dir("from-shipped-ctc", lineage=good[1:]))
     with pytest.raises(CheckpointError, match="not grown from the base run"):
-        check_staged_run(model_dir("other-ctc", lineage=[good[0], {"step": 600, "recipe": good[1]["recipe"]}]))
+        check_staged_run(model_dir("other-ctc", lineage=[good[0], {"step": 600, "recipe": good[1]["recipe"]}, *good[2:]]))
+    with pytest.raises(CheckpointError, match="not grown from the base run"):
+        check_staged_run(model_dir("first-round-only", lineage=good[:2]))
     other = load_recipe(Path(__file__).parent.parent / "recipes" / "demo_ctc_stage.toml",
                         [*READER_OVERRIDES, "model.llm.lora.rank=16"])
     with pytest.raises(CheckpointError, match="its recipe is not the reader stage's"):

