@@ -6,7 +6,7 @@
    ten flite / espeak-ng voices (hours on a CPU).
 2. **corpus**: shards of the large synthetic set (``data.prep.corpus``: one clip per Brown sentence, 60% of
    the neural ones in Kokoro's native English voices), from the sentences ``tools/brown_sentences.py``
-   writes: one folder for each round of the CTC stage, each round's shards sentences no earlier round heard.
+   writes: one folder for each round of the CTC stage, each holding sentences no earlier round heard.
 3. **ctc**: a CTC-only stage with LoRA on the encoder (``recipes/demo_ctc_stage.toml``) in rounds
    (``CTC_ROUNDS``): the first starts from the base run's adapter, each later one continues the last with
    its Adam moments on new shards, so the read-out learns natural voices from more speech than one
